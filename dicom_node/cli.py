@@ -1,0 +1,188 @@
+"""The `mcnode` command line. The only place that configures logging or exits the process.
+
+Each subcommand is one `_cmd_<name>(args) -> int` function plus its parser in `_build_parser`;
+library code raises NodeError (or a package's own error) and this module turns it into a message
+and an exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dicom_node.errors import ConfigError, NodeError
+
+LOGGER = logging.getLogger("mcnode")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pynetdicom logs every PDU at INFO; keep its association-level messages only.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def _triple(text: str) -> tuple[float, float, float]:
+    values = _floats(text)
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected one number or three (x,y,z), got {text!r}")
+    return (values[0], values[1], values[2])
+
+
+# --- subcommands ---------------------------------------------------------------------------
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from dicom_node.settings import init_config_dir
+
+    path = init_config_dir(Path(args.dir), port=args.port, ae_title=args.ae_title)
+    print(f"wrote {path} and {path.parent / 'site.key'} (mode 0600); start with: mcnode serve -c {path}")
+    return EXIT_OK
+
+
+def _cmd_phantom(args: argparse.Namespace) -> int:
+    from dicom_node.phantom import PhantomSpec, build_study, write_study
+
+    spec = PhantomSpec(size_mm=args.size, spacing_mm=args.spacing, gantry_angles=args.gantry,
+                       energy_layers=args.layers)
+    study = build_study(spec)
+    paths = write_study(study, args.out_dir)
+    ct = study.ct[0]
+    print(f"wrote {len(paths)} files to {args.out_dir}: {len(study.ct)} CT slices "
+          f"{ct.Columns}x{ct.Rows} at {spec.spacing_mm[0]}x{spec.spacing_mm[1]}x{spec.spacing_mm[2]} mm, "
+          f"RT Struct (BODY, PTV), RT Ion Plan ({len(spec.gantry_angles)} beam(s), {spec.energy_layers} layers)")
+    return EXIT_OK
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from dicom_node.server import serve_forever
+    from dicom_node.settings import load_settings
+
+    settings = load_settings(args.config)
+    serve_forever(settings)
+    return EXIT_OK
+
+
+def _cmd_send(args: argparse.Namespace) -> int:
+    from dicom_node.scu import send_paths
+
+    failures = send_paths([Path(p) for p in args.paths], host=args.host, port=args.port,
+                          called_ae=args.aec, calling_ae=args.aet)
+    if failures:
+        for path, why in failures:
+            print(f"FAILED {path}: {why}", file=sys.stderr)
+        print(f"{len(failures)} file(s) failed", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from dicom_node.journal import Journal
+    from dicom_node.settings import load_settings
+
+    settings = load_settings(args.config)
+    with Journal.open(settings.node.data_dir) as journal:
+        rows = journal.list_jobs()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("no jobs")
+        return EXIT_OK
+    print(f"{'id':<14} {'state':<10} {'progress':<9} {'created':<20} {'updated':<20} reason")
+    for row in rows:
+        progress = f"{row['shards_done']}/{row['shards_total']}" if row.get("shards_total") else ""
+        print(f"{row['id']:<14} {row['state']:<10} {progress:<9} {row['created']:<20} {row['updated']:<20} "
+              f"{row['reason'] or ''}")
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from dicom_node.demo import run_demo
+
+    return run_demo(Path(args.out), primaries=args.primaries)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mcnode", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="write a config file and a fresh site key into DIR")
+    p.add_argument("dir")
+    p.add_argument("--port", type=int, default=11112)
+    p.add_argument("--ae-title", default="MCNODE")
+    p.set_defaults(func=_cmd_init)
+
+    p = sub.add_parser("serve", help="run the DICOM node in the foreground (SIGTERM/SIGINT stop it)")
+    p.add_argument("-c", "--config", required=True)
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("phantom", help="write a test study (CT, RT Struct, RT Ion Plan) as a TPS exports it")
+    p.add_argument("out_dir")
+    p.add_argument("--size", type=_triple, default=(300.0, 300.0, 300.0), help="mm, one value or x,y,z")
+    p.add_argument("--spacing", type=_triple, default=(2.5, 2.5, 2.5), help="mm, one value or x,y,z")
+    p.add_argument("--gantry", type=_floats, default=(0.0,), help="gantry angles, one beam each (deg)")
+    p.add_argument("--layers", type=int, default=6, help="energy layers per beam")
+    p.set_defaults(func=_cmd_phantom)
+
+    p = sub.add_parser("send", help="C-STORE every DICOM file in the given files/folders")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--aec", default="MCNODE", help="called AE title")
+    p.add_argument("--aet", default="TPS", help="our (calling) AE title")
+    p.set_defaults(func=_cmd_send)
+
+    p = sub.add_parser("jobs", help="list jobs (no patient data)")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_jobs)
+
+    p = sub.add_parser("demo", help="phantom -> node -> result, end to end on this machine")
+    p.add_argument("--out", default="demo-out")
+    p.add_argument("--primaries", type=int, default=200_000)
+    p.set_defaults(func=_cmd_demo)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"mcnode: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except NodeError as exc:
+        print(f"mcnode: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""The node's configuration: one TOML file, loaded once into one frozen, validated object.
+
+Every section is a frozen dataclass; the loader walks the TOML against the dataclass fields, so an
+unknown key, a wrong type or an out-of-range value fails at start with the key's dotted path
+(``node.port: must be between 1 and 65535, got 70000``). Nothing silently falls back to a
+default when a value is present but wrong. ``config/mcnode.example.toml`` documents every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import secrets
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dicom_node.errors import ConfigError
+
+LOGGER = logging.getLogger(__name__)
+
+AE_TITLE_MAX = 16
+
+
+def _check_ae_title(path: str, value: str) -> None:
+    if not value or len(value) > AE_TITLE_MAX or not value.isascii() or "\\" in value:
+        raise ConfigError(f"{path}: must be 1-16 ASCII characters without backslash, got {value!r}")
+
+
+def _check_port(path: str, value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"{path}: must be between 0 and 65535, got {value}")
+
+
+def _check_positive(path: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{path}: must be greater than 0, got {value}")
+
+
+def _check_non_negative(path: str, value: float) -> None:
+    if value < 0:
+        raise ConfigError(f"{path}: must be 0 or more, got {value}")
+
+
+def _choice(*allowed: str):
+    def check(path: str, value: str) -> None:
+        if value not in allowed:
+            raise ConfigError(f"{path}: must be one of {', '.join(allowed)}; got {value!r}")
+
+    return check
+
+
+def _meta(check=None, path: bool = False, secret: bool = False) -> dict[str, Any]:
+    return {"check": check, "path": path, "secret": secret}
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """Optional TLS on the DICOM port. Off unless both cert_file and key_file are set."""
+
+    cert_file: Path | None = field(default=None, metadata=_meta(path=True))
+    key_file: Path | None = field(default=None, metadata=_meta(path=True))
+    # CA bundle that client certificates must chain to; unset = no client certificates required.
+    ca_file: Path | None = field(default=None, metadata=_meta(path=True))
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None and self.key_file is not None
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    ae_title: str = field(default="MCNODE", metadata=_meta(_check_ae_title))
+    host: str = "127.0.0.1"
+    port: int = field(default=11112, metadata=_meta(_check_port))
+    data_dir: Path = field(default=Path("data"), metadata=_meta(path=True))
+    allowed_callers: tuple[str, ...] = ("TPS",)
+    # Largest PDU we accept; 0 = unlimited. dcmtk's default is 16 kB, ours is larger for speed.
+    max_pdu: int = field(default=262144, metadata=_meta(_check_non_negative))
+    # Call fsync on every spooled file before answering success (durability over speed).
+    fsync: bool = True
+    tls: TlsSettings = field(default_factory=TlsSettings)
+
+
+@dataclass(frozen=True)
+class TriggerSettings:
+    stable_seconds: float = field(default=10.0, metadata=_meta(_check_positive))
+    timeout_seconds: float = field(default=3600.0, metadata=_meta(_check_positive))
+
+
+@dataclass(frozen=True)
+class AnonymizerSettings:
+    site_key_file: Path = field(default=Path("site.key"), metadata=_meta(path=True, secret=True))
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    name: str = field(default="mcsquare", metadata=_meta(_choice("mcsquare")))
+    primaries: int = field(default=1_000_000, metadata=_meta(_check_positive))
+
+
+@dataclass(frozen=True)
+class CloudSettings:
+    backend: str = field(default="local", metadata=_meta(_choice("local", "ssh", "aws")))
+    shards: int = field(default=4, metadata=_meta(_check_positive))
+
+
+@dataclass(frozen=True)
+class Destination:
+    calling_ae_title: str = field(default="", metadata=_meta(_check_ae_title))
+    ae_title: str = field(default="", metadata=_meta(_check_ae_title))
+    host: str = "127.0.0.1"
+    port: int = field(default=11113, metadata=_meta(_check_port))
+
+
+@dataclass(frozen=True)
+class Settings:
+    node: NodeSettings = field(default_factory=NodeSettings)
+    trigger: TriggerSettings = field(default_factory=TriggerSettings)
+    anonymizer: AnonymizerSettings = field(default_factory=AnonymizerSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    cloud: CloudSettings = field(default_factory=CloudSettings)
+    destinations: tuple[Destination, ...] = ()
+    # Folder the file was read from; relative paths in the file are resolved against it.
+    base_dir: Path = field(default=Path("."), metadata={"internal": True})
+
+    def destination_for(self, calling_ae_title: str) -> Destination | None:
+        for dest in self.destinations:
+            if dest.calling_ae_title == calling_ae_title:
+                return dest
+        return None
+
+    def masked(self) -> dict[str, Any]:
+        """The settings as a dict for logging, secrets masked."""
+        return _masked(self)
+
+
+def _masked(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        out = {}
+        for f in dataclasses.fields(obj):
+            if f.metadata.get("internal"):
+                continue
+            value = getattr(obj, f.name)
+            out[f.name] = "***" if f.metadata.get("secret") and value else _masked(value)
+        return out
+    if isinstance(obj, tuple):
+        return [_masked(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _convert(path: str, tp: Any, value: Any, meta: dict[str, Any], base_dir: Path) -> Any:
+    """Convert one TOML value to the annotated type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(path, args[0], value, meta, base_dir)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: must be a table, got {type(value).__name__}")
+        return _build(tp, value, path, base_dir)
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: must be a list, got {type(value).__name__}")
+        return tuple(_convert(f"{path}[{i}]", item_tp, v, {}, base_dir) for i, v in enumerate(value))
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{path}: must be a non-empty path string")
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else (base_dir / p).resolve()
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: must be a string, got {value!r}")
+        return value
+    if tp is dict or typing.get_origin(tp) is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: must be a table, got {type(value).__name__}")
+        (_k, v_tp) = typing.get_args(tp) or (str, Any)
+        return {k: (v if v_tp is Any else _convert(f"{path}.{k}", v_tp, v, {}, base_dir)) for k, v in value.items()}
+    raise ConfigError(f"{path}: unsupported setting type {tp!r}")  # pragma: no cover - schema bug
+
+
+def _build(cls: type, table: dict[str, Any], prefix: str, base_dir: Path) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        known = ", ".join(sorted(fields))
+        raise ConfigError(f"{where}{unknown[0]}: unknown key (known keys here: {known})")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        path = f"{prefix}.{name}" if prefix else name
+        if name in table:
+            value = _convert(path, hints[name], table[name], dict(f.metadata), base_dir)
+        elif f.metadata.get("path") and f.default is not dataclasses.MISSING and f.default is not None:
+            value = (base_dir / f.default).resolve()
+        else:
+            continue
+        check = f.metadata.get("check")
+        if check is not None and value is not None:
+            check(path, value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def settings_from_dict(table: dict[str, Any], base_dir: Path | str = ".") -> Settings:
+    base = Path(base_dir).resolve()
+    settings = _build(Settings, table, "", base)
+    settings = dataclasses.replace(settings, base_dir=base)
+    _check_destinations(settings)
+    return settings
+
+
+def _check_destinations(settings: Settings) -> None:
+    seen: set[str] = set()
+    for i, dest in enumerate(settings.destinations):
+        if not dest.calling_ae_title or not dest.ae_title:
+            raise ConfigError(f"destinations[{i}]: calling_ae_title and ae_title are required")
+        if dest.calling_ae_title in seen:
+            raise ConfigError(f"destinations[{i}].calling_ae_title: {dest.calling_ae_title!r} appears twice")
+        seen.add(dest.calling_ae_title)
+
+
+def load_settings(path: Path | str) -> Settings:
+    """Read and validate a config file; raise ConfigError naming the key that is wrong."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            table = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return settings_from_dict(table, path.parent)
+
+
+def read_site_key(settings: Settings) -> bytes:
+    """The 32-byte site key; refuses a key file others can read."""
+    key_path = settings.anonymizer.site_key_file
+    try:
+        st = key_path.stat()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"anonymizer.site_key_file: {key_path} does not exist (run 'mcnode init')") from exc
+    if st.st_mode & 0o077:
+        raise ConfigError(f"anonymizer.site_key_file: {key_path} is readable by others; chmod 600 it")
+    raw = key_path.read_bytes().strip()
+    try:
+        key = bytes.fromhex(raw.decode("ascii"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"anonymizer.site_key_file: {key_path} is not a hex-encoded key") from exc
+    if len(key) != 32:
+        raise ConfigError(f"anonymizer.site_key_file: key must be 32 bytes, got {len(key)}")
+    return key
+
+
+CONFIG_TEMPLATE = """\
+# dicom-mc-node configuration. Every key is documented in config/mcnode.example.toml.
+[node]
+ae_title = "{ae_title}"
+host = "127.0.0.1"
+port = {port}
+data_dir = "data"              # relative paths are relative to this file
+allowed_callers = ["TPS"]      # calling AE titles; [] = anyone (logged as a warning)
+
+[trigger]
+stable_seconds = 10
+timeout_seconds = 3600
+
+[anonymizer]
+site_key_file = "site.key"
+
+[engine]
+name = "mcsquare"
+primaries = 1000000
+
+[cloud]
+backend = "local"
+shards = 4
+
+[[destinations]]               # where RT Doses go, by the AE title that sent the plan
+calling_ae_title = "TPS"
+ae_title = "TPS"
+host = "127.0.0.1"
+port = 11113
+"""
+
+
+def write_site_key(path: Path) -> None:
+    """Create a fresh random 256-bit site key, mode 0600, never overwriting an existing one."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32) + "\n")
+
+
+def init_config_dir(directory: Path, port: int = 11112, ae_title: str = "MCNODE") -> Path:
+    """Write DIR/mcnode.toml and DIR/site.key; refuse to overwrite either."""
+    _check_port("--port", port)
+    _check_ae_title("--ae-title", ae_title)
+    directory.mkdir(parents=True, exist_ok=True)
+    config_path = directory / "mcnode.toml"
+    key_path = directory / "site.key"
+    for existing in (config_path, key_path):
+        if existing.exists():
+            raise ConfigError(f"{existing} already exists; not overwriting it")
+    write_site_key(key_path)
+    config_path.write_text(CONFIG_TEMPLATE.format(port=port, ae_title=ae_title))
+    return config_path
