@@ -1,0 +1,333 @@
+"""The journal: one SQLite database (WAL) of received instances, jobs and every state transition.
+
+A transition is written before the side effect that follows it, so a restarted node resumes from
+the last recorded state. The database lives on the clinic node only; it holds UIDs and file paths,
+and a hash of the patient ID (to keep patients apart) rather than the ID itself.
+
+Job states (DESIGN.md): RECEIVING → READY → SEALED → RUNNING → MERGED → SENT (→ VERIFIED), with
+the side exits FAILED (retryable) and REJECTED (the input can never work).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from dicom_node.errors import JournalError
+
+LOGGER = logging.getLogger(__name__)
+
+RECEIVING = "RECEIVING"
+READY = "READY"
+SEALED = "SEALED"
+RUNNING = "RUNNING"
+MERGED = "MERGED"
+SENT = "SENT"
+VERIFIED = "VERIFIED"
+FAILED = "FAILED"
+REJECTED = "REJECTED"
+STATES = (RECEIVING, READY, SEALED, RUNNING, MERGED, SENT, VERIFIED, FAILED, REJECTED)
+FINAL_STATES = (SENT, VERIFIED, REJECTED)
+
+# Which state may follow which. FAILED may be retried from the state the job failed in.
+TRANSITIONS: dict[str, tuple[str, ...]] = {
+    RECEIVING: (READY, REJECTED, FAILED),
+    READY: (SEALED, REJECTED, FAILED),
+    SEALED: (RUNNING, REJECTED, FAILED),
+    RUNNING: (MERGED, REJECTED, FAILED),
+    MERGED: (SENT, FAILED),
+    SENT: (VERIFIED, FAILED),
+    VERIFIED: (),
+    FAILED: (READY, SEALED, RUNNING, MERGED, FAILED, REJECTED),
+    REJECTED: (),
+}
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    sop_class_uid    TEXT NOT NULL,
+    study_uid        TEXT NOT NULL,
+    series_uid       TEXT NOT NULL,
+    for_uid          TEXT,
+    patient_key      TEXT NOT NULL,
+    path             TEXT NOT NULL,
+    calling_ae       TEXT,
+    received         REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+CREATE INDEX IF NOT EXISTS instances_for ON instances(for_uid);
+CREATE TABLE IF NOT EXISTS refs (
+    sop_instance_uid TEXT NOT NULL,
+    kind             TEXT NOT NULL,   -- 'structure_set' | 'image' | 'plan'
+    ref_uid          TEXT NOT NULL,
+    PRIMARY KEY (sop_instance_uid, kind, ref_uid)
+);
+CREATE INDEX IF NOT EXISTS refs_ref ON refs(ref_uid);
+CREATE TABLE IF NOT EXISTS jobs (
+    id           TEXT PRIMARY KEY,
+    plan_uid     TEXT NOT NULL UNIQUE,
+    state        TEXT NOT NULL,
+    reason       TEXT,
+    calling_ae   TEXT,
+    created      REAL NOT NULL,
+    updated      REAL NOT NULL,
+    shards_done  INTEGER NOT NULL DEFAULT 0,
+    shards_total INTEGER NOT NULL DEFAULT 0,
+    data         TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS transitions (
+    seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id   TEXT NOT NULL REFERENCES jobs(id),
+    state    TEXT NOT NULL,
+    reason   TEXT,
+    at       REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS transitions_job ON transitions(job_id);
+"""
+
+
+@dataclass(frozen=True)
+class Instance:
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    for_uid: str | None
+    patient_key: str
+    path: str
+    calling_ae: str | None
+    received: float
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    plan_uid: str
+    state: str
+    reason: str | None
+    calling_ae: str | None
+    created: float
+    updated: float
+    shards_done: int
+    shards_total: int
+    data: dict[str, Any]
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"], plan_uid=row["plan_uid"], state=row["state"], reason=row["reason"],
+        calling_ae=row["calling_ae"], created=row["created"], updated=row["updated"],
+        shards_done=row["shards_done"], shards_total=row["shards_total"], data=json.loads(row["data"]),
+    )
+
+
+class Journal:
+    """Thread-safe access to the journal database (one connection, one lock)."""
+
+    FILENAME = "journal.sqlite"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(path, check_same_thread=False, timeout=30, isolation_level=None)
+            self._conn.row_factory = sqlite3.Row
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._conn.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot open journal {path}: {exc}") from exc
+        self._lock = threading.RLock()
+
+    @classmethod
+    def open(cls, data_dir: Path) -> Journal:
+        return cls(Path(data_dir) / cls.FILENAME)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                yield self._conn
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._conn.execute("ROLLBACK")
+                raise JournalError(f"journal write failed: {exc}") from exc
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            try:
+                return self._conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise JournalError(f"journal read failed: {exc}") from exc
+
+    # --- instances ----------------------------------------------------------------------
+
+    def add_instance(self, inst: Instance, refs: list[tuple[str, str]]) -> bool:
+        """Record a stored instance and its references. Returns False if it was already known."""
+        with self._tx() as conn:
+            known = conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?",
+                                 (inst.sop_instance_uid,)).fetchone()
+            conn.execute(
+                "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?)",
+                (inst.sop_instance_uid, inst.sop_class_uid, inst.study_uid, inst.series_uid, inst.for_uid,
+                 inst.patient_key, inst.path, inst.calling_ae, inst.received),
+            )
+            conn.execute("DELETE FROM refs WHERE sop_instance_uid=?", (inst.sop_instance_uid,))
+            conn.executemany("INSERT OR IGNORE INTO refs VALUES (?,?,?)",
+                             [(inst.sop_instance_uid, kind, uid) for kind, uid in refs])
+        return known is None
+
+    def instance(self, sop_instance_uid: str) -> Instance | None:
+        rows = self._query("SELECT * FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,))
+        return Instance(**dict(rows[0])) if rows else None
+
+    def instances_where(self, **where: Any) -> list[Instance]:
+        clause = " AND ".join(f"{k}=?" for k in where)
+        rows = self._query(f"SELECT * FROM instances WHERE {clause}", tuple(where.values()))
+        return [Instance(**dict(r)) for r in rows]
+
+    def refs(self, sop_instance_uid: str, kind: str) -> list[str]:
+        rows = self._query("SELECT ref_uid FROM refs WHERE sop_instance_uid=? AND kind=?",
+                           (sop_instance_uid, kind))
+        return [r["ref_uid"] for r in rows]
+
+    def present(self, sop_instance_uids: list[str]) -> set[str]:
+        found: set[str] = set()
+        for i in range(0, len(sop_instance_uids), 500):
+            chunk = sop_instance_uids[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._query(f"SELECT sop_instance_uid FROM instances WHERE sop_instance_uid IN ({marks})",
+                               tuple(chunk))
+            found.update(r["sop_instance_uid"] for r in rows)
+        return found
+
+    def count_instances(self) -> int:
+        return int(self._query("SELECT COUNT(*) AS n FROM instances")[0]["n"])
+
+    # --- jobs ---------------------------------------------------------------------------
+
+    def create_job(self, plan_uid: str, calling_ae: str | None, data: dict[str, Any] | None = None) -> Job:
+        """Create the job for a plan in RECEIVING, or return the existing one (idempotent)."""
+        now = time.time()
+        with self._tx() as conn:
+            row = conn.execute("SELECT * FROM jobs WHERE plan_uid=?", (plan_uid,)).fetchone()
+            if row is not None:
+                return _job(row)
+            job_id = secrets.token_hex(6)
+            conn.execute(
+                "INSERT INTO jobs (id, plan_uid, state, reason, calling_ae, created, updated, data) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (job_id, plan_uid, RECEIVING, None, calling_ae, now, now, json.dumps(data or {})),
+            )
+            conn.execute("INSERT INTO transitions (job_id, state, reason, at) VALUES (?,?,?,?)",
+                         (job_id, RECEIVING, None, now))
+            row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        LOGGER.info("job %s created (RECEIVING)", job_id)
+        return _job(row)
+
+    def job(self, job_id: str) -> Job:
+        rows = self._query("SELECT * FROM jobs WHERE id=?", (job_id,))
+        if not rows:
+            raise JournalError(f"no job {job_id}")
+        return _job(rows[0])
+
+    def job_for_plan(self, plan_uid: str) -> Job | None:
+        rows = self._query("SELECT * FROM jobs WHERE plan_uid=?", (plan_uid,))
+        return _job(rows[0]) if rows else None
+
+    def jobs_in(self, *states: str) -> list[Job]:
+        marks = ",".join("?" * len(states))
+        rows = self._query(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY created", states)
+        return [_job(r) for r in rows]
+
+    def transition(self, job_id: str, state: str, reason: str | None = None,
+                   data: dict[str, Any] | None = None, expect: str | tuple[str, ...] | None = None) -> Job:
+        """Move a job to `state` (recorded with its time); merge `data` into the job's data.
+
+        `expect` guards against racing writers: the move happens only from those states.
+        """
+        if state not in STATES:
+            raise JournalError(f"unknown state {state!r}")
+        now = time.time()
+        with self._tx() as conn:
+            row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                raise JournalError(f"no job {job_id}")
+            current = row["state"]
+            allowed = (expect,) if isinstance(expect, str) else expect
+            if allowed is not None and current not in allowed:
+                raise JournalError(f"job {job_id} is {current}, expected {' or '.join(allowed)}")
+            if state != current and state not in TRANSITIONS[current]:
+                raise JournalError(f"job {job_id}: {current} → {state} is not a valid transition")
+            merged = json.loads(row["data"])
+            merged.update(data or {})
+            conn.execute("UPDATE jobs SET state=?, reason=?, updated=?, data=? WHERE id=?",
+                         (state, reason, now, json.dumps(merged), job_id))
+            conn.execute("INSERT INTO transitions (job_id, state, reason, at) VALUES (?,?,?,?)",
+                         (job_id, state, reason, now))
+            row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        LOGGER.info("job %s → %s%s", job_id, state, f" ({reason})" if reason else "")
+        return _job(row)
+
+    def update_job_data(self, job_id: str, data: dict[str, Any]) -> None:
+        with self._tx() as conn:
+            row = conn.execute("SELECT data FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                raise JournalError(f"no job {job_id}")
+            merged = json.loads(row["data"])
+            merged.update(data)
+            conn.execute("UPDATE jobs SET data=?, updated=? WHERE id=?", (json.dumps(merged), time.time(), job_id))
+
+    def set_progress(self, job_id: str, done: int, total: int) -> None:
+        with self._tx() as conn:
+            conn.execute("UPDATE jobs SET shards_done=?, shards_total=?, updated=? WHERE id=?",
+                         (done, total, time.time(), job_id))
+
+    def history(self, job_id: str) -> list[tuple[str, str | None, float]]:
+        rows = self._query("SELECT state, reason, at FROM transitions WHERE job_id=? ORDER BY seq", (job_id,))
+        return [(r["state"], r["reason"], r["at"]) for r in rows]
+
+    def list_jobs(self) -> list[dict[str, Any]]:
+        """Jobs for display: ids, states, reasons, times and progress, nothing about the patient."""
+        rows = self._query("SELECT * FROM jobs ORDER BY created")
+        out = []
+        for r in rows:
+            data = json.loads(r["data"])
+            item: dict[str, Any] = {
+                "id": r["id"], "state": r["state"], "reason": r["reason"],
+                "created": _iso(r["created"]), "updated": _iso(r["updated"]),
+                "shards_done": r["shards_done"], "shards_total": r["shards_total"],
+            }
+            for key in data.get("public", {}):
+                item[key] = data["public"][key]
+            out.append(item)
+        return out

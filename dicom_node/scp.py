@@ -1,0 +1,190 @@
+"""The storage SCP: an AE that accepts exactly the storage classes we handle, and its handlers.
+
+Handlers are small functions that return a named status. The C-STORE handler decodes only what it
+needs to file the instance (UIDs, references), writes the encoded data set to the spool as received,
+records it in the journal, hands it to the assembler's queue and returns; nothing slow happens here,
+because the sender waits for our reply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+
+from dicom_node import status, uids
+from dicom_node.errors import JournalError, SpoolError
+from dicom_node.journal import Instance, Journal
+from dicom_node.settings import NodeSettings
+from dicom_node.spool import Spool
+
+LOGGER = logging.getLogger(__name__)
+
+
+class InvalidInstance(ValueError):
+    """The data set cannot be filed: the message names the problem; `status` is the reply."""
+
+    def __init__(self, message: str, code: int = status.MISSING_REQUIRED_ATTRIBUTE) -> None:
+        super().__init__(message)
+        self.status = code
+
+
+@dataclass(frozen=True)
+class Received:
+    """What the assembler needs to know about a stored instance."""
+
+    instance: Instance
+    refs: list[tuple[str, str]]
+
+
+def patient_key(patient_id: str) -> str:
+    """A stable key that separates patients without storing their ID."""
+    return hashlib.sha256(patient_id.encode("utf-8", "replace")).hexdigest()[:24]
+
+
+def _required(ds: Dataset, keyword: str) -> Any:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        raise InvalidInstance(f"missing required attribute {keyword}")
+    return value
+
+
+def _refs(ds: Dataset, sop_class: str) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    if sop_class in uids.PLAN_CLASSES:
+        for item in ds.get("ReferencedStructureSetSequence", []):
+            out.append(("structure_set", str(_required(item, "ReferencedSOPInstanceUID"))))
+    elif sop_class == uids.RT_STRUCTURE_SET:
+        for for_item in ds.get("ReferencedFrameOfReferenceSequence", []):
+            for study in for_item.get("RTReferencedStudySequence", []):
+                for series in study.get("RTReferencedSeriesSequence", []):
+                    for image in series.get("ContourImageSequence", []):
+                        out.append(("image", str(_required(image, "ReferencedSOPInstanceUID"))))
+    elif sop_class == uids.RT_DOSE:
+        for item in ds.get("ReferencedRTPlanSequence", []):
+            out.append(("plan", str(_required(item, "ReferencedSOPInstanceUID"))))
+    return out
+
+
+def describe_instance(ds: Dataset, sop_class: str, path: str, calling_ae: str | None) -> Received:
+    """Pull the filing information out of a decoded data set, or raise InvalidInstance."""
+    ds_class = str(_required(ds, "SOPClassUID"))
+    if ds_class != sop_class:
+        raise InvalidInstance(f"SOPClassUID {ds_class} does not match the presentation context ({sop_class})",
+                              status.DATASET_DOES_NOT_MATCH_SOP_CLASS)
+    for_uid = ds.get("FrameOfReferenceUID") or None
+    if sop_class == uids.CT_IMAGE:
+        for_uid = str(_required(ds, "FrameOfReferenceUID"))
+        position = _required(ds, "ImagePositionPatient")
+        if len(position) != 3:
+            raise InvalidInstance("ImagePositionPatient must have 3 values")
+        if "PixelData" not in ds:
+            raise InvalidInstance("missing required attribute PixelData")
+    elif sop_class == uids.RT_STRUCTURE_SET and for_uid is None:
+        seq = ds.get("ReferencedFrameOfReferenceSequence") or []
+        for_uid = str(seq[0].FrameOfReferenceUID) if seq and "FrameOfReferenceUID" in seq[0] else None
+    inst = Instance(
+        sop_instance_uid=str(_required(ds, "SOPInstanceUID")),
+        sop_class_uid=sop_class,
+        study_uid=str(_required(ds, "StudyInstanceUID")),
+        series_uid=str(_required(ds, "SeriesInstanceUID")),
+        for_uid=str(for_uid) if for_uid else None,
+        patient_key=patient_key(str(ds.get("PatientID", ""))),
+        path=path,
+        calling_ae=calling_ae,
+        received=time.time(),
+    )
+    return Received(inst, _refs(ds, sop_class))
+
+
+def handle_store(event: Event, spool: Spool, journal: Journal, notify: Callable[[Received], None]) -> int:
+    calling_ae = event.assoc.requestor.ae_title
+    sop_class = str(event.request.AffectedSOPClassUID)
+    sop_uid = str(event.request.AffectedSOPInstanceUID)
+    kind = uids.SHORT_NAMES.get(sop_class, sop_class)
+    try:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        # Decode every element now (values stay raw until used): a broken stream fails here.
+        received = describe_instance(ds, sop_class, "", calling_ae)
+    except InvalidInstance as exc:
+        LOGGER.warning("C-STORE %s %s from %s refused: %s", kind, sop_uid, calling_ae, exc)
+        return exc.status
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is the sender's data, not our bug
+        LOGGER.warning("C-STORE %s %s from %s refused: cannot decode data set: %s: %s",
+                       kind, sop_uid, calling_ae, type(exc).__name__, exc)
+        return status.CANNOT_DECODE
+    if received.instance.sop_instance_uid != sop_uid:
+        LOGGER.warning("C-STORE %s from %s refused: SOPInstanceUID differs from the request's %s",
+                       kind, calling_ae, sop_uid)
+        return status.CANNOT_UNDERSTAND
+    try:
+        path = spool.store(received.instance.series_uid, sop_uid, event.encoded_dataset())
+    except SpoolError as exc:
+        LOGGER.error("C-STORE %s %s from %s: out of resources: %s", kind, sop_uid, calling_ae, exc)
+        return status.OUT_OF_RESOURCES
+    inst = Instance(**{**received.instance.__dict__, "path": str(path)})
+    try:
+        journal.add_instance(inst, received.refs)
+    except JournalError as exc:
+        LOGGER.error("C-STORE %s %s from %s: cannot record it: %s", kind, sop_uid, calling_ae, exc)
+        return status.OUT_OF_RESOURCES
+    notify(Received(inst, received.refs))
+    LOGGER.debug("stored %s %s from %s", kind, sop_uid, calling_ae)
+    return status.SUCCESS
+
+
+def handle_echo(event: Event) -> int:
+    LOGGER.info("C-ECHO from %s", event.assoc.requestor.ae_title)
+    return status.SUCCESS
+
+
+def handle_rejected(event: Event) -> None:
+    req = event.assoc.requestor
+    LOGGER.warning("association from %s (%s) rejected: calling AE title not in node.allowed_callers",
+                   req.ae_title, req.address)
+
+
+def build_ae(settings: NodeSettings) -> AE:
+    """The AE with exactly the contexts we support, caller filtering and our PDU size."""
+    ae = AE(ae_title=settings.ae_title)
+    for sop_class, syntaxes in uids.STORAGE_CONTEXTS.items():
+        ae.add_supported_context(sop_class, list(syntaxes))
+    ae.add_supported_context(uids.VERIFICATION)
+    ae.maximum_pdu_size = settings.max_pdu
+    ae.maximum_associations = 32
+    ae.network_timeout = 60
+    ae.dimse_timeout = 60
+    ae.acse_timeout = 30
+    if settings.allowed_callers:
+        ae.require_calling_aet = list(settings.allowed_callers)
+    return ae
+
+
+def server_ssl_context(settings: NodeSettings) -> ssl.SSLContext | None:
+    tls = settings.tls
+    if not tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(certfile=str(tls.cert_file), keyfile=str(tls.key_file))
+    if tls.ca_file is not None:
+        ctx.load_verify_locations(cafile=str(tls.ca_file))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def store_handlers(spool: Spool, journal: Journal, notify: Callable[[Received], None]) -> list[Any]:
+    return [
+        (evt.EVT_C_STORE, handle_store, [spool, journal, notify]),
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_REJECTED, handle_rejected),
+    ]

@@ -1,0 +1,81 @@
+"""The running node: SCP, spool, journal and assembler wired together, started and stopped as one.
+
+`Node.start()` binds the port and returns; `serve_forever()` is the `mcnode serve` foreground loop
+that stops cleanly on SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+
+from dicom_node.assembler import Assembler
+from dicom_node.journal import Job, Journal
+from dicom_node.scp import build_ae, server_ssl_context, store_handlers
+from dicom_node.settings import Settings
+from dicom_node.spool import Spool
+
+LOGGER = logging.getLogger(__name__)
+
+
+class Node:
+    def __init__(self, settings: Settings, on_ready: Callable[[Job], None] | None = None) -> None:
+        self.settings = settings
+        data_dir = settings.node.data_dir
+        self.journal = Journal.open(data_dir)
+        self.spool = Spool(data_dir / "spool", fsync=settings.node.fsync)
+        self.assembler = Assembler(self.journal, settings.trigger, on_ready)
+        self._ae = build_ae(settings.node)
+        self._server = None
+        self.port: int | None = None
+
+    def start(self) -> int:
+        """Start receiving; return the bound port (useful when the config says port 0)."""
+        node = self.settings.node
+        if not node.allowed_callers:
+            LOGGER.warning("node.allowed_callers is empty: any calling AE title may send data")
+        LOGGER.info("settings: %s", self.settings.masked())
+        self.assembler.start()
+        self._server = self._ae.start_server(
+            (node.host, node.port), block=False, evt_handlers=store_handlers(self.spool, self.journal,
+                                                                             self.assembler.notify),
+            ssl_context=server_ssl_context(node),
+        )
+        self.port = int(self._server.server_address[1])
+        LOGGER.info("%s listening on %s:%d%s", node.ae_title, node.host, self.port,
+                    " (TLS)" if node.tls.enabled else "")
+        return self.port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self.assembler.stop()
+        self.journal.close()
+        LOGGER.info("node stopped")
+
+    def __enter__(self) -> Node:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve_forever(settings: Settings) -> None:
+    stop = threading.Event()
+
+    def _handle(signum: int, _frame: object) -> None:
+        LOGGER.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _handle)
+    signal.signal(signal.SIGINT, _handle)
+    node = Node(settings)
+    node.start()
+    try:
+        stop.wait()
+    finally:
+        node.stop()
