@@ -133,9 +133,10 @@ def _grid(spec: PhantomSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def ct_volume(spec: PhantomSpec) -> np.ndarray:
     """HU values indexed [z, y, x]."""
     xs, ys, zs = _grid(spec)
-    z, y, x = np.meshgrid(zs, ys, xs, indexing="ij")
+    # Open grids broadcast to [z, y, x] without materialising three full coordinate volumes.
+    z, y, x = zs[:, None, None], ys[None, :, None], xs[None, None, :]
     hx, hy, hz = (s / 2.0 for s in spec.water_box_mm)
-    hu = np.full(z.shape, HU_AIR, dtype=np.int16)
+    hu = np.full((len(zs), len(ys), len(xs)), HU_AIR, dtype=np.int16)
     box = (np.abs(x) <= hx) & (np.abs(y) <= hy) & (np.abs(z) <= hz)
     hu[box] = HU_WATER
     half_t = spec.bone_slab_thickness_mm / 2.0

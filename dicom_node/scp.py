@@ -11,12 +11,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import ssl
+import struct
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from io import BytesIO
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import Tag
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 
@@ -105,15 +111,72 @@ def describe_instance(ds: Dataset, sop_class: str, path: str, calling_ae: str | 
     return Received(inst, _refs(ds, sop_class))
 
 
+# The only CT attributes filing needs; for CT (most of the traffic) nothing else is decoded.
+_CT_TAGS = [Tag(k) for k in ("SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
+                             "SeriesInstanceUID", "FrameOfReferenceUID", "PatientID", "ImagePositionPatient")]
+_PIXEL_DATA = Tag("PixelData")
+IMPLEMENTATION_VERSION = b"MCNODE_010"  # 16 chars at most (SH)
+
+
+def _element(group_elem: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", 0x0002, group_elem, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, group_elem, vr, len(value)) + value
+
+
+def _uid_value(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\0" if len(raw) % 2 else raw
+
+
+def _text_value(text: str) -> bytes:
+    raw = text.encode("ascii", "replace")
+    return raw + b" " if len(raw) % 2 else raw
+
+
+def file_preamble(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> bytes:
+    """Preamble, 'DICM' and the file meta group (PS3.10 7.1), encoded directly.
+
+    pydicom's general writer builds and encodes a Dataset for these eight elements, which cost more
+    than everything else the handler does; the encoding is fixed, so it is written out here.
+    """
+    body = b"".join((
+        _element(0x0001, b"OB", b"\x00\x01"),
+        _element(0x0002, b"UI", _uid_value(sop_class)),
+        _element(0x0003, b"UI", _uid_value(sop_instance)),
+        _element(0x0010, b"UI", _uid_value(transfer_syntax)),
+        _element(0x0012, b"UI", _uid_value(PYDICOM_IMPLEMENTATION_UID)),
+        _element(0x0013, b"SH", _text_value(IMPLEMENTATION_VERSION.decode())),
+        _element(0x0016, b"AE", _text_value(source_ae)),
+    ))
+    group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
+    return b"\x00" * 128 + b"DICM" + group_length + body
+
+
+def decode_for_filing(raw: bytes, transfer_syntax: UID, sop_class: str) -> Dataset:
+    """Decode the received data set; for CT only the attributes filing needs."""
+    if transfer_syntax.is_deflated:
+        raw = zlib.decompress(raw, -zlib.MAX_WBITS)
+    fp = BytesIO(raw)
+    if sop_class == uids.CT_IMAGE:
+        ds = read_dataset(fp, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian,
+                          specific_tags=[*_CT_TAGS, _PIXEL_DATA], defer_size=64)
+    else:
+        ds = read_dataset(fp, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian)
+    if fp.tell() != len(raw):
+        raise ValueError(f"data set ends after {fp.tell()} of {len(raw)} bytes")
+    return ds
+
+
 def handle_store(event: Event, spool: Spool, journal: Journal, notify: Callable[[Received], None]) -> int:
     calling_ae = event.assoc.requestor.ae_title
     sop_class = str(event.request.AffectedSOPClassUID)
     sop_uid = str(event.request.AffectedSOPInstanceUID)
     kind = uids.SHORT_NAMES.get(sop_class, sop_class)
+    transfer_syntax = event.context.transfer_syntax
     try:
-        ds = event.dataset
-        ds.file_meta = event.file_meta
-        # Decode every element now (values stay raw until used): a broken stream fails here.
+        raw = event.request.DataSet.getvalue()
+        ds = decode_for_filing(raw, transfer_syntax, sop_class)
         received = describe_instance(ds, sop_class, "", calling_ae)
     except InvalidInstance as exc:
         LOGGER.warning("C-STORE %s %s from %s refused: %s", kind, sop_uid, calling_ae, exc)
@@ -127,7 +190,8 @@ def handle_store(event: Event, spool: Spool, journal: Journal, notify: Callable[
                        kind, calling_ae, sop_uid)
         return status.CANNOT_UNDERSTAND
     try:
-        path = spool.store(received.instance.series_uid, sop_uid, event.encoded_dataset())
+        meta = file_preamble(sop_class, sop_uid, transfer_syntax, calling_ae)
+        path = spool.store(received.instance.series_uid, sop_uid, meta, raw)
     except SpoolError as exc:
         LOGGER.error("C-STORE %s %s from %s: out of resources: %s", kind, sop_uid, calling_ae, exc)
         return status.OUT_OF_RESOURCES

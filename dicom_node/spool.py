@@ -32,18 +32,19 @@ class Spool:
         series_dir = hashlib.sha256(series_uid.encode()).hexdigest()[:16]
         return self.root / series_dir / f"{sop_instance_uid}.dcm"
 
-    def store(self, series_uid: str, sop_instance_uid: str, encoded: bytes) -> Path:
-        """Write one encoded DICOM file durably; raise SpoolError and leave nothing half-written."""
+    def store(self, series_uid: str, sop_instance_uid: str, *parts: bytes) -> Path:
+        """Write one DICOM file (the concatenated parts) durably; leave nothing half-written."""
         final = self.path_for(series_uid, sop_instance_uid)
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.{id(encoded):x}.tmp")
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.{id(parts):x}.tmp")
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                view = memoryview(encoded)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                for part in parts:
+                    view = memoryview(part)
+                    while view:
+                        written = os.write(fd, view)
+                        view = view[written:]
                 if self.fsync:
                     os.fsync(fd)
             finally:
