@@ -52,4 +52,5 @@ def test_ct_has_water_box_and_bone_slab():
     assert hu[10, 0, 0] == -1000       # corner is air
     bone = np.argwhere(hu == HU_BONE)
     assert len(bone) > 0
-    assert bone[:, 2].max() <= 50 and bone[:, 1].min() >= 34  # x <= 0 half, anterior (y < 0)
+    # x <= 0 half (columns up to the centre), y from -40 to -20 mm (rows 30-39 of 100 at 2 mm)
+    assert bone[:, 2].max() <= 49 and (bone[:, 1].min(), bone[:, 1].max()) == (30, 39)
