@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import socket
 import ssl
 import struct
 import time
@@ -206,6 +207,17 @@ def handle_store(event: Event, spool: Spool, journal: Journal, notify: Callable[
     return status.SUCCESS
 
 
+def set_nodelay(event: Event) -> None:
+    """Turn off Nagle's algorithm on each connection.
+
+    DIMSE replies are small and the peer waits for each one; with Nagle on they meet delayed ACKs
+    and every C-STORE costs tens of milliseconds on a fast network.
+    """
+    sock = event.assoc.dul.socket
+    if sock is not None and sock.socket is not None:
+        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def handle_echo(event: Event) -> int:
     LOGGER.info("C-ECHO from %s", event.assoc.requestor.ae_title)
     return status.SUCCESS
@@ -251,4 +263,5 @@ def store_handlers(spool: Spool, journal: Journal, notify: Callable[[Received], 
         (evt.EVT_C_STORE, handle_store, [spool, journal, notify]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_REJECTED, handle_rejected),
+        (evt.EVT_CONN_OPEN, set_nodelay),
     ]

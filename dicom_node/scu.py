@@ -8,10 +8,11 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 
 from dicom_node import status
 from dicom_node.errors import SendError
+from dicom_node.scp import set_nodelay
 
 LOGGER = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def send_paths(paths: list[Path], host: str, port: int, called_ae: str, calling_
             ae.add_requested_context(sop_class, syntax)
     if len(ae.requested_contexts) > MAX_CONTEXTS:  # pragma: no cover - would need >128 classes
         raise SendError("too many different SOP classes/transfer syntaxes for one association")
-    assoc = ae.associate(host, port, ae_title=called_ae)
+    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
     if not assoc.is_established:
         raise SendError(f"association with {called_ae} at {host}:{port} was not accepted")
     try:
