@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from anonymizer.errors import AnonymizerError
+from cloud.errors import CloudError
 from dicom_node.errors import ConfigError, NodeError
 
 LOGGER = logging.getLogger("mcnode")
@@ -121,7 +123,13 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dicom_node.demo import run_demo
 
-    return run_demo(Path(args.out), primaries=args.primaries)
+    return run_demo(Path(args.out), primaries=args.primaries, shards=args.shards)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from cloud.worker import run_from_args
+
+    return run_from_args(args)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -160,9 +168,16 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_jobs)
 
+    from cloud.worker import build_parser as worker_parser
+
+    p = sub.add_parser("worker", help="run one shard of a job (data key as hex on standard input)")
+    worker_parser(p)
+    p.set_defaults(func=_cmd_worker)
+
     p = sub.add_parser("demo", help="phantom -> node -> result, end to end on this machine")
     p.add_argument("--out", default="demo-out")
     p.add_argument("--primaries", type=int, default=200_000)
+    p.add_argument("--shards", type=int, default=2)
     p.set_defaults(func=_cmd_demo)
 
     return parser
@@ -177,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mcnode: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except NodeError as exc:
+    except (NodeError, CloudError, AnonymizerError) as exc:
         print(f"mcnode: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

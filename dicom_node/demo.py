@@ -1,7 +1,8 @@
 """`mcnode demo`: the whole path on this machine, with a phantom study playing the patient.
 
-It writes a phantom study, starts a node (local backend) on a free port, sends the study as a TPS
-would and waits for the job to finish, printing what happened at each stage.
+It writes a phantom study, starts a built-in receiver playing the TPS, starts a node (local
+backend) on a free port, sends the study as a TPS would, waits for the RT Dose to come back,
+prints seconds per stage and the dose numbers, and draws the dose over the CT into a PNG.
 """
 
 from __future__ import annotations
@@ -11,61 +12,147 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom import dcmread
 
 from dicom_node.errors import NodeError
-from dicom_node.journal import FINAL_STATES, READY, REJECTED
+from dicom_node.journal import FAILED, MERGED, REJECTED, SENT, Job
 from dicom_node.phantom import PhantomSpec, build_study, write_study
+from dicom_node.receiver import DoseReceiver
 from dicom_node.scu import send_paths
 from dicom_node.server import Node
-from dicom_node.settings import init_config_dir, load_settings
+from dicom_node.settings import Destination, Settings, init_config_dir, load_settings
 
 LOGGER = logging.getLogger(__name__)
 
-DEMO_SPEC = PhantomSpec(size_mm=(240.0, 240.0, 200.0), spacing_mm=(3.0, 3.0, 3.0),
-                        water_box_mm=(180.0, 180.0, 160.0), target_radius_mm=25.0, energy_layers=5)
+DEMO_SPEC = PhantomSpec(size_mm=(240.0, 240.0, 150.0), spacing_mm=(3.0, 3.0, 3.0),
+                        water_box_mm=(180.0, 180.0, 120.0), target_radius_mm=25.0, energy_layers=5)
 
 
-def run_demo(out: Path, primaries: int = 200_000) -> int:
+def demo_settings(base: Settings, receiver_port: int, primaries: int, shards: int) -> Settings:
+    return dataclasses.replace(
+        base,
+        trigger=dataclasses.replace(base.trigger, stable_seconds=2.0),
+        engine=dataclasses.replace(base.engine, primaries=primaries),
+        cloud=dataclasses.replace(base.cloud, shards=shards),
+        outbox=dataclasses.replace(base.outbox, retry_initial_seconds=1.0),
+        destinations=(Destination(calling_ae_title="TPS", ae_title="TPS", host="127.0.0.1", port=receiver_port),),
+    )
+
+
+def wait_for_state(node: Node, states: tuple[str, ...], timeout: float) -> Job:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs = node.journal.jobs_in(*states)
+        if jobs:
+            return jobs[0]
+        time.sleep(0.1)
+    raise NodeError(f"no job reached {' or '.join(states)} within {timeout:g} s")
+
+
+def stage_seconds(node: Node, job: Job, send_s: float) -> dict[str, float]:
+    """Seconds per stage, from the journal's transition times and the pipeline's own timers."""
+    at = {state: t for state, _r, t in node.journal.history(job.id)}
+    timings = node.pipeline.timings.get(job.id, {}) if node.pipeline else {}
+    stages = {"receive": send_s, "assemble": at["READY"] - at["RECEIVING"]}
+    stages["anonymize+prepare"] = timings.get("anonymize_prepare", 0.0)
+    stages["seal"] = timings.get("seal", 0.0)
+    stages["dispatch+compute"] = timings.get("compute", 0.0)
+    stages["merge"] = timings.get("merge", 0.0)
+    stages["write+reidentify"] = timings.get("write", 0.0)
+    stages["send"] = at[SENT] - at[MERGED]
+    return stages
+
+
+def dose_picture(ct_dir: Path, dose_path: Path, out_png: Path) -> None:
+    """Axial and sagittal slices through the isocenter: CT in grey, dose as a colour wash."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cts = sorted((dcmread(p) for p in ct_dir.glob("CT_*.dcm")), key=lambda d: float(d.ImagePositionPatient[2]))
+    ct = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in cts])
+    rd = dcmread(dose_path)
+    dose = rd.pixel_array * float(rd.DoseGridScaling)
+    sx, sy = (float(v) for v in cts[0].PixelSpacing[::-1])
+    sz = float(cts[1].ImagePositionPatient[2]) - float(cts[0].ImagePositionPatient[2])
+    x0, y0, z0 = (float(v) for v in cts[0].ImagePositionPatient)
+    iz = int(round((0.0 - z0) / sz))
+    ix = int(round((0.0 - x0) / sx))
+    x_edges = (x0 - sx / 2, x0 + sx * (ct.shape[2] - 0.5))
+    y_edges = (y0 + sy * (ct.shape[1] - 0.5), y0 - sy / 2)
+    z_edges = (z0 - sz / 2, z0 + sz * (ct.shape[0] - 0.5))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    dmax = float(dose.max()) or 1.0
+    for ax, ct_img, dose_img, extent, title, xlabel in (
+        (axes[0], ct[iz], dose[iz], (*x_edges, *y_edges), f"axial z = {z0 + iz * sz:.0f} mm", "x (mm)"),
+        (axes[1], ct[:, :, ix].T, dose[:, :, ix].T, (*z_edges, *y_edges), f"sagittal x = {x0 + ix * sx:.0f} mm",
+         "z (mm)"),
+    ):
+        ax.imshow(ct_img, cmap="gray", vmin=-1000, vmax=1500, extent=extent)
+        masked = np.ma.masked_less(dose_img, 0.05 * dmax)
+        im = ax.imshow(masked, cmap="jet", alpha=0.5, vmin=0, vmax=dmax, extent=extent)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("y (mm, posterior +)")
+    fig.colorbar(im, ax=axes, label="dose per plan (Gy)")
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+
+
+def dose_at(dose_path: Path, point: tuple[float, float, float]) -> float:
+    rd = dcmread(dose_path)
+    x0, y0, z0 = (float(v) for v in rd.ImagePositionPatient)
+    row_sp, col_sp = (float(v) for v in rd.PixelSpacing)
+    offsets = [float(v) for v in rd.GridFrameOffsetVector]
+    k = int(np.argmin([abs(z0 + o - point[2]) for o in offsets]))
+    i = int(round((point[1] - y0) / row_sp))
+    j = int(round((point[0] - x0) / col_sp))
+    return float(rd.pixel_array[k, i, j] * float(rd.DoseGridScaling))
+
+
+def run_demo(out: Path, primaries: int = 200_000, shards: int = 2) -> int:
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    stages: dict[str, float] = {}
     t0 = time.perf_counter()
     study = build_study(DEMO_SPEC)
     files = write_study(study, out / "study")
-    stages["phantom"] = time.perf_counter() - t0
-    print(f"1. phantom study: {len(study.ct)} CT slices, RT Struct, RT Ion Plan -> {out / 'study'}")
+    print(f"1. phantom study: {len(study.ct)} CT slices, RT Struct, RT Ion Plan -> {out / 'study'}", flush=True)
 
-    cfg_path = init_config_dir(out / "node", port=0)
-    settings = load_settings(cfg_path)
-    settings = dataclasses.replace(
-        settings, trigger=dataclasses.replace(settings.trigger, stable_seconds=2.0),
-        engine=dataclasses.replace(settings.engine, primaries=primaries))
-    with Node(settings) as node:
-        print(f"2. node {settings.node.ae_title} listening on 127.0.0.1:{node.port} (data in {out / 'node'})")
-        t = time.perf_counter()
-        failures = send_paths(files, "127.0.0.1", int(node.port or 0), settings.node.ae_title, "TPS")
-        stages["send"] = time.perf_counter() - t
-        if failures:
-            raise NodeError(f"{len(failures)} file(s) were not accepted: {failures[0][1]}")
-        print(f"3. sent {len(files)} files by C-STORE in {stages['send']:.1f} s")
-        t = time.perf_counter()
-        job = None
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            node.assembler.wait_idle()
-            jobs = node.journal.jobs_in(READY, *FINAL_STATES)
-            if jobs:
-                job = jobs[0]
-                break
-            time.sleep(0.1)
-        if job is None:
-            raise NodeError("the job did not become READY within 60 s")
-        stages["assemble"] = time.perf_counter() - t
-        if job.state == REJECTED:
-            raise NodeError(f"job {job.id} was rejected: {job.reason}")
-        print(f"4. job {job.id} {job.state}: {job.data['public']['assembly']}, "
-              f"{job.data['public']['ct_slices']} CT slices ({stages['assemble']:.1f} s)")
-    print("stages (s): " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
+    with DoseReceiver(out / "tps", ae_title="TPS") as receiver:
+        settings = demo_settings(load_settings(init_config_dir(out / "node", port=0)), receiver.port, primaries,
+                                 shards)
+        with Node(settings) as node:
+            print(f"2. node {settings.node.ae_title} on 127.0.0.1:{node.port}, TPS receiver on "
+                  f"127.0.0.1:{receiver.port}; local backend, {shards} shards x {primaries // shards} primaries",
+                  flush=True)
+            t = time.perf_counter()
+            failures = send_paths(files, "127.0.0.1", int(node.port or 0), settings.node.ae_title, "TPS")
+            send_s = time.perf_counter() - t
+            if failures:
+                raise NodeError(f"{len(failures)} file(s) were not accepted: {failures[0][1]}")
+            print(f"3. sent {len(files)} files by C-STORE in {send_s:.1f} s; computing ...", flush=True)
+            job = wait_for_state(node, (SENT, REJECTED, FAILED), timeout=900)
+            if job.state != SENT:
+                raise NodeError(f"job {job.id} ended {job.state}: {job.reason}")
+            stages = stage_seconds(node, job, send_s)
+    (dose_path,) = receiver.received
+    summary: dict[str, Any] = job.data["public"].get("summary", {})
+    iso = dose_at(dose_path, (0.0, 0.0, 0.0))
+    png = out / "dose.png"
+    dose_picture(out / "study", dose_path, png)
+    rd = dcmread(dose_path, stop_before_pixels=True)
+    print(f"4. RT Dose received by the TPS: {dose_path}")
+    print(f"   references plan {rd.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID == study.plan.SOPInstanceUID}"
+          f", study {rd.StudyInstanceUID == study.plan.StudyInstanceUID}, patient "
+          f"{rd.PatientID == study.plan.PatientID} (original identity restored)")
+    print(f"5. primaries {primaries}; dose at isocenter {iso:.3f} Gy; max dose {float(rd.get('MaxDose', 0)) or summary.get('max_dose_gy', 0):.3f} Gy; "
+          f"mean relative uncertainty (>50% max) {100 * float(summary.get('mean_rel_uncertainty', 0)):.1f} %")
+    print("   seconds per stage: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
+    print(f"   total {time.perf_counter() - t0:.1f} s; picture: {png}")
     return 0

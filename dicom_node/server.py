@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 from dicom_node.assembler import Assembler
 from dicom_node.journal import Job, Journal
+from dicom_node.outbox import Outbox
+from dicom_node.pipeline import Pipeline
 from dicom_node.scp import build_ae, server_ssl_context, store_handlers
 from dicom_node.settings import Settings
 from dicom_node.spool import Spool
@@ -21,12 +23,21 @@ LOGGER = logging.getLogger(__name__)
 
 
 class Node:
-    def __init__(self, settings: Settings, on_ready: Callable[[Job], None] | None = None) -> None:
+    """The node. With `compute=False` it only receives and assembles (jobs stop at READY)."""
+
+    def __init__(self, settings: Settings, on_ready: Callable[[Job], None] | None = None,
+                 compute: bool = True) -> None:
         self.settings = settings
         data_dir = settings.node.data_dir
         self.journal = Journal.open(data_dir)
         self.spool = Spool(data_dir / "spool", fsync=settings.node.fsync)
         self.assembler = Assembler(self.journal, settings.trigger, on_ready)
+        self.pipeline: Pipeline | None = None
+        self.outbox: Outbox | None = None
+        if compute:
+            self.outbox = Outbox(settings, self.journal)
+            self.pipeline = Pipeline(settings, self.journal, on_merged=self.outbox.submit)
+            self.assembler.add_ready_listener(self.pipeline.submit)
         self._ae = build_ae(settings.node)
         self._server = None
         self.port: int | None = None
@@ -37,6 +48,9 @@ class Node:
         if not node.allowed_callers:
             LOGGER.warning("node.allowed_callers is empty: any calling AE title may send data")
         LOGGER.info("settings: %s", self.settings.masked())
+        if self.outbox is not None and self.pipeline is not None:
+            self.outbox.start()
+            self.pipeline.start()
         self.assembler.start()
         self._server = self._ae.start_server(
             (node.host, node.port), block=False, evt_handlers=store_handlers(self.spool, self.journal,
@@ -53,6 +67,9 @@ class Node:
             self._server.shutdown()
             self._server = None
         self.assembler.stop()
+        if self.pipeline is not None and self.outbox is not None:
+            self.pipeline.stop()
+            self.outbox.stop()
         self.journal.close()
         LOGGER.info("node stopped")
 

@@ -107,6 +107,17 @@ class EngineSettings:
 class CloudSettings:
     backend: str = field(default="local", metadata=_meta(_choice("local", "ssh", "aws")))
     shards: int = field(default=4, metadata=_meta(_check_positive))
+    # A failed shard is run again (on another worker where there is one) up to this many times.
+    shard_retries: int = field(default=2, metadata=_meta(_check_non_negative))
+    # A shard still running after this long counts as failed.
+    shard_deadline_seconds: float = field(default=3600.0, metadata=_meta(_check_positive))
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    # Back-off between attempts to deliver an RT Dose: doubles from initial up to max.
+    retry_initial_seconds: float = field(default=5.0, metadata=_meta(_check_positive))
+    retry_max_seconds: float = field(default=600.0, metadata=_meta(_check_positive))
 
 
 @dataclass(frozen=True)
@@ -124,6 +135,7 @@ class Settings:
     anonymizer: AnonymizerSettings = field(default_factory=AnonymizerSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
     cloud: CloudSettings = field(default_factory=CloudSettings)
+    outbox: OutboxSettings = field(default_factory=OutboxSettings)
     destinations: tuple[Destination, ...] = ()
     # Folder the file was read from; relative paths in the file are resolved against it.
     base_dir: Path = field(default=Path("."), metadata={"internal": True})

@@ -98,8 +98,9 @@ def node_factory(config_dir: Path) -> Iterator[Callable[..., Node]]:
     """Start nodes on free ports; every node started is stopped at the end."""
     started: list[Node] = []
 
-    def start(settings: Settings | None = None, **kwargs: object) -> Node:
-        node = Node(settings or load_settings(config_dir / "mcnode.toml"), **kwargs)  # type: ignore[arg-type]
+    def start(settings: Settings | None = None, compute: bool = False, **kwargs: object) -> Node:
+        node = Node(settings or load_settings(config_dir / "mcnode.toml"), compute=compute,
+                    **kwargs)  # type: ignore[arg-type]
         node.start()
         started.append(node)
         return node

@@ -1,0 +1,132 @@
+"""The worker: one shard of one job, wherever it runs (local process, ssh host, AWS Batch child).
+
+    python -m cloud.worker --job J --bundle URI --shard I --primaries N --seed S --result URI
+
+(also `mcnode worker`). The job's data key arrives on standard input as one hex line (ssh, local)
+or, for AWS, KMS-wrapped next to the bundle (``--key-uri``). The worker fetches the sealed bundle,
+opens it in its own temporary folder, runs the engine, seals the tally (part ``shard-I``) and stores
+it. The key and the clear bundle never touch disk outside that folder, which is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from anonymizer.errors import AnonymizerError
+from anonymizer.seal import open_bytes, seal_bytes
+from cloud.bundle import open_bundle
+from cloud.errors import CloudError
+from cloud.stores import store_for
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    job_id: str
+    index: int
+    primaries: int
+    seed: int
+    bundle_uri: str
+    result_uri: str
+    threads: int = 0
+
+    def argv(self) -> list[str]:
+        """The worker command line for this task (no secrets on it)."""
+        return ["--job", self.job_id, "--bundle", self.bundle_uri, "--shard", str(self.index),
+                "--primaries", str(self.primaries), "--seed", str(self.seed), "--result", self.result_uri,
+                "--threads", str(self.threads)]
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def result_part(index: int) -> str:
+    return f"shard-{index}"
+
+
+def run_task(task: ShardTask, key: bytes) -> float:
+    """Run one shard end to end; return the engine's wall seconds."""
+    from cloud.engines import get_engine  # engines pull in numpy etc.; keep `--help` fast
+    from cloud.engines.base import ShardInputs
+
+    with tempfile.TemporaryDirectory(prefix=f"mcnode-{task.job_id}-{task.index}-") as tmp:
+        work = Path(tmp)
+        sealed = work / "bundle.sealed"
+        store_for(task.bundle_uri).get_file(task.bundle_uri, sealed)
+        manifest = open_bundle(sealed, key, task.job_id, work / "bundle")
+        sealed.unlink()
+        engine = get_engine(manifest["engine"])
+        tally = engine.run_shard(ShardInputs.load(work / "bundle" / "inputs"), task.primaries, task.seed,
+                                 task.threads)
+        store_for(task.result_uri).put_bytes(seal_bytes(tally.to_bytes(), key, task.job_id,
+                                                        result_part(task.index)), task.result_uri)
+        return float(tally.wall_s)
+
+
+def load_result(task: ShardTask, key: bytes) -> bytes:
+    """The opened (verified) tally bytes of a finished shard."""
+    return open_bytes(store_for(task.result_uri).get_bytes(task.result_uri), key, task.job_id,
+                      result_part(task.index))
+
+
+def _read_key(args: argparse.Namespace) -> bytes:
+    if args.key_uri:
+        from cloud.kms import unwrap_data_key  # boto3 only for AWS
+
+        return unwrap_data_key(args.key_uri, args.job)
+    line = sys.stdin.readline().strip()
+    try:
+        key = bytes.fromhex(line)
+    except ValueError as exc:
+        raise CloudError("the data key on standard input is not hex") from exc
+    if len(key) != 32:
+        raise CloudError("no 32-byte data key on standard input")
+    return key
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="mcnode worker", description="run one shard of a job")
+    p.add_argument("--job", required=True)
+    p.add_argument("--bundle", required=True, help="URI of the sealed bundle")
+    p.add_argument("--shard", type=int, required=True)
+    p.add_argument("--primaries", type=int, required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--result", required=True, help="URI to store the sealed tally at")
+    p.add_argument("--threads", type=int, default=0, help="engine threads; 0 = all cores")
+    p.add_argument("--key-uri", default=None, help="KMS-wrapped data key (AWS); default: hex on stdin")
+    return p
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    index = int(os.environ.get("AWS_BATCH_JOB_ARRAY_INDEX", "-1"))
+    shard = args.shard if index < 0 else args.shard + index
+    result = args.result.replace("{shard}", str(shard))
+    task = ShardTask(args.job, shard, args.primaries, args.seed + (shard - args.shard), args.bundle, result,
+                     args.threads)
+    start = time.perf_counter()
+    wall = run_task(task, _read_key(args))
+    LOGGER.info("job %s shard %d: %d primaries in %.1f s (engine %.1f s)", task.job_id, shard, task.primaries,
+                time.perf_counter() - start, wall)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s worker: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return run_from_args(args)
+    except (CloudError, AnonymizerError) as exc:
+        print(f"worker: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

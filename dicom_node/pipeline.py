@@ -1,0 +1,206 @@
+"""The pipeline drives READY jobs through SEALED → RUNNING → MERGED, then hands them to the outbox.
+
+Each step reads the job's state from the journal, does its work, and records the next state; a step
+that is interrupted (crash, SIGKILL, restart) is simply done again from the last recorded state:
+
+- READY   → de-identify (identity to the vault), prepare engine inputs, seal the bundle → SEALED
+- SEALED  → RUNNING is recorded *before* any shard starts
+- RUNNING → dispatch the shards that have no verified result yet (re-attach), merge, write the
+            RT Dose from the anonymized data, re-identify it through the vault → MERGED
+- MERGED  → the outbox sends it; SENT only after the TPS answered success
+
+Errors are sorted at this boundary: a plan the engine can never compute is REJECTED with the
+reason, anything else FAILED with the reason (a retry starts from the state it failed in).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from anonymizer.deidentify import deidentify_job
+from anonymizer.errors import AnonymizerError
+from anonymizer.seal import new_data_key, unwrap_key, wrap_key
+from anonymizer.vault import Vault, reidentify
+from cloud.backends import get_backend
+from cloud.backends.base import Backend
+from cloud.bundle import make_bundle
+from cloud.dispatch import dispatch, plan_tasks
+from cloud.engines import get_engine
+from cloud.engines.base import ShardInputs, Tally
+from cloud.errors import Cancelled, CloudError, UnsupportedPlan
+from cloud.merge import merge
+from dicom_node import uids
+from dicom_node.errors import NodeError
+from dicom_node.journal import FAILED, MERGED, READY, REJECTED, RUNNING, SEALED, Job, Journal
+from dicom_node.rtdose import write_rt_dose
+from dicom_node.settings import Settings, read_site_key
+
+LOGGER = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+def _load(paths: list[str]) -> list[Dataset]:
+    return [dcmread(p) for p in paths]
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, journal: Journal, on_merged: Any = None) -> None:
+        self.settings = settings
+        self.journal = journal
+        self.site_key = read_site_key(settings)
+        data_dir = settings.node.data_dir
+        self.vault = Vault(data_dir / "vault", self.site_key)
+        self.jobs_dir = data_dir / "jobs"
+        self._on_merged = on_merged
+        self._queue: queue.Queue[object] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
+        self.timings: dict[str, dict[str, float]] = {}
+        self._backend: Backend | None = None
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+        for job in self.journal.jobs_in(READY, SEALED, RUNNING, MERGED):
+            self.submit(job)
+
+    def stop(self) -> None:
+        if self._backend is not None:
+            self._backend.cancel()
+        self._queue.put(_STOP)
+        self._thread.join(timeout=5)
+
+    def submit(self, job: Job) -> None:
+        self._queue.put(job.id)
+
+    def wait_idle(self, timeout: float = 600) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._queue.unfinished_tasks == 0:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is _STOP:
+                    return
+                self.process(str(item))
+            except Exception:  # noqa: BLE001 - one job's bug must not stop the pipeline
+                LOGGER.exception("pipeline failed on job %s", item)
+            finally:
+                self._queue.task_done()
+
+    # --- steps --------------------------------------------------------------------------
+
+    def process(self, job_id: str) -> Job:
+        """Advance one job as far as the pipeline takes it."""
+        job = self.journal.job(job_id)
+        steps = {READY: self._seal, SEALED: self._start_running, RUNNING: self._compute}
+        while job.state in steps:
+            before = job.state
+            try:
+                job = steps[job.state](job)
+            except Cancelled:
+                LOGGER.info("job %s: stopped while %s; it resumes on the next start", job.id, before)
+                return job
+            except UnsupportedPlan as exc:
+                job = self.journal.transition(job.id, REJECTED, reason=str(exc))
+            except (CloudError, AnonymizerError, NodeError, OSError) as exc:
+                job = self.journal.transition(job.id, FAILED, reason=f"{before}: {exc}",
+                                              data={"failed_in": before})
+            if job.state == before:  # pragma: no cover - a step must move the job
+                break
+        if job.state == MERGED and self._on_merged is not None:
+            self._on_merged(job)
+        return job
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+    def _timed(self, job_id: str, stage: str, start: float) -> None:
+        self.timings.setdefault(job_id, {})[stage] = time.perf_counter() - start
+
+    def _seal(self, job: Job) -> Job:
+        start = time.perf_counter()
+        folder = self.job_dir(job.id)
+        if folder.exists():
+            shutil.rmtree(folder)  # a half-finished earlier attempt
+        paths = [job.data["plan"], *([job.data["structure_set"]] if job.data.get("structure_set") else []),
+                 *job.data["ct"]]
+        datasets = _load(paths)
+        engine = get_engine(self.settings.engine.name)
+        engine.check_plan(datasets[0])
+        anonymized, record = deidentify_job(datasets, self.site_key, job.id)
+        self.vault.store(job.id, record)
+        anon_dir = folder / "anonymized"
+        anon_dir.mkdir(parents=True)
+        names = []
+        for i, ds in enumerate(anonymized):
+            kind = uids.SHORT_NAMES.get(str(ds.SOPClassUID), "OBJ")
+            name = f"{i:05d}_{kind}.dcm"
+            ds.save_as(anon_dir / name, enforce_file_format=True)
+            names.append(name)
+        inputs = engine.prepare(anonymized, folder / "inputs", beam_models=self._beam_models())
+        self._timed(job.id, "anonymize_prepare", start)
+        start = time.perf_counter()
+        key = new_data_key()
+        (folder / "data.key").write_bytes(wrap_key(self.site_key, key, job.id))
+        make_bundle(folder / "bundle.sealed", key, job.id, {"inputs": inputs.root, "dicom": anon_dir},
+                    {"engine": engine.name, "files": names})
+        self._timed(job.id, "seal", start)
+        public = {"warnings": list(inputs.warnings)} if inputs.warnings else {}
+        return self.journal.transition(job.id, SEALED, data={"public": {**job.data.get("public", {}), **public},
+                                                             "anonymized": names})
+
+    def _beam_models(self) -> dict[str, Path] | None:
+        models = getattr(self.settings.engine, "beam_models", None)
+        return dict(models) if models else None
+
+    def _start_running(self, job: Job) -> Job:
+        return self.journal.transition(job.id, RUNNING, expect=SEALED)
+
+    def _compute(self, job: Job) -> Job:
+        folder = self.job_dir(job.id)
+        key = unwrap_key(self.site_key, (folder / "data.key").read_bytes(), job.id)
+        cloud = self.settings.cloud
+        tasks = plan_tasks(job.id, cloud.shards, self.settings.engine.primaries,
+                           (folder / "bundle.sealed").as_uri(), (folder / "results").as_uri())
+        backend = get_backend(cloud.backend, retries=cloud.shard_retries, deadline_s=cloud.shard_deadline_seconds)
+        self._backend = backend
+        start = time.perf_counter()
+        results = dispatch(tasks, key, backend, on_progress=lambda d, t: self.journal.set_progress(job.id, d, t))
+        self._timed(job.id, "compute", start)
+        start = time.perf_counter()
+        inputs = ShardInputs.load(folder / "inputs")
+        tallies = [Tally.from_bytes(b) for b in results]
+        rbe = bool(getattr(self.settings.engine, "rbe", False))
+        merged = merge(tallies, protons_per_fraction=inputs.protons_per_fraction, fractions=inputs.fractions,
+                       rbe=rbe, expected_shards=len(tasks))
+        self._timed(job.id, "merge", start)
+        start = time.perf_counter()
+        anon = _load([str(folder / "anonymized" / n) for n in job.data["anonymized"]])
+        plan = next(ds for ds in anon if str(ds.SOPClassUID) in uids.PLAN_CLASSES)
+        ct = [ds for ds in anon if str(ds.SOPClassUID) == uids.CT_IMAGE]
+        dose = write_rt_dose(merged, ct, plan)
+        dose = reidentify(dose, self.vault.load(job.id))
+        out = folder / "RD.dcm"
+        dose.save_as(out, enforce_file_format=True)
+        self._timed(job.id, "write", start)
+        summary = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in merged.summary.items()}
+        return self.journal.transition(job.id, MERGED, data={
+            "rtdose": str(out),
+            "public": {**job.data.get("public", {}), "summary": summary, "shards": len(tasks),
+                       "primaries": self.settings.engine.primaries}})
