@@ -197,8 +197,8 @@ def _cmd_anonymize(args: argparse.Namespace) -> int:
     if args.what_if:
         from anonymizer.profile import ACTIONS
 
-        print(f"what-if: {done} DICOM file(s) in {in_dir}; nothing written. Actions per tag "
-              f"(nested tags as SEQ>TAG):")
+        # The input path is not echoed: users name folders after patients.
+        print(f"what-if: {done} DICOM file(s) read; nothing written. Action per tag (nested: SEQ>TAG):")
         for letter, meaning in ACTIONS.items():
             print(f"  {letter} = {meaning}")
         for (tag, keyword, action, detail), count in sorted(seen.items()):
