@@ -48,7 +48,7 @@ def test_round_trip(size):
     assert _open(sealed, key) == data
     chunks = max(1, -(-size // CHUNK))
     assert len(sealed) == _header_len() + size + chunks * TAG_LEN
-    assert data == b"" or data not in sealed
+    assert size < 16 or data not in sealed  # a byte or two can occur in ciphertext by chance
 
 
 def test_default_chunking_and_bytes_helpers():
