@@ -26,6 +26,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
+from pydicom import config
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
@@ -61,6 +62,12 @@ class Action(NamedTuple):
     keyword: str
     action: str
     detail: str
+
+
+def _elem(tag: int, vr: str, value: object) -> DataElement:
+    # Values built here are valid by construction (pseudonym UIDs, YYYYMMDD, fixed text); skip
+    # pydicom's per-value validation, which costs more than the de-identification itself.
+    return DataElement(tag, vr, value, validation_mode=config.IGNORE)
 
 
 def _hmac(key: bytes, label: bytes, value: str) -> bytes:
@@ -177,22 +184,10 @@ class Deidentifier:
             raise AnonymizationError("BurnedInAnnotation is YES: pixel data may show identity; refusing")
         ctx = _Context(pseudo_id, offset, log)
         out = self._dataset(ds, ctx, "")
-        out.PatientIdentityRemoved = "YES"
-        out.DeidentificationMethod = DEID_METHOD
-        codes = Sequence()
-        for value, meaning in DEID_CODES:
-            item = Dataset()
-            item.CodeValue = value
-            item.CodingSchemeDesignator = "DCM"
-            item.CodeMeaning = meaning
-            codes.append(item)
-        out.DeidentificationMethodCodeSequence = codes
-        out.LongitudinalTemporalInformationModified = "MODIFIED"
-        if log is not None:
-            for keyword in ("PatientIdentityRemoved", "DeidentificationMethod",
-                            "DeidentificationMethodCodeSequence", "LongitudinalTemporalInformationModified"):
-                tag = int(out.data_element(keyword).tag)  # type: ignore[union-attr]
-                log.append(Action(_tag_str(tag), keyword, "D", "set: records the de-identification"))
+        for tag, vr, value in _deid_marks():
+            out[tag] = _elem(tag, vr, value)
+            if log is not None:
+                log.append(Action(_tag_str(tag), _keyword(BaseTag(tag)), "D", "set: records the method"))
         meta = getattr(ds, "file_meta", None)
         if meta is not None:
             out.file_meta = self._file_meta(meta, out)
@@ -200,11 +195,12 @@ class Deidentifier:
 
     def _file_meta(self, meta: FileMetaDataset, out: Dataset) -> FileMetaDataset:
         # Only what a file needs; SourceApplicationEntityTitle & co. would name the sender.
+        sop_class = meta.get("MediaStorageSOPClassUID") or out.get("SOPClassUID")
+        sop_instance = out.get("SOPInstanceUID") or self.uid(str(meta.get("MediaStorageSOPInstanceUID", "")))
         new = FileMetaDataset()
-        new.MediaStorageSOPClassUID = meta.get("MediaStorageSOPClassUID", out.get("SOPClassUID"))
-        new.MediaStorageSOPInstanceUID = out.get("SOPInstanceUID") or self.uid(
-            str(meta.get("MediaStorageSOPInstanceUID", "")))
-        new.TransferSyntaxUID = meta.TransferSyntaxUID
+        new[0x00020002] = _elem(0x00020002, "UI", sop_class)
+        new[0x00020003] = _elem(0x00020003, "UI", sop_instance)
+        new[0x00020010] = _elem(0x00020010, "UI", meta.TransferSyntaxUID)
         return new
 
     def _dataset(self, src: Dataset, ctx: _Context, path: str) -> Dataset:
@@ -233,36 +229,53 @@ class Deidentifier:
             items = Sequence()
             for i, item in enumerate(seq):
                 items.append(self._dataset(item, ctx, f"{path}{_tag_str(int(tag))}[{i}]>"))
-            out[tag] = DataElement(tag, "SQ", items)
+            out[tag] = _elem(tag, "SQ", items)
         elif isinstance(elem, RawDataElement):
             out[tag] = elem  # immutable bytes as read: byte-for-byte, no decode
         else:
             out[tag] = copy.deepcopy(elem)
 
     def _empty(self, src, out, tag, elem, vr, ctx, path) -> None:
-        out[tag] = DataElement(tag, vr or "UN", Sequence() if vr == "SQ" else None)
+        out[tag] = _elem(tag, vr or "UN", Sequence() if vr == "SQ" else None)
 
     def _dummy(self, src, out, tag, elem, vr, ctx, path) -> None:
         if tag in (TAG_PATIENT_ID, TAG_PATIENT_NAME):
-            out[tag] = DataElement(tag, vr or "LO", ctx.pseudo_id)
+            out[tag] = _elem(tag, vr or "LO", ctx.pseudo_id)
         elif vr == "SQ":
-            out[tag] = DataElement(tag, "SQ", Sequence())
+            out[tag] = _elem(tag, "SQ", Sequence())
         else:
-            out[tag] = DataElement(tag, vr or "UN", _DUMMY.get(vr or "", "ANONYMIZED"))
+            out[tag] = _elem(tag, vr or "UN", _DUMMY.get(vr or "", "ANONYMIZED"))
 
     def _uid(self, src, out, tag, elem, vr, ctx, path) -> None:
         if vr != "UI":
             raise AnonymizationError(f"{_tag_str(int(tag))}: UID rule on VR {vr}; cannot apply")
         values = [v for v in _values(elem)]
         new = [self.uid(v) for v in values]
-        out[tag] = DataElement(tag, "UI", new[0] if len(new) == 1 else (new or None))
+        out[tag] = _elem(tag, "UI", new[0] if len(new) == 1 else (new or None))
 
     def _shift(self, src, out, tag, elem, vr, ctx, path) -> None:
         if vr not in ("DA", "DT"):
             raise AnonymizationError(f"{_tag_str(int(tag))}: date rule on VR {vr}; cannot apply")
         values = _values(elem)
         shifted = [_shift_date(v, ctx.offset, int(tag)) for v in values]
-        out[tag] = DataElement(tag, vr, shifted[0] if len(shifted) == 1 else (shifted or None))
+        out[tag] = _elem(tag, vr, shifted[0] if len(shifted) == 1 else (shifted or None))
+
+
+def _deid_marks() -> list[tuple[int, str, object]]:
+    """The elements that record the de-identification (fresh objects for every dataset)."""
+    codes = Sequence()
+    for value, meaning in DEID_CODES:
+        item = Dataset()
+        item[0x00080100] = _elem(0x00080100, "SH", value)
+        item[0x00080102] = _elem(0x00080102, "SH", "DCM")
+        item[0x00080104] = _elem(0x00080104, "LO", meaning)
+        codes.append(item)
+    return [
+        (0x00120062, "CS", "YES"),  # PatientIdentityRemoved
+        (0x00120063, "LO", DEID_METHOD),  # DeidentificationMethod
+        (0x00120064, "SQ", codes),  # DeidentificationMethodCodeSequence
+        (0x00280303, "CS", "MODIFIED"),  # LongitudinalTemporalInformationModified
+    ]
 
 
 def _keyword(tag: BaseTag) -> str:
