@@ -77,7 +77,8 @@ def main() -> int:
         paths = [p for p in paths if p.name.startswith("CT_")]
         del study
         rows = pydicom.dcmread(paths[0]).Rows
-        print(f"{len(paths)} CT files, {rows}x{rows} pixels, {sum(p.stat().st_size for p in paths) / 1e6:.1f} MB")
+        megabytes = sum(p.stat().st_size for p in paths) / 1e6
+        print(f"{len(paths)} CT files, {rows}x{rows} pixels, {megabytes:.1f} MB")
         best = {"ours": float("inf"), "dicognito": float("inf")}
         for r in range(args.rounds):
             for name in (("ours", "dicognito") if r % 2 == 0 else ("dicognito", "ours")):
