@@ -24,9 +24,11 @@ import hashlib
 import hmac
 import logging
 from collections.abc import Callable, Iterable
+from functools import lru_cache
 from typing import NamedTuple
 
 from pydicom import config
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
@@ -52,7 +54,6 @@ DEID_CODES = (
 _MIN_OFFSET_DAYS = 365
 _OFFSET_SPAN_DAYS = 3650
 _DUMMY = {"PN": "ANONYMOUS", "DA": "19000101", "TM": "000000", "DT": "19000101", "IS": "0", "DS": "0"}
-_CLEAN_PAD = b"\x00 "
 
 
 class Action(NamedTuple):
@@ -213,8 +214,7 @@ class Deidentifier:
             vr = vr_of(int(tag), elem.VR)
             rule = rule_for(int(tag), vr)
             if ctx.log is not None:
-                keyword = elem.keyword if isinstance(elem, DataElement) else _keyword(tag)
-                ctx.log.append(Action(path + _tag_str(int(tag)), keyword, rule.action, rule.detail))
+                ctx.log.append(Action(path + _tag_str(int(tag)), _keyword(tag), rule.action, rule.detail))
             handlers[rule.action](self, src, out, tag, elem, vr, ctx, path)
         return out
 
@@ -278,9 +278,8 @@ def _deid_marks() -> list[tuple[int, str, object]]:
     ]
 
 
+@lru_cache(maxsize=4096)
 def _keyword(tag: BaseTag) -> str:
-    from pydicom.datadict import keyword_for_tag
-
     return keyword_for_tag(tag) or ("private" if tag.is_private else "unknown")
 
 

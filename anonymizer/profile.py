@@ -213,14 +213,20 @@ _DETAIL = {
 PSEUDONYM_DETAIL = "replaced by key-derived pseudonym"
 
 
+@lru_cache(maxsize=8192)
 def vr_of(tag: int, explicit_vr: str | None) -> str | None:
-    """The element's VR: as encoded when explicit, else from the dictionary (None = unknown tag)."""
-    if explicit_vr:
+    """The VR that decides the rule: as encoded when explicit, else from the dictionary.
+
+    A public tag encoded as UN (a sender that did not know the VR) is judged by its dictionary VR,
+    so a UN-encoded sequence is walked and a UN-encoded date shifted rather than kept as opaque
+    bytes. None means a tag this pydicom does not know (removed by rule 5).
+    """
+    if explicit_vr and (explicit_vr != "UN" or tag >> 16 & 1):
         return str(explicit_vr)
     try:
         return str(dictionary_VR(tag))
     except KeyError:
-        return None
+        return str(explicit_vr) if explicit_vr else None
 
 
 @lru_cache(maxsize=4096)

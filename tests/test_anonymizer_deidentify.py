@@ -9,12 +9,15 @@ import hashlib
 import hmac
 import io
 import re
+import struct
 import warnings
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 
 import anonymizer
 from anonymizer.deidentify import (
@@ -272,3 +275,44 @@ def test_anonymizer_imports_no_node_cloud_or_network_code():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             for name in names:
                 assert name.split(".")[0] not in forbidden, f"{source.name} imports {name}"
+
+
+def _implicit_item(item: Dataset) -> bytes:
+    buf = DicomBytesIO()
+    buf.is_little_endian = True
+    buf.is_implicit_VR = True
+    write_dataset(buf, item)
+    body = buf.getvalue()
+    return b"\xfe\xff\x00\xe0" + struct.pack("<I", len(body)) + body
+
+
+def _un(tag: int, value: bytes) -> bytes:
+    return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, b"UN", 0, len(value)) + value
+
+
+def test_public_tags_encoded_as_un_are_judged_by_their_real_vr():
+    # A sender that did not know these VRs wrote them as UN: a sequence with a name inside, a date.
+    study = planted_study()
+    ct = study.ct[0]
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = ct.SOPClassUID
+    ref.ReferencedSOPInstanceUID = ct.SOPInstanceUID
+    ref.OperatorsName = "Vega^Lucia"
+    del ct.SourceImageSequence
+    del ct.SeriesDate
+    del ct.StationName
+    # pydicom will not build these on purpose, so append them as an explicit-VR LE writer would.
+    extra = b"".join(_un(tag, value) for tag, value in (
+        (0x00081140, _implicit_item(ref)),  # ReferencedImageSequence
+        (0x00080021, b"20261124"),  # SeriesDate
+        (0x00081010, b"PROTONWS07"),  # StationName
+    ))
+    original = pydicom.dcmread(io.BytesIO(to_bytes(ct) + extra))
+    assert original.get_item(0x00081140).VR == "UN"
+    key = new_key()
+    out = _reread(Deidentifier(key).deidentify(original))
+    assert leaks(to_bytes(out)) == []
+    assert out.ReferencedImageSequence[0].ReferencedSOPInstanceUID == pseudonym_uid(key, ct.SOPInstanceUID)
+    assert "OperatorsName" not in out.ReferencedImageSequence[0]
+    assert out.SeriesDate != "20261124" and len(out.SeriesDate) == 8
+    assert "StationName" not in out
