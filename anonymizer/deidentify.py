@@ -99,7 +99,7 @@ def _text(value: bytes | str | None) -> str:
     if value is None:
         return ""
     if isinstance(value, bytes):
-        return value.decode("ascii", errors="strict").strip(" \x00")
+        return value.decode("ascii", errors="replace").strip(" \x00")
     return str(value)
 
 

@@ -189,12 +189,14 @@ def open_stream(src: BinaryIO, dst: BinaryIO, key: bytes, job_id: str, part: str
 
 
 def seal_bytes(data: bytes, key: bytes, job_id: str, part: str) -> bytes:
+    """``seal_stream`` for small parts held in memory anyway (manifests, tallies); bundles use streams."""
     out = io.BytesIO()
     seal_stream(io.BytesIO(data), out, key, job_id, part)
     return out.getvalue()
 
 
 def open_bytes(sealed: bytes, key: bytes, job_id: str, part: str) -> bytes:
+    """``open_stream`` for small parts; raises IntegrityError exactly as the stream version does."""
     out = io.BytesIO()
     open_stream(io.BytesIO(sealed), out, key, job_id, part)
     return out.getvalue()
