@@ -122,10 +122,15 @@ def encodings(text: str) -> set[bytes]:
     return out
 
 
-def leaks(data: bytes, strings: tuple[str, ...] = PLANTED) -> list[str]:
-    """The planted strings found in data, in any encoding, any case (digits: as a whole number)."""
+def leaks(data: bytes, strings: tuple[str, ...] = PLANTED, min_bytes: int = 0) -> list[str]:
+    """The planted strings found in data, in any encoding, any case (digits: as a whole number).
+
+    For ciphertext pass ``min_bytes=6``: a 3-byte string turns up in 100 kB of random bytes by chance.
+    """
     found = []
     for text in strings:
+        if min(len(e) for e in encodings(text)) < min_bytes:
+            continue
         for enc in encodings(text):
             if enc.isdigit() or re.fullmatch(rb"[0-9.]+", enc):
                 # Digits alone could occur inside a 39-digit pseudonym UID; a planted date/time
