@@ -164,6 +164,9 @@ _KEEP: tuple[str, ...] = (
     "PixelData", "FloatPixelData", "DoubleFloatPixelData", "RescaleType", "PositionReferenceIndicator",
     "ROIName", "BeamName", "TreatmentMachineName", "ScanSpotTuneID", "RangeShifterID",
     "LateralSpreadingDeviceID", "RangeModulatorID", "SnoutID", "MaterialID", "BlockName",
+    # Device identifiers and settings a beam model is looked up by (range shifter in/out, etc.).
+    "RangeShifterSetting", "LateralSpreadingDeviceSetting", "ApplicatorID", "BlockTrayID", "CompensatorID",
+    "WedgeID", "BolusID", "AccessoryCode", "TrayAccessoryCode",
     "CodeValue", "CodingSchemeDesignator", "CodingSchemeVersion", "CodeMeaning", "LongCodeValue",
     "URNCodeValue",
 )

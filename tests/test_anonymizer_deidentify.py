@@ -257,6 +257,8 @@ def test_unlisted_text_is_removed_and_profile_table_is_sound():
     assert rule_for(0x00080070, "LO").action == "X"
     assert rule_for(0x00180060, "DS").action == "K"
     assert rule_for(0x7FE00010, "OW").action == "K"
+    assert rule_for(0x300A0362, "LO").action == "K"  # RangeShifterSetting: the engine needs it
+    assert rule_for(0x300A0322, "LO").action == "X"  # RangeShifterDescription: free text
     assert rule_for(0x00090010, "LO").action == "X"
     assert rule_for(0x00231234, None).action == "X"
     assert rule_for(0x60003000, "OW").action == "X"
