@@ -42,7 +42,9 @@ test: system-deps venv
 	$(BIN)/ruff check dicom_node anonymizer cloud tests bench
 	$(BIN)/python -m pytest -q
 
+# The benchmarks compare against other tools (dicognito); those come from the bench extra.
 bench: venv
+	$(BIN)/pip install -q -e '.[bench]'
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 lint: venv

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,7 +74,8 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     ct = study.ct[0]
     print(f"wrote {len(paths)} files to {args.out_dir}: {len(study.ct)} CT slices "
           f"{ct.Columns}x{ct.Rows} at {spec.spacing_mm[0]}x{spec.spacing_mm[1]}x{spec.spacing_mm[2]} mm, "
-          f"RT Struct (BODY, PTV), RT Ion Plan ({len(spec.gantry_angles)} beam(s), {spec.energy_layers} layers)")
+          f"RT Struct (BODY, PTV), RT Ion Plan ({len(spec.gantry_angles)} beam(s), "
+          f"{spec.energy_layers} layers)")
     return EXIT_OK
 
 
@@ -132,6 +134,92 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _site_key_for(args: argparse.Namespace) -> bytes:
+    """The site key from --key-file (hex, mode 0600) or from the config's anonymizer.site_key_file."""
+    from dicom_node.settings import load_settings, read_site_key, settings_from_dict
+
+    if args.key_file:
+        settings = settings_from_dict({"anonymizer": {"site_key_file": str(Path(args.key_file).resolve())}})
+    else:
+        settings = load_settings(args.config)
+    return read_site_key(settings)
+
+
+def _cmd_anonymize(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from anonymizer.deidentify import Deidentifier
+    from anonymizer.errors import AnonymizerError
+    from dicom_node.uids import SHORT_NAMES
+
+    in_dir = Path(args.in_dir)
+    if not in_dir.is_dir():
+        raise ConfigError(f"IN_DIR: {in_dir} is not a directory")
+    if not args.what_if and not args.out:
+        raise ConfigError("-o OUT_DIR is required unless --what-if is given")
+    deid = Deidentifier(_site_key_for(args))
+    out_dir = Path(args.out) if args.out else None
+    sources = sorted(p for p in in_dir.rglob("*") if p.is_file()
+                     and (out_dir is None or out_dir.resolve() not in p.resolve().parents))
+    # (tag path without item indexes, keyword, action, detail) -> number of files it occurs in
+    seen: dict[tuple[str, str, str, str], int] = {}
+    staging: Path | None = None
+    if out_dir is not None and not args.what_if:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # Written files appear in OUT_DIR only when every file de-identified: fail closed.
+        staging = Path(tempfile.mkdtemp(prefix=".anonymize-", dir=out_dir))
+    skipped = done = 0
+    try:
+        for path in sources:
+            try:
+                ds = pydicom.dcmread(path)
+            except (InvalidDicomError, OSError, ValueError):
+                skipped += 1
+                continue
+            try:
+                if args.what_if:
+                    actions = deid.describe(ds)
+                    for key in {(_strip_items(a.tag), a.keyword, a.action, a.detail) for a in actions}:
+                        seen[key] = seen.get(key, 0) + 1
+                else:
+                    out = deid.deidentify(ds)
+                    kind = SHORT_NAMES.get(str(out.get("SOPClassUID", "")), "DICOM")
+                    name = f"{kind}_{out.SOPInstanceUID}.dcm"  # pseudonymous: input names may hold PHI
+                    out.save_as(staging / name, enforce_file_format=True)  # type: ignore[operator]
+            except AnonymizerError as exc:
+                raise NodeError(f"anonymize: file {done + skipped + 1} of {len(sources)}: {exc}; "
+                                "nothing written") from exc
+            done += 1
+        if staging is not None and out_dir is not None:
+            for f in staging.iterdir():
+                f.replace(out_dir / f.name)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    if skipped:
+        LOGGER.warning("skipped %d file(s) that are not DICOM", skipped)
+    if args.what_if:
+        from anonymizer.profile import ACTIONS
+
+        # The input path is not echoed: users name folders after patients.
+        print(f"what-if: {done} DICOM file(s) read; nothing written. Action per tag (nested: SEQ>TAG):")
+        for letter, meaning in ACTIONS.items():
+            print(f"  {letter} = {meaning}")
+        for (tag, keyword, action, detail), count in sorted(seen.items()):
+            print(f"{tag:<42} {keyword:<40} {action}  {detail}  [{count} file(s)]")
+    else:
+        print(f"wrote {done} de-identified file(s) to {out_dir}")
+    return EXIT_OK
+
+
+def _strip_items(tag_path: str) -> str:
+    return re.sub(r"\[\d+\]", "", tag_path)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcnode", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -179,6 +267,15 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--primaries", type=int, default=200_000)
     p.add_argument("--shards", type=int, default=2)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("anonymize", help="de-identify DICOM files exactly as they would leave the clinic")
+    p.add_argument("in_dir")
+    p.add_argument("-o", "--out", help="folder for the de-identified files (required unless --what-if)")
+    p.add_argument("--what-if", action="store_true", help="list the action per tag instead of writing")
+    key = p.add_mutually_exclusive_group(required=True)
+    key.add_argument("-c", "--config", help="config file; its anonymizer.site_key_file is used")
+    key.add_argument("--key-file", help="site key file (64 hex digits, mode 0600)")
+    p.set_defaults(func=_cmd_anonymize)
 
     return parser
 

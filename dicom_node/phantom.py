@@ -202,7 +202,8 @@ def _rtstruct(spec: PhantomSpec, ident: FakeIdentity, study_uid: str, for_uid: s
     series_item.SeriesInstanceUID = ct[0].SeriesInstanceUID
     series_item.ContourImageSequence = contour_images
     study_item = Dataset()
-    study_item.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management (retired, customary)
+    # Detached Study Management (retired, customary)
+    study_item.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
     study_item.ReferencedSOPInstanceUID = study_uid
     study_item.RTReferencedSeriesSequence = Sequence([series_item])
     for_item = Dataset()
@@ -238,7 +239,8 @@ def _rtstruct(spec: PhantomSpec, ident: FakeIdentity, study_uid: str, for_uid: s
                 if abs(z) >= r:
                     continue
                 rz = math.sqrt(r * r - z * z)
-                pts = [(rz * math.cos(2 * math.pi * i / 32), rz * math.sin(2 * math.pi * i / 32)) for i in range(32)]
+                pts = [(rz * math.cos(2 * math.pi * i / 32), rz * math.sin(2 * math.pi * i / 32))
+                       for i in range(32)]
             c = Dataset()
             ref = Dataset()
             ref.ReferencedSOPClassUID = img.SOPClassUID

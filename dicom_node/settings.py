@@ -209,7 +209,8 @@ def _convert(path: str, tp: Any, value: Any, meta: dict[str, Any], base_dir: Pat
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: must be a table, got {type(value).__name__}")
         (_k, v_tp) = typing.get_args(tp) or (str, Any)
-        return {k: (v if v_tp is Any else _convert(f"{path}.{k}", v_tp, v, {}, base_dir)) for k, v in value.items()}
+        return {k: (v if v_tp is Any else _convert(f"{path}.{k}", v_tp, v, {}, base_dir))
+                for k, v in value.items()}
     raise ConfigError(f"{path}: unsupported setting type {tp!r}")  # pragma: no cover - schema bug
 
 
