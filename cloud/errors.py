@@ -1,0 +1,32 @@
+"""The cloud package's exception tree. Errors from libraries and subprocesses are converted here.
+
+    CloudError
+    ├── EngineError            a Monte Carlo engine could not prepare or run (often retryable)
+    │   ├── EngineUnavailable  the engine's binary or data files are missing or do not start here
+    │   └── UnsupportedPlan    the plan can never be computed by this engine (photons, electrons,
+    │                          ion plans that are not pencil-beam scanning, unsupported CT geometry);
+    │                          the message is the reason shown to users and the job is REJECTED
+    └── MergeError             tallies that cannot be merged (missing shards, mismatched grids)
+
+The clinic side (``dicom_node``) maps UnsupportedPlan to its own PlanRejected at its boundary.
+"""
+
+
+class CloudError(Exception):
+    """Base of every error the cloud package raises on purpose."""
+
+
+class EngineError(CloudError):
+    """A Monte Carlo engine failed to prepare inputs or to run a shard."""
+
+
+class EngineUnavailable(EngineError):
+    """The engine's binary or data files cannot be found or do not start on this machine."""
+
+
+class UnsupportedPlan(EngineError):
+    """The plan can never be computed by this engine; the message is the reason shown to users."""
+
+
+class MergeError(CloudError):
+    """Tallies that cannot be merged into one dose: shards missing or not from the same inputs."""
