@@ -1,12 +1,18 @@
-"""The cloud package's exception tree; library errors (boto3, paramiko, OS) are converted here.
+"""The cloud package's exception tree. Errors from libraries and subprocesses are converted here.
 
     CloudError
-    ├── EngineError          the MC engine failed to run
-    │   └── UnsupportedPlan  the plan can never be computed by this engine (reason shown to users)
-    ├── StoreError           an object store could not put or get an object
-    ├── BundleError          a bundle is malformed or does not match its manifest
-    └── DispatchError        shards could not be completed (retries exhausted, deadline passed)
-        └── Cancelled        the node is stopping; the job stays RUNNING and resumes on restart
+    ├── EngineError            a Monte Carlo engine could not prepare or run (often retryable)
+    │   ├── EngineUnavailable  the engine's binary or data files are missing or do not start here
+    │   └── UnsupportedPlan    the plan can never be computed by this engine (photons, electrons,
+    │                          ion plans that are not pencil-beam scanning, unsupported CT geometry);
+    │                          the message is the reason shown to users and the job is REJECTED
+    ├── MergeError             tallies that cannot be merged (missing shards, mismatched grids)
+    ├── StoreError             an object store could not put or get an object
+    ├── BundleError            a bundle is malformed or does not match its manifest
+    └── DispatchError          shards could not be completed (retries exhausted, deadline passed)
+        └── Cancelled          the node is stopping; the job stays RUNNING and resumes on restart
+
+The clinic side (``dicom_node``) maps UnsupportedPlan to REJECTED and the rest to FAILED at its boundary.
 """
 
 
@@ -15,11 +21,19 @@ class CloudError(Exception):
 
 
 class EngineError(CloudError):
-    """The Monte Carlo engine could not run or produced no usable output."""
+    """A Monte Carlo engine failed to prepare inputs or to run a shard."""
+
+
+class EngineUnavailable(EngineError):
+    """The engine's binary or data files cannot be found or do not start on this machine."""
 
 
 class UnsupportedPlan(EngineError):
     """The plan can never be computed by this engine; the message is the reason shown to users."""
+
+
+class MergeError(CloudError):
+    """Tallies that cannot be merged into one dose: shards missing or not from the same inputs."""
 
 
 class StoreError(CloudError):

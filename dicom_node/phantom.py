@@ -44,6 +44,16 @@ class FakeIdentity:
 
 
 @dataclass(frozen=True)
+class Spot:
+    """One explicit pencil beam: position at the isocenter plane (IEC gantry x, y in mm), energy, MU."""
+
+    x_mm: float = 0.0
+    y_mm: float = 0.0
+    energy_mev: float = 150.0
+    mu: float = 1.0
+
+
+@dataclass(frozen=True)
 class PhantomSpec:
     """What the phantom looks like. Sizes in mm; defaults give about 30x30x30 cm at 2.5 mm."""
 
@@ -62,6 +72,9 @@ class PhantomSpec:
     mu_per_spot: float = 0.05
     machine_name: str = "GENERIC_PBS"
     plan_label: str = "PELVIS_MC"
+    # Explicit spots: when given, every beam delivers exactly these (one layer per energy, in the order
+    # given) instead of the target-covering grid; e.g. (Spot(energy_mev=200.0),) is a single pencil beam.
+    spots: tuple[Spot, ...] = ()
     identity: FakeIdentity = field(default_factory=FakeIdentity)
 
 
@@ -140,8 +153,9 @@ def ct_volume(spec: PhantomSpec) -> np.ndarray:
     box = (np.abs(x) <= hx) & (np.abs(y) <= hy) & (np.abs(z) <= hz)
     hu[box] = HU_WATER
     half_t = spec.bone_slab_thickness_mm / 2.0
-    slab = box & (np.abs(y - spec.bone_slab_center_y_mm) <= half_t) & (x <= 0)
-    hu[slab] = HU_BONE
+    if half_t > 0:
+        slab = box & (np.abs(y - spec.bone_slab_center_y_mm) <= half_t) & (x <= 0)
+        hu[slab] = HU_BONE
     return hu
 
 
@@ -274,6 +288,22 @@ def _entrance_depths(spec: PhantomSpec, gantry: float) -> tuple[float, float]:
     return half - spec.target_radius_mm + extra, half + spec.target_radius_mm + extra
 
 
+def _layers(spec: PhantomSpec, energies: list[float], grid: list[tuple[float, float]]
+            ) -> list[tuple[float, list[tuple[float, float]], list[float]]]:
+    """(energy, spot positions, spot MU) for each energy layer of a beam."""
+    if spec.spots:
+        by_energy: dict[float, list[Spot]] = {}
+        for spot in spec.spots:
+            by_energy.setdefault(float(spot.energy_mev), []).append(spot)
+        return [(e, [(s.x_mm, s.y_mm) for s in spots], [float(s.mu) for s in spots]) for e, spots in by_energy.items()]
+    out = []
+    for layer, energy in enumerate(energies):
+        # Distal layers carry more weight, as in a spread-out Bragg peak.
+        layer_weight = spec.mu_per_spot * (1.0 if layer == 0 else 0.6 * (0.85 ** (layer - 1)))
+        out.append((energy, grid, [round(layer_weight, 6)] * len(grid)))
+    return out
+
+
 def _ion_plan(spec: PhantomSpec, ident: FakeIdentity, study_uid: str, for_uid: str,
               rtstruct: Dataset) -> Dataset:
     ds = _base(uids.RT_ION_PLAN, "RTPLAN", ident, study_uid, generate_uid(), for_uid)
@@ -329,19 +359,16 @@ def _ion_plan(spec: PhantomSpec, ident: FakeIdentity, study_uid: str, for_uid: s
         beam.ReferencedPatientSetupNumber = 1
         cps = Sequence()
         cumulative = 0.0
-        for layer, energy in enumerate(energies):
-            # Distal layers carry more weight, as in a spread-out Bragg peak.
-            layer_weight = spec.mu_per_spot * (1.0 if layer == 0 else 0.6 * (0.85 ** (layer - 1)))
-            weights = [round(layer_weight, 6)] * len(grid)
+        for energy, layer_grid, weights in _layers(spec, energies, grid):
             for end in (False, True):
                 cp = Dataset()
                 cp.ControlPointIndex = len(cps)
                 cp.NominalBeamEnergy = float(energy)
                 cp.NominalBeamEnergyUnit = "MEV"
                 cp.ScanSpotTuneID = "3.0"
-                cp.NumberOfScanSpotPositions = len(grid)
-                cp.ScanSpotPositionMap = [float(v) for xy in grid for v in xy]
-                cp.ScanSpotMetersetWeights = [0.0] * len(grid) if end else weights
+                cp.NumberOfScanSpotPositions = len(layer_grid)
+                cp.ScanSpotPositionMap = [float(v) for xy in layer_grid for v in xy]
+                cp.ScanSpotMetersetWeights = [0.0] * len(layer_grid) if end else weights
                 cp.ScanningSpotSize = [5.0, 5.0]
                 cp.NumberOfPaintings = 1
                 cp.CumulativeMetersetWeight = round(cumulative, 6)

@@ -1,0 +1,42 @@
+"""Monte Carlo engines behind one small abstract class, looked up by name.
+
+``get_engine("mcsquare")`` returns the MCsquare adapter (proton PBS). A second engine (photons, or
+another proton code) registers itself with ``register_engine`` and needs no change elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from cloud.engines.base import Engine, Grid, ShardInputs, Tally
+from cloud.errors import EngineError
+
+_FACTORIES: dict[str, Callable[[], Engine]] = {}
+
+
+def register_engine(name: str, factory: Callable[[], Engine]) -> None:
+    _FACTORIES[name] = factory
+
+
+def engine_names() -> tuple[str, ...]:
+    return tuple(sorted(_FACTORIES))
+
+
+def get_engine(name: str) -> Engine:
+    """A fresh engine instance by name; EngineError names the known engines otherwise."""
+    try:
+        factory = _FACTORIES[name]
+    except KeyError:
+        raise EngineError(f"unknown engine {name!r} (known: {', '.join(engine_names())})") from None
+    return factory()
+
+
+def _mcsquare() -> Engine:
+    from cloud.engines.mcsquare import MCsquareEngine
+
+    return MCsquareEngine()
+
+
+register_engine("mcsquare", _mcsquare)
+
+__all__ = ["Engine", "Grid", "ShardInputs", "Tally", "get_engine", "register_engine", "engine_names"]

@@ -1,0 +1,173 @@
+"""What every Monte Carlo engine provides, and the two plain objects that travel between machines.
+
+    prepare(datasets, work_dir, ...)  -> ShardInputs   on the clinic node (or the first worker)
+    run_shard(inputs, primaries, seed, threads) -> Tally   on any worker, once per shard
+    cloud.merge.merge(tallies, ...)   -> MergedDose    wherever the tallies meet
+
+``ShardInputs`` is a folder holding every file the engine needs plus ``inputs.json`` (grid
+geometry, protons per fraction, fractions, warnings), so it can be tarred into a job bundle and run
+elsewhere. ``Tally`` is the result of one shard: dose per primary in Gy on the CT grid, indexed
+[z, y, x] like a CT stack sorted by ascending z, serialised as npz for transport.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from cloud.errors import EngineError
+
+INPUTS_JSON = "inputs.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The CT voxel grid in DICOM patient coordinates (mm).
+
+    ``origin`` is the centre of voxel [0, 0, 0] (ImagePositionPatient of the lowest slice),
+    ``spacing`` is (x, y, z), ``shape`` is (nz, ny, nx). Orientation is the identity (axial, HFS).
+    """
+
+    shape: tuple[int, int, int]
+    origin: tuple[float, float, float]
+    spacing: tuple[float, float, float]
+
+    def axis(self, i: int) -> np.ndarray:
+        """Voxel-centre coordinates along x (0), y (1) or z (2), in mm."""
+        n = self.shape[2 - i]
+        return self.origin[i] + self.spacing[i] * np.arange(n)
+
+    def index_of(self, point: Sequence[float]) -> tuple[int, int, int]:
+        """The [z, y, x] index of the voxel containing a patient-coordinate point."""
+        ijk = [int(round((point[i] - self.origin[i]) / self.spacing[i])) for i in range(3)]
+        return ijk[2], ijk[1], ijk[0]
+
+    @property
+    def voxel_volume_cm3(self) -> float:
+        return float(np.prod(self.spacing)) / 1000.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "origin": list(self.origin), "spacing": list(self.spacing)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Grid:
+        s, o, d = data["shape"], data["origin"], data["spacing"]
+        return cls(shape=(int(s[0]), int(s[1]), int(s[2])), origin=(float(o[0]), float(o[1]), float(o[2])),
+                   spacing=(float(d[0]), float(d[1]), float(d[2])))
+
+
+@dataclass(frozen=True)
+class ShardInputs:
+    """A prepared folder that ``Engine.run_shard`` can run anywhere, plus what merging needs.
+
+    ``protons_per_fraction`` is Σ over spots of MU × protons per MU(E): multiplying a dose per
+    primary (Gy) by it gives Gy per fraction.
+    """
+
+    root: Path
+    engine: str
+    grid: Grid
+    protons_per_fraction: float
+    fractions: int
+    plan_uid: str = ""
+    frame_of_reference_uid: str = ""
+    machines: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def save(self) -> Path:
+        data = {
+            "format": FORMAT_VERSION,
+            "engine": self.engine,
+            "grid": self.grid.to_json(),
+            "protons_per_fraction": self.protons_per_fraction,
+            "fractions": self.fractions,
+            "plan_uid": self.plan_uid,
+            "frame_of_reference_uid": self.frame_of_reference_uid,
+            "machines": list(self.machines),
+            "warnings": list(self.warnings),
+            "extra": self.extra,
+        }
+        path = self.root / INPUTS_JSON
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, root: Path | str) -> ShardInputs:
+        """Open a prepared folder (for instance after unpacking a bundle on a worker)."""
+        root = Path(root)
+        try:
+            data = json.loads((root / INPUTS_JSON).read_text())
+        except (OSError, ValueError) as exc:
+            raise EngineError(f"{root}: not a prepared engine input folder ({exc})") from exc
+        if data.get("format") != FORMAT_VERSION:
+            raise EngineError(f"{root / INPUTS_JSON}: unknown format {data.get('format')!r}")
+        return cls(root=root, engine=data["engine"], grid=Grid.from_json(data["grid"]),
+                   protons_per_fraction=float(data["protons_per_fraction"]), fractions=int(data["fractions"]),
+                   plan_uid=data.get("plan_uid", ""), frame_of_reference_uid=data.get("frame_of_reference_uid", ""),
+                   machines=tuple(data.get("machines", ())), warnings=tuple(data.get("warnings", ())),
+                   extra=dict(data.get("extra", {})))
+
+
+@dataclass
+class Tally:
+    """One shard's result: dose per simulated primary (Gy) on the CT grid, indexed [z, y, x]."""
+
+    dose_per_primary: np.ndarray
+    primaries: int
+    seed: int
+    wall_s: float
+    engine: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        meta = {"primaries": self.primaries, "seed": self.seed, "wall_s": self.wall_s, "engine": self.engine,
+                "extra": self.extra}
+        np.savez_compressed(buf, dose_per_primary=self.dose_per_primary,
+                            meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Tally:
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                dose = npz["dose_per_primary"]
+                meta = json.loads(npz["meta"].tobytes().decode())
+        except (OSError, ValueError, KeyError) as exc:
+            raise EngineError(f"not a tally ({exc})") from exc
+        return cls(dose_per_primary=dose, primaries=int(meta["primaries"]), seed=int(meta["seed"]),
+                   wall_s=float(meta["wall_s"]), engine=meta.get("engine", ""), extra=meta.get("extra", {}))
+
+    def describe(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dose_per_primary"] = f"{self.dose_per_primary.dtype}{list(self.dose_per_primary.shape)}"
+        return d
+
+
+class Engine(ABC):
+    """A Monte Carlo dose engine. Subclasses register themselves by ``name`` in cloud.engines."""
+
+    name: str = ""
+
+    @abstractmethod
+    def check_plan(self, plan: Dataset) -> None:
+        """Raise UnsupportedPlan (with the reason users see) if this engine can never compute it."""
+
+    @abstractmethod
+    def prepare(self, datasets: list[Dataset], work_dir: Path, *,
+                beam_models: Mapping[str, Path] | None = None) -> ShardInputs:
+        """Write every input the engine needs into ``work_dir`` from plan + CT (+ structure set)."""
+
+    @abstractmethod
+    def run_shard(self, inputs: ShardInputs, primaries: int, seed: int, threads: int = 0) -> Tally:
+        """Simulate ``primaries`` histories of the whole plan with ``seed`` (threads 0 = all cores)."""

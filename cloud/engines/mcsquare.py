@@ -1,0 +1,372 @@
+"""The MCsquare adapter: proton PBS dose with the MCsquare binary shipped in the opentps-core wheel.
+
+Binary and material database come from ``$MCSQUARE_HOME`` (a folder holding ``MCsquare_linux*``
+and ``Materials/``) or from the installed ``opentps-core`` distribution, located through its
+metadata without importing opentps (its Python dependencies are not installed). The wheel installs
+the binaries without the executable bit, so the chosen one is copied into a cache
+(``$XDG_CACHE_HOME/dicom-mc-node/mcsquare/``, mode 0755). The instruction-set builds refuse to
+start on some CPUs, so each is probed (it must get as far as reading its config file) from the
+most to the least specific, falling back to the generic build.
+
+Every input is written here: CT (HU, MHD), HU->density and HU->material tables and the generic
+beam model (package data in ``cloud/engines/data/``, see their headers), the plan file and, per
+shard, the config. MCsquare writes ``Outputs/Dose.mhd`` in eV/g per simulated primary.
+
+Coordinate frames (pinned by tests/test_engine_physics.py):
+    DICOM patient frame (HFS): x to the patient's left, y posterior, z superior; the CT volume is
+    [z, y, x] with voxel centres at origin + index * spacing.
+    MCsquare: origin at the image corner, coordinates in the file's voxel order. Found by experiment
+    and pinned by the tests (off-axis spot, off-centre isocenter, gantry 90/270, couch 90): the image
+    is written with its columns and rows reversed (as OpenTPS also does), and the isocenter is
+        X = x - (x0 - dx/2),   Y = (y0 - dy/2) + ny*dy - y,   Z = z - (z0 - dz/2).
+    Gantry angle, couch angle and spot positions (IEC 61217 gantry frame) then go through unchanged:
+    for HFS, spot +X lands at patient +x (left) at gantry 0, spot +Y at +z (superior), gantry 0
+    enters anteriorly (-y), gantry 90 from the patient's left (+x), gantry 270 from the right, and
+    gantry 90 with couch 90 (IEC: counter-clockwise seen from above) enters from inferior (-z).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from cloud.engines.base import Engine, Grid, ShardInputs, Tally
+from cloud.engines.beam_model import GENERIC_MACHINE, BeamModel, read_bdl
+from cloud.engines.ct import ct_slices, ct_volume
+from cloud.engines.ionplan import IonPlan, check_proton_pbs, read_ion_plan
+from cloud.errors import EngineError, EngineUnavailable, UnsupportedPlan
+
+LOGGER = logging.getLogger(__name__)
+
+NAME = "mcsquare"
+EV_PER_G_TO_GY = 1.602176634e-19 * 1000.0
+WHEEL_DIR = "opentps/core/processing/doseCalculation/protons/MCsquare"
+# Most specific first; the generic build runs on any x86-64.
+VARIANTS = ("MCsquare_linux_avx512", "MCsquare_linux_avx2", "MCsquare_linux_avx", "MCsquare_linux_sse4",
+            "MCsquare_linux")
+
+CT_FILE = "CT.mhd"
+HU_DENSITY_FILE = "HU_Density_Conversion.txt"
+HU_MATERIAL_FILE = "HU_Material_Conversion.txt"
+BDL_FILE = "BDL.txt"
+PLAN_FILE = "PlanPencil.txt"
+
+
+# --- finding and starting the binary ---------------------------------------------------------
+
+
+def mcsquare_home() -> Path:
+    """The folder with the MCsquare binaries and Materials/ (MCSQUARE_HOME, else the wheel)."""
+    env = os.environ.get("MCSQUARE_HOME")
+    if env:
+        home = Path(env)
+        if not (home / "Materials" / "list.dat").is_file():
+            raise EngineUnavailable(f"MCSQUARE_HOME={env} has no Materials/list.dat")
+        return home
+    try:
+        dist = importlib.metadata.distribution("opentps-core")
+    except importlib.metadata.PackageNotFoundError:
+        raise EngineUnavailable("MCsquare not found: install it with "
+                                "'pip install --no-deps opentps-core==3.0.1' or set MCSQUARE_HOME") from None
+    home = Path(str(dist.locate_file(WHEEL_DIR)))
+    if not (home / "Materials" / "list.dat").is_file():
+        raise EngineUnavailable(f"opentps-core is installed but {home} lacks Materials/list.dat")
+    return home
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dicom-mc-node" / "mcsquare"
+
+
+def _cached_copy(src: Path) -> Path:
+    """Copy a binary into the cache with mode 0755 (once per file version); return the copy."""
+    st = src.stat()
+    target = cache_dir() / f"{src.name}-{st.st_size}-{int(st.st_mtime)}"
+    if target.is_file() and os.access(target, os.X_OK):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, target)  # atomic: parallel workers never run a half-copied file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _starts(binary: Path, materials: Path) -> bool:
+    """True when the build gets as far as looking for its config (no CPU-feature refusal)."""
+    with tempfile.TemporaryDirectory(prefix="mcsquare-probe-") as tmp:
+        try:
+            proc = subprocess.run([str(binary), "no-such-config.txt"], cwd=tmp, capture_output=True, text=True,
+                                  timeout=30, env={**os.environ, "MCsquare_Materials_Dir": str(materials)})
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+    return "Configuration file" in (proc.stdout + proc.stderr)
+
+
+@functools.cache
+def mcsquare_binary() -> tuple[Path, Path]:
+    """(executable copy of the best build that starts here, Materials folder). Probed once per process."""
+    home = mcsquare_home()
+    materials = home / "Materials"
+    tried = []
+    for variant in VARIANTS:
+        src = home / variant
+        if not src.is_file():
+            continue
+        binary = _cached_copy(src)
+        if _starts(binary, materials):
+            LOGGER.info("MCsquare build %s starts on this CPU", variant)
+            return binary, materials
+        tried.append(variant)
+    raise EngineUnavailable(f"no MCsquare build starts on this machine (tried {', '.join(tried) or 'none found'} "
+                            f"in {home})")
+
+
+# --- writing inputs ----------------------------------------------------------------------------
+
+
+def _data_file(name: str) -> Path:
+    return Path(str(resources.files("cloud.engines.data").joinpath(name)))
+
+
+def generic_beam_model_path() -> Path:
+    return _data_file("generic_pbs_bdl.txt")
+
+
+def write_mhd(path: Path, volume_zyx: np.ndarray, spacing: tuple[float, float, float]) -> None:
+    """Write a [z, y, x] volume as MHD + RAW in MCsquare's frame (rows and columns reversed)."""
+    data = np.ascontiguousarray(volume_zyx[:, ::-1, ::-1])
+    element = {np.dtype(np.int16): "MET_SHORT", np.dtype(np.float32): "MET_FLOAT"}[data.dtype]
+    raw = path.with_suffix(".raw")
+    nz, ny, nx = data.shape
+    header = [
+        "ObjectType = Image",
+        "NDims = 3",
+        "BinaryData = True",
+        "BinaryDataByteOrderMSB = False",
+        "CompressedData = False",
+        "Offset = 0 0 0",
+        f"ElementSpacing = {spacing[0]:.6f} {spacing[1]:.6f} {spacing[2]:.6f}",
+        f"DimSize = {nx} {ny} {nz}",
+        f"ElementType = {element}",
+        f"ElementDataFile = {raw.name}",
+    ]
+    path.write_text("\n".join(header) + "\n")
+    data.astype(data.dtype.newbyteorder("<")).tofile(raw)
+
+
+def read_mhd(path: Path) -> np.ndarray:
+    """Read an MCsquare MHD output back into DICOM order, [z, y, x] (rows and columns reversed again)."""
+    header: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        if "=" in line:
+            key, value = line.split("=", 1)
+            header[key.strip()] = value.strip()
+    try:
+        nx, ny, nz = (int(v) for v in header["DimSize"].split())
+        dtype = {"MET_FLOAT": "f4", "MET_DOUBLE": "f8", "MET_SHORT": "i2"}[header["ElementType"]]
+    except (KeyError, ValueError) as exc:
+        raise EngineError(f"{path}: unexpected MHD header ({exc})") from exc
+    order = ">" if header.get("BinaryDataByteOrderMSB", "False").lower() == "true" else "<"
+    data = np.fromfile(path.parent / header["ElementDataFile"], dtype=order + dtype)
+    if data.size != nx * ny * nz:
+        raise EngineError(f"{path}: {data.size} values for a {nx}x{ny}x{nz} grid")
+    return data.reshape(nz, ny, nx)[:, ::-1, ::-1]
+
+
+def to_mcsquare_frame(point: tuple[float, float, float], grid: Grid) -> tuple[float, float, float]:
+    """A DICOM patient-coordinate point (mm) in MCsquare's image frame (mm)."""
+    (x0, y0, z0), (dx, dy, dz) = grid.origin, grid.spacing
+    ny = grid.shape[1]
+    return (point[0] - (x0 - dx / 2), (y0 - dy / 2) + ny * dy - point[1], point[2] - (z0 - dz / 2))
+
+
+def _write_bdl(model: BeamModel, plan: IonPlan, target: Path) -> None:
+    """The machine's BDL, plus a block for each range shifter the plan uses that the model lacks.
+
+    A missing range shifter is modelled as PMMA (MCsquare material 64, 1.19 g/cm3) of the water
+    equivalent thickness the plan states; MCsquare derives the physical thickness from it.
+    """
+    text = model.path.read_text()
+    wanted: dict[str, float] = {}
+    for beam in plan.beams:
+        for layer in beam.layers:
+            if layer.range_shifter and layer.range_shifter.rs_id not in model.range_shifters:
+                wanted[layer.range_shifter.rs_id] = layer.range_shifter.wet_mm
+    if wanted:
+        blocks = []
+        for rs_id, wet in wanted.items():
+            blocks += ["Range Shifter parameters", f"RS_ID = {rs_id}", "RS_type = binary", "RS_material = 64",
+                       "RS_density = 1.19", f"RS_WET = {wet:.3f}", ""]
+        marker = "Beam parameters"
+        at = text.find(marker)
+        if at < 0:
+            raise EngineError(f"{model.path}: no 'Beam parameters' section")
+        text = text[:at] + "\n".join(blocks) + "\n" + text[at:]
+    target.write_text(text)
+
+
+def _write_plan(plan: IonPlan, grid: Grid, target: Path) -> None:
+    total_mu = sum(b.mu for b in plan.beams)
+    out = ["#TREATMENT-PLAN-DESCRIPTION", "#PlanName", "dicom-mc-node", "#NumberOfFractions", "1",
+           "##FractionID", "1", "##NumberOfFields", str(len(plan.beams))]
+    for i in range(len(plan.beams)):
+        out += ["###FieldsID", str(i + 1)]
+    out += ["#TotalMetersetWeightOfAllFields", f"{total_mu:.9g}"]
+    for i, beam in enumerate(plan.beams):
+        iso = to_mcsquare_frame(beam.isocenter_mm, grid)
+        out += ["", "#FIELD-DESCRIPTION", "###FieldID", str(i + 1), "###FinalCumulativeMeterSetWeight",
+                f"{beam.mu:.9g}", "###GantryAngle", f"{beam.gantry_deg:.6f}", "###PatientSupportAngle",
+                f"{beam.couch_deg:.6f}", "###IsocenterPosition", f"{iso[0]:.6f}\t{iso[1]:.6f}\t{iso[2]:.6f}"]
+        rs_ids = {layer.range_shifter.rs_id for layer in beam.layers if layer.range_shifter}
+        if len(rs_ids) > 1:
+            raise UnsupportedPlan(f"beam {beam.name}: more than one range shifter in one beam")
+        if rs_ids:
+            out += ["###RangeShifterID", rs_ids.pop(), "###RangeShifterType", "binary"]
+        out += ["###NumberOfControlPoints", str(len(beam.layers)), "", "#SPOTS-DESCRIPTION"]
+        cumulative = 0.0
+        for j, layer in enumerate(beam.layers):
+            out += ["####ControlPointIndex", str(j + 1), "####SpotTunnedID", "1", "####CumulativeMetersetWeight",
+                    f"{cumulative:.9g}", "####Energy (MeV)", f"{layer.energy_mev:.6f}"]
+            if rs_ids or any(ly.range_shifter for ly in beam.layers):
+                rs = layer.range_shifter
+                out += ["####RangeShifterSetting", "IN" if rs else "OUT", "####IsocenterToRangeShifterDistance",
+                        f"{rs.iso_to_rs_mm if rs else 0.0:.6f}", "####RangeShifterWaterEquivalentThickness",
+                        f"{rs.wet_mm if rs else 0.0:.6f}"]
+            out += ["####NbOfScannedSpots", str(len(layer.mu)), "####X Y Weight"]
+            out += [f"{x:.6f} {y:.6f} {w:.9g}" for (x, y), w in zip(layer.positions_mm, layer.mu, strict=True)]
+            cumulative += float(layer.mu.sum())
+    target.write_text("\n".join(out) + "\n")
+
+
+def write_config(inputs_root: Path, out_dir: Path, primaries: int, seed: int, threads: int) -> Path:
+    """One shard's MCsquare config (all paths absolute, so the shard may run in any folder)."""
+    r = inputs_root.resolve()
+    lines = {
+        "Num_Threads": threads,
+        # MCsquare takes 0 as "seed from the clock"; offset so that every seed >= 0 is reproducible.
+        "RNG_Seed": seed + 1,
+        "Num_Primaries": primaries,
+        "CT_File": r / CT_FILE,
+        "HU_Density_Conversion_File": r / HU_DENSITY_FILE,
+        "HU_Material_Conversion_File": r / HU_MATERIAL_FILE,
+        "BDL_Machine_Parameter_File": r / BDL_FILE,
+        "BDL_Plan_File": r / PLAN_FILE,
+        "Simulate_Nuclear_Interactions": "True",
+        "Compute_stat_uncertainty": "False",  # uncertainty comes from the spread between shards
+        "Output_Directory": out_dir.resolve(),
+        "Dose_MHD_Output": "True",
+        "Energy_MHD_Output": "False",
+        "LET_MHD_Output": "False",
+        "Dose_to_Water_conversion": "Disabled",
+        "Export_Beam_dose": "False",
+    }
+    path = out_dir.parent / "config.txt"
+    path.write_text("".join(f"{k} {v}\n" for k, v in lines.items()))
+    return path
+
+
+# --- the engine --------------------------------------------------------------------------------
+
+
+class MCsquareEngine(Engine):
+    name = NAME
+
+    def check_plan(self, plan: Dataset) -> None:
+        check_proton_pbs(plan)
+
+    def prepare(self, datasets: list[Dataset], work_dir: Path, *,
+                beam_models: Mapping[str, Path] | None = None) -> ShardInputs:
+        plans = [ds for ds in datasets if "IonBeamSequence" in ds or "BeamSequence" in ds]
+        if len(plans) != 1:
+            raise UnsupportedPlan(f"expected one RT (Ion) Plan among the inputs, found {len(plans)}")
+        plan = read_ion_plan(plans[0])
+        volume, grid = ct_volume(ct_slices(datasets, plan.frame_of_reference_uid))
+        work_dir.mkdir(parents=True, exist_ok=True)
+        warnings: list[str] = []
+        machines = plan.machines
+        models = dict(beam_models or {})
+        if len(machines) > 1:
+            raise UnsupportedPlan(f"beams on more than one treatment machine ({', '.join(machines)})")
+        machine = machines[0]
+        if machine in models:
+            model_path = Path(models[machine])
+        else:
+            model_path = generic_beam_model_path()
+            if machine != GENERIC_MACHINE:
+                warnings.append(f"beam model fallback for machine {machine!r}: no entry in engine.beam_models, "
+                                "used the generic model (absolute dose not commissioned)")
+                LOGGER.warning("no beam model for machine %r; using the generic model", machine)
+        model = read_bdl(model_path)
+        for beam in plan.beams:
+            for layer in beam.layers:
+                if not model.energies[0] - 1e-6 <= layer.energy_mev <= model.energies[-1] + 1e-6:
+                    raise UnsupportedPlan(f"beam {beam.name}: energy {layer.energy_mev:g} MeV outside the beam "
+                                          f"model ({model.energies[0]:g}-{model.energies[-1]:g} MeV)")
+        protons = sum(float(np.sum(np.interp(layer.energy_mev, model.energies, model.protons_per_mu) * layer.mu))
+                      for beam in plan.beams for layer in beam.layers)
+        write_mhd(work_dir / CT_FILE, volume, grid.spacing)
+        shutil.copyfile(_data_file("hu_density.txt"), work_dir / HU_DENSITY_FILE)
+        shutil.copyfile(_data_file("hu_material.txt"), work_dir / HU_MATERIAL_FILE)
+        _write_bdl(model, plan, work_dir / BDL_FILE)
+        _write_plan(plan, grid, work_dir / PLAN_FILE)
+        inputs = ShardInputs(root=work_dir, engine=NAME, grid=grid, protons_per_fraction=protons,
+                             fractions=plan.fractions, plan_uid=plan.sop_instance_uid,
+                             frame_of_reference_uid=plan.frame_of_reference_uid, machines=machines,
+                             warnings=tuple(warnings),
+                             extra={"beam_model": model_path.name, "beams": len(plan.beams),
+                                    "total_mu": sum(b.mu for b in plan.beams)})
+        inputs.save()
+        return inputs
+
+    def run_shard(self, inputs: ShardInputs, primaries: int, seed: int, threads: int = 0,
+                  timeout_s: float | None = None) -> Tally:
+        if primaries <= 0:
+            raise EngineError(f"primaries must be positive, got {primaries}")
+        if seed < 0:
+            raise EngineError(f"seed must be 0 or more, got {seed}")
+        binary, materials = mcsquare_binary()
+        t0 = time.perf_counter()
+        shard_dir = Path(tempfile.mkdtemp(prefix=f"shard-{seed}-", dir=inputs.root))
+        try:
+            out_dir = shard_dir / "Outputs"
+            out_dir.mkdir()
+            config = write_config(inputs.root, out_dir, primaries, seed, threads)
+            log = shard_dir / "mcsquare.log"
+            with log.open("w") as fh:
+                try:
+                    proc = subprocess.run([str(binary), config.name], cwd=shard_dir, stdout=fh,
+                                          stderr=subprocess.STDOUT, timeout=timeout_s,
+                                          env={**os.environ, "MCsquare_Materials_Dir": str(materials)})
+                except subprocess.TimeoutExpired as exc:
+                    raise EngineError(f"MCsquare shard (seed {seed}) exceeded {timeout_s} s") from exc
+            dose_file = out_dir / "Dose.mhd"
+            if proc.returncode != 0 or not dose_file.is_file():
+                tail = log.read_text(errors="replace")[-2000:]
+                raise EngineError(f"MCsquare failed (exit {proc.returncode}, seed {seed}): {tail.strip()}")
+            dose = read_mhd(dose_file)
+            if dose.shape != inputs.grid.shape:
+                raise EngineError(f"MCsquare dose grid {dose.shape} differs from the CT grid {inputs.grid.shape}")
+            dose_gy = (dose.astype(np.float64) * EV_PER_G_TO_GY).astype(np.float32)
+        finally:
+            shutil.rmtree(shard_dir, ignore_errors=True)
+        return Tally(dose_per_primary=dose_gy, primaries=primaries, seed=seed, wall_s=time.perf_counter() - t0,
+                     engine=NAME)
