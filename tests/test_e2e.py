@@ -1,0 +1,145 @@
+"""Closing the loop with real peers: storescu as the TPS sending, storescp as the TPS receiving.
+
+The node runs the real pipeline (anonymize, seal, MCsquare shards on the local backend, merge,
+re-identify) with few primaries on a small phantom.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from dicom_node.journal import MERGED, RUNNING, SENT, Journal
+from dicom_node.phantom import write_study
+from tests.conftest import free_port, run_dcmtk, settings_for, storescu, wait_for
+
+pytestmark = pytest.mark.slow
+
+PRIMARIES = 20_000
+
+
+def _compute_settings(config_dir: Path, tps_port: int, **more):
+    return settings_for(
+        config_dir,
+        engine={"primaries": PRIMARIES},
+        cloud={"shards": 2},
+        outbox={"retry_initial_seconds": 0.5, "retry_max_seconds": 2},
+        destinations=[{"calling_ae_title": "TPS", "ae_title": "TPS", "host": "127.0.0.1", "port": tps_port}],
+        **more,
+    )
+
+
+def _doses(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.name.startswith("RD"))
+
+
+def test_dose_returns_to_tps_linked_to_its_plan(config_dir, node_factory, storescp, phantom_dir):
+    tps_port, tps_dir = storescp(aet="TPS")
+    node = node_factory(_compute_settings(config_dir, tps_port), compute=True)
+    files = sorted(phantom_dir.iterdir())
+    assert storescu(node.port, files).returncode == 0
+    job = wait_for(lambda: node.journal.jobs_in(SENT), timeout=300)[0]
+    (dose_file,) = wait_for(lambda: _doses(tps_dir))
+    rd = dcmread(dose_file)
+    plan = dcmread(phantom_dir / "RP.dcm")
+    cts = sorted((dcmread(p) for p in phantom_dir.glob("CT_*.dcm")), key=lambda d: float(d.ImagePositionPatient[2]))
+    # the references a TPS links the dose by, exactly
+    assert rd.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID == plan.SOPInstanceUID
+    assert rd.StudyInstanceUID == plan.StudyInstanceUID
+    assert rd.FrameOfReferenceUID == cts[0].FrameOfReferenceUID
+    assert rd.PatientID == plan.PatientID and str(rd.PatientName) == str(plan.PatientName)
+    assert rd.SeriesInstanceUID not in {plan.SeriesInstanceUID, cts[0].SeriesInstanceUID}
+    # the grid is the CT's
+    assert (rd.Rows, rd.Columns, int(rd.NumberOfFrames)) == (cts[0].Rows, cts[0].Columns, len(cts))
+    assert np.allclose([float(v) for v in rd.ImagePositionPatient], [float(v) for v in cts[0].ImagePositionPatient])
+    assert np.allclose([float(v) for v in rd.PixelSpacing], [float(v) for v in cts[0].PixelSpacing])
+    z = [float(c.ImagePositionPatient[2]) - float(cts[0].ImagePositionPatient[2]) for c in cts]
+    assert np.allclose([float(v) for v in rd.GridFrameOffsetVector], z)
+    assert rd.DoseUnits == "GY" and rd.DoseSummationType == "PLAN" and rd.BitsAllocated == 32
+    dose = rd.pixel_array * float(rd.DoseGridScaling)
+    assert dose.max() > 0
+    # dcmtk reads it without complaint
+    dump = run_dcmtk("dcmdump", "-q", str(dose_file))
+    assert dump.returncode == 0 and "E:" not in dump.stderr, dump.stderr
+    rows = node.journal.list_jobs()
+    assert rows[0]["state"] == SENT and rows[0]["shards_done"] == rows[0]["shards_total"] == 2
+    assert [s for s, _r, _t in node.journal.history(job.id)] == \
+        ["RECEIVING", "READY", "SEALED", "RUNNING", "MERGED", "SENT"]
+
+
+def test_tps_down_dose_arrives_once_it_is_up(config_dir, node_factory, storescp, phantom_dir):
+    tps_port = free_port()
+    node = node_factory(_compute_settings(config_dir, tps_port), compute=True)
+    assert storescu(node.port, sorted(phantom_dir.iterdir())).returncode == 0
+    job = wait_for(lambda: node.journal.jobs_in(MERGED), timeout=300)[0]
+    wait_for(lambda: node.journal.job(job.id).data["public"].get("send_attempts", 0) >= 2, timeout=30)
+    assert node.journal.job(job.id).state == MERGED
+    _port, tps_dir = storescp(aet="TPS", port=tps_port)
+    wait_for(lambda: node.journal.jobs_in(SENT), timeout=30)
+    time.sleep(3)  # longer than the back-off: nothing else may arrive
+    assert len(_doses(tps_dir)) == 1
+
+
+def test_sigkill_while_running_then_restart_delivers_once(config_dir, storescp, phantom_dir):
+    tps_port, tps_dir = storescp(aet="TPS")
+    port = free_port()
+    cfg = config_dir / "mcnode.toml"
+    text = cfg.read_text().replace("port = 0", f"port = {port}", 1).replace("port = 11113", f"port = {tps_port}")
+    text = text.replace("primaries = 1000000", "primaries = 200000").replace("shards = 4", "shards = 2")
+    cfg.write_text(text)
+    env = {**os.environ}
+
+    def serve() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "-c", str(cfg)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_for(lambda: run_dcmtk("echoscu", "-aet", "TPS", "-aec", "MCNODE", "127.0.0.1", str(port),
+                                   timeout=5).returncode == 0, timeout=30)
+        return proc
+
+    first = serve()
+    try:
+        assert storescu(port, sorted(phantom_dir.iterdir())).returncode == 0
+        journal = Journal.open(config_dir / "data")
+        wait_for(lambda: journal.jobs_in(RUNNING), timeout=120)
+        os.killpg(first.pid, signal.SIGKILL)  # the node and its workers, as a power cut would
+        first.wait(timeout=10)
+        assert journal.jobs_in(RUNNING) and not _doses(tps_dir)
+        second = serve()
+        try:
+            wait_for(lambda: journal.jobs_in(SENT), timeout=300)
+            time.sleep(2)
+            assert len(_doses(tps_dir)) == 1
+        finally:
+            second.terminate()
+            second.wait(timeout=30)
+        journal.close()
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+
+
+def test_two_plans_of_one_patient_get_two_doses(config_dir, node_factory, storescp, make_study, tmp_path):
+    tps_port, tps_dir = storescp(aet="TPS")
+    node = node_factory(_compute_settings(config_dir, tps_port), compute=True)
+    study = make_study()
+    folder = tmp_path / "two"
+    write_study(study, folder)
+    second = dcmread(folder / "RP.dcm")
+    second.SOPInstanceUID = second.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    second.RTPlanLabel = "PLAN_B"
+    second.save_as(folder / "RP2.dcm")
+    assert storescu(node.port, sorted(folder.iterdir())).returncode == 0
+    wait_for(lambda: len(node.journal.jobs_in(SENT)) == 2, timeout=600)
+    doses = wait_for(lambda: len(_doses(tps_dir)) == 2 and _doses(tps_dir))
+    refs = {dcmread(p).ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID for p in doses}
+    assert refs == {study.plan.SOPInstanceUID, second.SOPInstanceUID}
