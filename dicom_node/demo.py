@@ -151,8 +151,10 @@ def run_demo(out: Path, primaries: int = 200_000, shards: int = 2) -> int:
     print(f"   references plan {rd.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID == study.plan.SOPInstanceUID}"
           f", study {rd.StudyInstanceUID == study.plan.StudyInstanceUID}, patient "
           f"{rd.PatientID == study.plan.PatientID} (original identity restored)")
-    print(f"5. primaries {primaries}; dose at isocenter {iso:.3f} Gy; max dose {float(rd.get('MaxDose', 0)) or summary.get('max_dose_gy', 0):.3f} Gy; "
-          f"mean relative uncertainty (>50% max) {100 * float(summary.get('mean_rel_uncertainty', 0)):.1f} %")
+    unc = summary.get("mean_relative_uncertainty_high_dose")
+    print(f"5. primaries {primaries}; dose at isocenter {iso:.3f} Gy; max dose "
+          f"{float(summary.get('max_dose_plan_gy', 0)):.3f} Gy (plan, {summary.get('fractions')} fractions); "
+          f"mean relative uncertainty above 50 % of max {100 * float(unc or 0):.1f} %")
     print("   seconds per stage: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
     print(f"   total {time.perf_counter() - t0:.1f} s; picture: {png}")
     return 0
