@@ -141,6 +141,81 @@ class Destination:
     port: int = field(default=11113, metadata=_meta(_check_port))
 
 
+def parse_criterion(text: str) -> tuple[float, float]:
+    """'3%/3mm' -> (3.0, 3.0): dose difference in percent, distance to agreement in mm."""
+    try:
+        dose, dist = (part.strip().lower() for part in text.split("/"))
+        if not dose.endswith("%") or not dist.endswith("mm"):
+            raise ValueError(text)
+        values = float(dose[:-1]), float(dist[:-2])
+    except ValueError as exc:
+        raise ConfigError(f"must look like '3%/3mm', got {text!r}") from exc
+    if min(values) <= 0:
+        raise ConfigError(f"dose and distance must be greater than 0, got {text!r}")
+    return values
+
+
+def _check_criteria(path: str, value: tuple[str, ...]) -> None:
+    for i, text in enumerate(value):
+        try:
+            parse_criterion(text)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}[{i}]: {exc}") from None
+
+
+def _check_percent(path: str, value: float) -> None:
+    if not 0 <= value <= 100:
+        raise ConfigError(f"{path}: must be between 0 and 100, got {value}")
+
+
+def _check_tolerances(path: str, value: dict[str, float]) -> None:
+    for roi, tol in value.items():
+        if isinstance(tol, bool) or not isinstance(tol, int | float) or tol <= 0:
+            raise ConfigError(f"{path}.{roi}: must be a number greater than 0 (percent), got {tol!r}")
+
+
+STRUCTURE_METRICS = ("mean", "D98", "D95", "D50", "D2")
+
+
+def _check_metrics(path: str, value: tuple[str, ...]) -> None:
+    for i, name in enumerate(value):
+        if name not in STRUCTURE_METRICS:
+            raise ConfigError(f"{path}[{i}]: must be one of {', '.join(STRUCTURE_METRICS)}; got {name!r}")
+
+
+def _check_optional_ae_title(path: str, value: str) -> None:
+    if value:
+        _check_ae_title(path, value)
+
+
+@dataclass(frozen=True)
+class SecondCheckSettings:
+    """Automatic comparison of the MC dose with the TPS's own RT Dose (issue 7)."""
+
+    enabled: bool = True
+    # Gamma criteria that decide the verdict; each must reach min_pass_rate_percent.
+    criteria: tuple[str, ...] = field(default=("3%/3mm",), metadata=_meta(_check_criteria))
+    min_pass_rate_percent: float = field(default=95.0, metadata=_meta(_check_percent))
+    # Also computed and reported, not part of the verdict.
+    report_criteria: tuple[str, ...] = field(default=("2%/2mm",), metadata=_meta(_check_criteria))
+    # Voxels below this percentage of the MC maximum are left out of gamma and dose statistics.
+    low_dose_threshold_percent: float = field(default=10.0, metadata=_meta(_check_percent))
+    # Gamma search stops at this value (speed); larger values are reported as this value.
+    max_gamma: float = field(default=2.0, metadata=_meta(_check_positive))
+    # ROI name -> largest allowed |TPS - MC| in percent of the MC value, for each metric in
+    # structure_metrics; the key "*" applies to every ROI not listed. Empty: structures reported only.
+    structure_tolerances: dict[str, float] = field(default_factory=dict, metadata=_meta(_check_tolerances))
+    structure_metrics: tuple[str, ...] = field(default=("mean", "D95"), metadata=_meta(_check_metrics))
+    # Which dose is interpolated (trilinear) onto the other's grid.
+    resample: str = field(default="tps_to_mc", metadata=_meta(_choice("tps_to_mc", "mc_to_tps")))
+    # Folder for the reports (one sub-folder per job); unset = <node.data_dir>/reports.
+    report_dir: Path | None = field(default=None, metadata=_meta(path=True))
+    # Optional: also send the PDF as DICOM Encapsulated PDF to this AE ("" = do not send).
+    report_ae_title: str = field(default="", metadata=_meta(_check_optional_ae_title))
+    report_host: str = "127.0.0.1"
+    report_port: int = field(default=11113, metadata=_meta(_check_port))
+
+
 @dataclass(frozen=True)
 class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
@@ -149,6 +224,7 @@ class Settings:
     engine: EngineSettings = field(default_factory=EngineSettings)
     cloud: CloudSettings = field(default_factory=CloudSettings)
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
+    secondcheck: SecondCheckSettings = field(default_factory=SecondCheckSettings)
     destinations: tuple[Destination, ...] = ()
     # Folder the file was read from; relative paths in the file are resolved against it.
     base_dir: Path = field(default=Path("."), metadata={"internal": True})
