@@ -235,7 +235,8 @@ class Structure:
 
 
 def structures_from_rtstruct(ds: Dataset) -> list[Structure]:
-    names = {int(r.ROINumber): str(r.get("ROIName", f"ROI {r.ROINumber}")) for r in ds.get("StructureSetROISequence", [])}
+    names = {int(r.ROINumber): str(r.get("ROIName", f"ROI {r.ROINumber}"))
+             for r in ds.get("StructureSetROISequence", [])}
     out = []
     for roi in ds.get("ROIContourSequence", []):
         number = int(roi.ReferencedROINumber)
@@ -273,7 +274,6 @@ def rasterise(structure: Structure, axes: tuple[np.ndarray, np.ndarray, np.ndarr
         if nearest not in cache:
             plane = np.zeros(yy.size, dtype=bool)
             for poly in structure.planes[float(nearest)]:
-                # only test the polygon's bounding box
                 inside = MplPath(poly).contains_points(centres)
                 plane ^= inside
             cache[nearest] = plane.reshape(yy.shape)

@@ -48,7 +48,8 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
     MERGED: (SENT, FAILED),
     SENT: (VERIFIED, FAILED),
     VERIFIED: (),
-    FAILED: (READY, SEALED, RUNNING, MERGED, FAILED, REJECTED),
+    # FAILED → VERIFIED: a second check that failed (e.g. a TPS dose in other units) and a later TPS dose passed.
+    FAILED: (READY, SEALED, RUNNING, MERGED, FAILED, REJECTED, VERIFIED),
     REJECTED: (),
 }
 
@@ -219,6 +220,12 @@ class Journal:
         rows = self._query("SELECT ref_uid FROM refs WHERE sop_instance_uid=? AND kind=?",
                            (sop_instance_uid, kind))
         return [r["ref_uid"] for r in rows]
+
+    def referencing(self, ref_uid: str, kind: str) -> list[Instance]:
+        """Instances that reference `ref_uid` as `kind` (e.g. the RT Doses of a plan), oldest first."""
+        rows = self._query("SELECT i.* FROM refs r JOIN instances i ON i.sop_instance_uid = r.sop_instance_uid "
+                           "WHERE r.ref_uid=? AND r.kind=? ORDER BY i.received", (ref_uid, kind))
+        return [Instance(**dict(r)) for r in rows]
 
     def present(self, sop_instance_uids: list[str]) -> set[str]:
         found: set[str] = set()

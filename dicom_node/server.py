@@ -15,7 +15,8 @@ from dicom_node.assembler import Assembler
 from dicom_node.journal import Job, Journal
 from dicom_node.outbox import Outbox
 from dicom_node.pipeline import Pipeline
-from dicom_node.scp import build_ae, server_ssl_context, store_handlers
+from dicom_node.scp import Received, build_ae, server_ssl_context, store_handlers
+from dicom_node.secondcheck import SecondCheck
 from dicom_node.settings import Settings
 from dicom_node.spool import Spool
 
@@ -34,8 +35,13 @@ class Node:
         self.assembler = Assembler(self.journal, settings.trigger, on_ready)
         self.pipeline: Pipeline | None = None
         self.outbox: Outbox | None = None
+        self.secondcheck: SecondCheck | None = None
         if compute:
-            self.outbox = Outbox(settings, self.journal)
+            # The second check runs after the MC dose is delivered (SENT), or when a TPS dose arrives later.
+            if settings.secondcheck.enabled:
+                self.secondcheck = SecondCheck(settings, self.journal)
+            self.outbox = Outbox(settings, self.journal,
+                                 on_sent=self.secondcheck.submit if self.secondcheck is not None else None)
             self.pipeline = Pipeline(settings, self.journal, on_merged=self.outbox.submit)
             self.assembler.add_ready_listener(self.pipeline.submit)
         self._ae = build_ae(settings.node)
@@ -51,16 +57,22 @@ class Node:
         if self.outbox is not None and self.pipeline is not None:
             self.outbox.start()
             self.pipeline.start()
+        if self.secondcheck is not None:
+            self.secondcheck.start()
         self.assembler.start()
         self._server = self._ae.start_server(
-            (node.host, node.port), block=False, evt_handlers=store_handlers(self.spool, self.journal,
-                                                                             self.assembler.notify),
+            (node.host, node.port), block=False, evt_handlers=store_handlers(self.spool, self.journal, self._notify),
             ssl_context=server_ssl_context(node),
         )
         self.port = int(self._server.server_address[1])
         LOGGER.info("%s listening on %s:%d%s", node.ae_title, node.host, self.port,
                     " (TLS)" if node.tls.enabled else "")
         return self.port
+
+    def _notify(self, received: Received) -> None:
+        self.assembler.notify(received)
+        if self.secondcheck is not None:
+            self.secondcheck.notify(received)
 
     def stop(self) -> None:
         if self._server is not None:
@@ -70,6 +82,8 @@ class Node:
         if self.pipeline is not None and self.outbox is not None:
             self.pipeline.stop()
             self.outbox.stop()
+        if self.secondcheck is not None:
+            self.secondcheck.stop()
         self.journal.close()
         LOGGER.info("node stopped")
 
