@@ -122,6 +122,25 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from dicom_node.journal import Journal
+    from dicom_node.settings import load_settings
+
+    settings = load_settings(args.config)
+    with Journal.open(settings.node.data_dir) as journal:
+        job = journal.job(args.job)
+    report = job.data.get("report")
+    if not report:
+        print(f"job {job.id} has no second-check report (state {job.state}"
+              f"{': ' + job.reason if job.reason else ''})", file=sys.stderr)
+        return EXIT_FAILURE
+    verdict = job.data.get("public", {}).get("verdict", "?")
+    print(f"job {job.id} {job.state} verdict {verdict}")
+    print(f"html: {report['html']}")
+    print(f"pdf:  {report['pdf']}")
+    return EXIT_OK
+
+
 def _cmd_compute(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -288,6 +307,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_jobs)
+
+    p = sub.add_parser("report", help="where the second-check report (HTML, PDF) of a job is")
+    p.add_argument("job")
+    p.add_argument("-c", "--config", required=True)
+    p.set_defaults(func=_cmd_report)
 
     from cloud.worker import build_parser as worker_parser
 
