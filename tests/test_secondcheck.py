@@ -1,0 +1,237 @@
+"""Second check, unit level: gamma against hand-derived expectations, resampling, DVH metrics, policy.
+
+Gamma expectations come from the definition, not from the code under test: for a dose that varies
+along x only, the 3D gamma minimum lies along x (moving in y or z adds distance and no dose
+difference), so each voxel's gamma is a 1D minimisation over the evaluated profile, done here by
+brute force on a 0.005 mm grid of the piecewise-linear (= trilinear) interpolant.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicom_node.compare import (
+    ComparisonError,
+    Grid,
+    Structure,
+    compare,
+    dose_from_rtdose,
+    dvh_metrics,
+    rasterise,
+    resample,
+)
+from dicom_node.secondcheck import decide
+from dicom_node.settings import SecondCheckSettings
+
+X = np.arange(-70.0, 70.0 + 1e-9, 2.0)
+Y = np.arange(-4.0, 4.0 + 1e-9, 2.0)
+Z = np.arange(-4.0, 4.0 + 1e-9, 2.0)
+PEAK = 60.0
+
+
+def trapezoid(x: np.ndarray) -> np.ndarray:
+    """60 Gy for |x| <= 30 mm, falling linearly to 0 at |x| = 50 mm (3 Gy/mm = 5 %/mm of the maximum)."""
+    return np.interp(np.abs(x), [0.0, 30.0, 50.0, 1e9], [PEAK, PEAK, 0.0, 0.0])
+
+
+def along_x(profile: np.ndarray) -> Grid:
+    return Grid(Z, Y, X, np.broadcast_to(profile, (len(Z), len(Y), len(X))).copy())
+
+
+def expected_gamma_1d(ref: np.ndarray, ev: np.ndarray, dose_pct: float, dist_mm: float,
+                      cutoff_pct: float = 10.0, max_gamma: float = 2.0) -> np.ndarray:
+    norm = ref.max()
+    t = np.arange(-dist_mm * max_gamma, dist_mm * max_gamma + 1e-9, 0.005)
+    out = np.full(len(X), np.nan)
+    for i, xi in enumerate(X):
+        if ref[i] < norm * cutoff_pct / 100:
+            continue
+        xs = xi + t
+        inside = (xs >= X[0]) & (xs <= X[-1])
+        e = np.interp(xs[inside], X, ev)
+        g = np.sqrt((t[inside] / dist_mm) ** 2 + ((e - ref[i]) / (norm * dose_pct / 100)) ** 2)
+        out[i] = min(float(g.min()), max_gamma)
+    return out
+
+
+def _run(tps_profile: np.ndarray):
+    ref = trapezoid(X)
+    cmp = compare(along_x(ref), along_x(tps_profile), [(3, 3), (2, 2)], max_gamma=2.0)
+    return ref, cmp
+
+
+# pymedphys searches distances in steps of (distance criterion)/10, so it can only over-estimate a
+# gamma, and in a 5 %/mm gradient one step is worth up to ~0.15 of gamma; the verdict is unaffected
+# unless the true gamma lies that close to 1.
+SEARCH_TOLERANCE = 0.15
+
+
+def _check_against_expectation(ref, tps_profile, cmp):
+    rates = {}
+    for (d, r), key in (((3, 3), "3%/3mm"), ((2, 2), "2%/2mm")):
+        expected = expected_gamma_1d(ref, tps_profile, d, r)
+        got = cmp.gammas[key]
+        assert np.array_equal(np.isnan(got), np.broadcast_to(np.isnan(expected), got.shape))
+        rows = got.reshape(-1, len(X))  # every row along x (all y, z) against the 1D expectation
+        finite = np.isfinite(expected)
+        assert np.all(rows[:, finite] >= expected[finite] - 0.02)
+        assert np.all(rows[:, finite] <= expected[finite] + SEARCH_TOLERANCE)
+        valid = expected[finite]
+        rates[key] = 100.0 * np.count_nonzero(valid <= 1.0) / valid.size
+        borderline = np.count_nonzero(np.abs(valid - 1.0) < SEARCH_TOLERANCE)
+        measured = cmp.numbers["gamma"][key]["pass_rate_percent"]
+        assert abs(measured - rates[key]) <= 100.0 * borderline / valid.size + 0.001, (key, measured, rates[key])
+    return rates
+
+
+def test_identical_dose_passes_with_100_percent():
+    ref, cmp = _run(trapezoid(X))
+    for key in ("3%/3mm", "2%/2mm"):
+        assert cmp.numbers["gamma"][key]["pass_rate_percent"] == 100.0
+        assert cmp.numbers["gamma"][key]["max_gamma"] == 0.0
+    assert cmp.numbers["dose_difference"]["max_abs_percent"] == 0.0
+    assert decide(cmp.numbers, SecondCheckSettings())["verdict"] == "pass"
+
+
+def test_shift_of_5_mm_fails_with_the_expected_gamma():
+    tps = trapezoid(X - 5.0)
+    ref, cmp = _run(tps)
+    rates = _check_against_expectation(ref, tps, cmp)
+    # Closed form in the middle of a ramp of slope g = 5 %/mm shifted by s = 5 mm:
+    # gamma^2 = (t/3)^2 + (g (s - t)/3)^2 is smallest at t = g^2 s/(1+g^2): gamma = g s / (3 sqrt(1+g^2)).
+    i = int(np.argmin(np.abs(X - 40.0)))
+    assert cmp.gammas["3%/3mm"][2, 2, i] == pytest.approx(25.0 / (3.0 * math.sqrt(26.0)), abs=0.02)
+    # Above the 10 % threshold (|x| <= 48 mm, 49 columns) the plateau passes, both ramps fail.
+    assert rates["3%/3mm"] < 70.0
+    verdict = decide(cmp.numbers, SecondCheckSettings())
+    assert verdict["verdict"] == "fail" and "3%/3mm" in verdict["reasons"][0]
+
+
+def test_scale_by_5_percent_fails_with_the_expected_gamma():
+    tps = 1.05 * trapezoid(X)
+    ref, cmp = _run(tps)
+    rates = _check_against_expectation(ref, tps, cmp)
+    # Inside the plateau (more than 3 mm from its edge) the nearest agreeing dose is > 3 mm away:
+    # gamma = 5 % / 3 % = 1.667 at 3%/3mm and 2.5 -> capped at 2 at 2%/2mm; the ramps pass.
+    assert cmp.gammas["3%/3mm"][2, 2, int(np.argmin(np.abs(X)))] == pytest.approx(5.0 / 3.0, abs=0.01)
+    assert cmp.gammas["2%/2mm"][2, 2, int(np.argmin(np.abs(X)))] == pytest.approx(2.0, abs=0.01)
+    assert rates["3%/3mm"] < 60.0
+    assert cmp.numbers["dose_difference"]["max_abs_percent"] == pytest.approx(5.0, abs=1e-6)
+    assert decide(cmp.numbers, SecondCheckSettings())["verdict"] == "fail"
+
+
+def gaussian(z, y, x):
+    return 50.0 * np.exp(-0.5 * ((x / 25.0) ** 2 + (y / 20.0) ** 2 + (z / 15.0) ** 2))
+
+
+def _sampled(z, y, x) -> Grid:
+    return Grid(z, y, x, gaussian(z[:, None, None], y[None, :, None], x[None, None, :]))
+
+
+@pytest.mark.parametrize("direction", ["tps_to_mc", "mc_to_tps"])
+def test_coarser_offset_tps_grid_is_resampled_and_compared(direction):
+    mc = _sampled(np.arange(-36.0, 36.1, 3.0), np.arange(-45.0, 45.1, 3.0), np.arange(-54.0, 54.1, 3.0))
+    # 5 mm grid, offset by about half a voxel on every axis, covering the MC grid
+    tps = _sampled(np.arange(-43.5, 45.0, 5.0), np.arange(-52.5, 55.0, 5.0), np.arange(-62.0, 65.0, 5.0))
+    on_mc = resample(tps, mc.axes)
+    assert not np.isnan(on_mc).any()
+    # trilinear error bound: sum over axes of h^2/8 * max|d2D/du2| = h^2/8 * D0/sigma^2
+    bound = sum(25.0 / 8.0 * 50.0 / s**2 for s in (25.0, 20.0, 15.0))
+    err = np.abs(on_mc - mc.values)
+    assert err.max() <= bound
+    assert err.mean() < 0.25  # ignoring the 2.5 mm offset would make this ~1.5 Gy
+    cmp = compare(mc, tps, [(3, 3), (2, 2)], resample_direction=direction)
+    assert cmp.numbers["gamma"]["3%/3mm"]["pass_rate_percent"] == 100.0
+    assert cmp.numbers["gamma"]["2%/2mm"]["pass_rate_percent"] >= 99.0
+    assert abs(cmp.numbers["dose_difference"]["mean_percent"]) < 1.0
+    assert cmp.numbers["coverage"]["threshold_voxels_outside_other_grid"] == 0
+
+
+def test_grids_that_do_not_overlap_are_an_error():
+    mc = _sampled(np.arange(-10.0, 10.1, 2.0), np.arange(-10.0, 10.1, 2.0), np.arange(-10.0, 10.1, 2.0))
+    far = _sampled(np.arange(-10.0, 10.1, 2.0), np.arange(-10.0, 10.1, 2.0), np.arange(100.0, 120.1, 2.0))
+    with pytest.raises(ComparisonError, match="do not overlap"):
+        compare(mc, far, [(3, 3)])
+
+
+def _rtdose(values: np.ndarray, units: str = "GY", summation: str = "PLAN") -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.DoseUnits = units
+    ds.DoseSummationType = summation
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ImagePositionPatient = [-10.0, -20.0, 5.0]
+    ds.PixelSpacing = [4.0, 2.0]  # row (y), column (x)
+    nz, ny, nx = values.shape
+    ds.Rows, ds.Columns, ds.NumberOfFrames = ny, nx, nz
+    ds.GridFrameOffsetVector = [0.0, 3.0, 6.0][:nz]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 32
+    ds.HighBit = 31
+    ds.PixelRepresentation = 0
+    ds.DoseGridScaling = 0.001
+    ds.PixelData = np.rint(values / 0.001).astype("<u4").tobytes()
+    return ds
+
+
+def test_rt_dose_geometry_units_and_fractions():
+    values = np.arange(3 * 4 * 5, dtype=float).reshape(3, 4, 5)
+    grid = dose_from_rtdose(_rtdose(values))
+    np.testing.assert_allclose(grid.x, [-10, -8, -6, -4, -2])
+    np.testing.assert_allclose(grid.y, [-20, -16, -12, -8])
+    np.testing.assert_allclose(grid.z, [5, 8, 11])
+    np.testing.assert_allclose(grid.values, values)
+    np.testing.assert_allclose(dose_from_rtdose(_rtdose(values, summation="FRACTION"), fractions=30).values,
+                               values * 30)
+    with pytest.raises(ComparisonError, match="not GY"):
+        dose_from_rtdose(_rtdose(values, units="RELATIVE"))
+    with pytest.raises(ComparisonError, match="plan sum"):
+        dose_from_rtdose(_rtdose(values, summation="BEAM"))
+
+
+def test_dvh_metrics_of_a_known_dose_in_a_known_structure():
+    x = np.arange(-30.0, 30.1, 1.0)
+    y = np.arange(-10.0, 10.1, 1.0)
+    z = np.arange(-5.0, 5.1, 1.0)
+    dose = np.broadcast_to(x + 50.0, (len(z), len(y), len(x))).copy()  # D = x + 50 Gy
+    # a strip one voxel high on the plane z = 0 holding the centres x = -20..20 mm: doses 30, 31, ... 70 Gy
+    strip = Structure("STRIP", (255, 0, 0), {0.0: [np.array([[-20.5, -0.5], [20.5, -0.5], [20.5, 0.5],
+                                                              [-20.5, 0.5]])]})
+    mask = rasterise(strip, (z, y, x))
+    assert mask.sum() == 41 and mask[5, 10].sum() == 41
+    m = dvh_metrics(dose, mask, 0.001)
+    # 41 equally likely values 30..70, linear between them: D_p = 30 + (100 - p)/100 * 40
+    assert m["volume_cc"] == pytest.approx(0.041)
+    assert m["mean"] == pytest.approx(50.0)
+    assert m["D98"] == pytest.approx(30.8)
+    assert m["D95"] == pytest.approx(32.0)
+    assert m["D50"] == pytest.approx(50.0)
+    assert m["D2"] == pytest.approx(69.2)
+    # A box contoured on planes -3..3 mm: 41 x 11 x 7 voxels; a hole cut out on one plane (even-odd rule)
+    outer = np.array([[-20.5, -5.5], [20.5, -5.5], [20.5, 5.5], [-20.5, 5.5]])
+    hole = np.array([[-4.5, -2.5], [4.5, -2.5], [4.5, 2.5], [-4.5, 2.5]])
+    planes = {float(k): [outer] for k in range(-3, 4)}
+    planes[0.0] = [outer, hole]
+    box = rasterise(Structure("BOX", (0, 255, 0), planes), (z, y, x))
+    assert box.sum() == 41 * 11 * 7 - 9 * 5
+    assert dvh_metrics(dose, box, 0.001)["mean"] == pytest.approx(50.0)
+
+
+def test_structure_tolerance_decides_the_verdict():
+    mc = _sampled(np.arange(-30.0, 30.1, 3.0), np.arange(-30.0, 30.1, 3.0), np.arange(-30.0, 30.1, 3.0))
+    tps = Grid(mc.z, mc.y, mc.x, mc.values * 1.02)
+    square = np.array([[-10.0, -10.0], [10.0, -10.0], [10.0, 10.0], [-10.0, 10.0]])
+    ptv = Structure("PTV", (255, 0, 0), {float(z): [square] for z in np.arange(-9.0, 9.1, 3.0)})
+    cmp = compare(mc, tps, [(3, 3)], structures=[ptv])
+    row = cmp.numbers["structures"][0]
+    assert row["tps"]["mean"] == pytest.approx(row["mc"]["mean"] * 1.02)
+    assert decide(cmp.numbers, SecondCheckSettings(structure_tolerances={"PTV": 3.0}))["verdict"] == "pass"
+    strict = decide(cmp.numbers, SecondCheckSettings(structure_tolerances={"*": 1.0}))
+    assert strict["verdict"] == "fail" and strict["reasons"][0].startswith("PTV mean")
