@@ -143,3 +143,28 @@ def test_two_plans_of_one_patient_get_two_doses(config_dir, node_factory, stores
     doses = wait_for(lambda: len(_doses(tps_dir)) == 2 and _doses(tps_dir))
     refs = {dcmread(p).ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID for p in doses}
     assert refs == {study.plan.SOPInstanceUID, second.SOPInstanceUID}
+
+
+def test_plan_the_engine_cannot_compute_is_rejected_with_reason(config_dir, node_factory, storescp, make_study,
+                                                                 tmp_path, capsys):
+    from dicom_node.cli import main
+    from dicom_node.journal import REJECTED
+
+    tps_port, tps_dir = storescp(aet="TPS")
+    settings = _compute_settings(config_dir, tps_port)
+    node = node_factory(settings, compute=True)
+    study = make_study()
+    for beam in study.plan.IonBeamSequence:
+        beam.ScanMode = "UNIFORM"  # passive/uniform scanning: not pencil-beam scanning
+    folder = tmp_path / "uniform"
+    write_study(study, folder)
+    assert storescu(node.port, sorted(folder.iterdir())).returncode == 0
+    job = wait_for(lambda: node.journal.jobs_in(REJECTED), timeout=60)[0]
+    assert "scan mode UNIFORM is not pencil-beam scanning" in job.reason
+    capsys.readouterr()
+    assert main(["jobs", "-c", str(config_dir / "mcnode.toml"), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "REJECTED" in out and "UNIFORM" in out
+    assert not _doses(tps_dir)
+    # the received data is still there
+    assert all(Path(p).exists() for p in job.data["ct"])
