@@ -122,8 +122,8 @@ class _Context:
         self.log = log
 
 
-Handler = Callable[["Deidentifier", Dataset, Dataset, int, "DataElement | RawDataElement", str | None,
-                    _Context, str], None]
+_Element = DataElement | RawDataElement
+Handler = Callable[["Deidentifier", Dataset, Dataset, BaseTag, _Element, str | None, _Context, str], None]
 
 
 class Deidentifier:
@@ -220,10 +220,12 @@ class Deidentifier:
 
     # --- handlers, one per action (same signature so the table can pick them) -----------------
 
-    def _remove(self, src, out, tag, elem, vr, ctx, path) -> None:
+    def _remove(self, src: Dataset, out: Dataset, tag: BaseTag, elem: _Element, vr: str | None,
+                ctx: _Context, path: str) -> None:
         return None
 
-    def _keep(self, src, out, tag, elem, vr, ctx, path) -> None:
+    def _keep(self, src: Dataset, out: Dataset, tag: BaseTag, elem: _Element, vr: str | None,
+                ctx: _Context, path: str) -> None:
         if vr == "SQ":
             seq = src[tag].value
             items = Sequence()
@@ -235,10 +237,12 @@ class Deidentifier:
         else:
             out[tag] = copy.deepcopy(elem)
 
-    def _empty(self, src, out, tag, elem, vr, ctx, path) -> None:
+    def _empty(self, src: Dataset, out: Dataset, tag: BaseTag, elem: _Element, vr: str | None,
+                ctx: _Context, path: str) -> None:
         out[tag] = _elem(tag, vr or "UN", Sequence() if vr == "SQ" else None)
 
-    def _dummy(self, src, out, tag, elem, vr, ctx, path) -> None:
+    def _dummy(self, src: Dataset, out: Dataset, tag: BaseTag, elem: _Element, vr: str | None,
+                ctx: _Context, path: str) -> None:
         if tag in (TAG_PATIENT_ID, TAG_PATIENT_NAME):
             out[tag] = _elem(tag, vr or "LO", ctx.pseudo_id)
         elif vr == "SQ":
@@ -246,14 +250,15 @@ class Deidentifier:
         else:
             out[tag] = _elem(tag, vr or "UN", _DUMMY.get(vr or "", "ANONYMIZED"))
 
-    def _uid(self, src, out, tag, elem, vr, ctx, path) -> None:
+    def _uid(self, src: Dataset, out: Dataset, tag: BaseTag, elem: _Element, vr: str | None,
+                ctx: _Context, path: str) -> None:
         if vr != "UI":
             raise AnonymizationError(f"{_tag_str(int(tag))}: UID rule on VR {vr}; cannot apply")
-        values = [v for v in _values(elem)]
-        new = [self.uid(v) for v in values]
+        new = [self.uid(v) for v in _values(elem)]
         out[tag] = _elem(tag, "UI", new[0] if len(new) == 1 else (new or None))
 
-    def _shift(self, src, out, tag, elem, vr, ctx, path) -> None:
+    def _shift(self, src: Dataset, out: Dataset, tag: BaseTag, elem: _Element, vr: str | None,
+                ctx: _Context, path: str) -> None:
         if vr not in ("DA", "DT"):
             raise AnonymizationError(f"{_tag_str(int(tag))}: date rule on VR {vr}; cannot apply")
         values = _values(elem)

@@ -122,6 +122,39 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_compute(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from dicom_node.compute import compute_folder
+    from dicom_node.settings import EngineSettings, load_settings
+
+    engine, shards = EngineSettings(), 4
+    if args.config:
+        settings = load_settings(args.config)
+        engine, shards = settings.engine, settings.cloud.shards
+    changes = {k: v for k, v in (("threads", args.threads), ("rbe", args.rbe or None)) if v is not None}
+    engine = dataclasses.replace(engine, **changes)
+    primaries = args.primaries or engine.primaries
+    shards = args.shards or shards
+    if primaries < shards:
+        raise ConfigError(f"--primaries ({primaries}) must be at least --shards ({shards})")
+    result = compute_folder(Path(args.in_dir), Path(args.out), primaries=primaries, shards=shards,
+                            engine_settings=engine)
+    s = result.merged.summary
+    unc = s["mean_relative_uncertainty_high_dose"]
+    print(f"wrote {result.rt_dose_path}")
+    print(f"max dose {s['max_dose_plan_gy']:.4g} Gy ({s['dose_type'].lower()}, plan total over {s['fractions']} "
+          f"fractions; {s['max_dose_per_fraction_gy']:.4g} Gy per fraction)")
+    unc_text = "n/a (one shard)" if unc is None else f"{100 * unc:.2f} %"
+    print(f"mean relative uncertainty (voxels >= 50 % of max): {unc_text}; "
+          f"{s['primaries']} primaries, {s['shards']} shards")
+    for warning in result.warnings:
+        print(f"warning: {warning}")
+    if args.json:
+        print(json.dumps({"rt_dose": str(result.rt_dose_path), **s, "warnings": list(result.warnings)}))
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dicom_node.demo import run_demo
 
@@ -261,6 +294,17 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run one shard of a job (data key as hex on standard input)")
     worker_parser(p)
     p.set_defaults(func=_cmd_worker)
+
+    p = sub.add_parser("compute", help="offline: plan + CT in a folder -> one RT Dose file (no network)")
+    p.add_argument("in_dir")
+    p.add_argument("-o", "--out", required=True, help="folder for the RT Dose file")
+    p.add_argument("--primaries", type=int, help="total primaries (default: engine.primaries)")
+    p.add_argument("--shards", type=int, help="independent shards (default: cloud.shards, or 4)")
+    p.add_argument("--threads", type=int, help="threads per shard; 0 = all cores (default: engine.threads)")
+    p.add_argument("--rbe", action="store_true", help="RBE-weighted dose (x1.1, DoseType EFFECTIVE)")
+    p.add_argument("-c", "--config", help="config file for [engine] and [cloud] defaults")
+    p.add_argument("--json", action="store_true", help="also print the summary as one JSON line")
+    p.set_defaults(func=_cmd_compute)
 
     p = sub.add_parser("demo", help="phantom -> node -> result, end to end on this machine")
     p.add_argument("--out", default="demo-out")

@@ -203,4 +203,5 @@ class Pipeline:
         return self.journal.transition(job.id, MERGED, data={
             "rtdose": str(out),
             "public": {**job.data.get("public", {}), "summary": summary, "shards": len(tasks),
-                       "primaries": self.settings.engine.primaries}})
+                       "primaries": self.settings.engine.primaries,
+                       "shard_wall_s": [round(t.wall_s, 3) for t in tallies]}})

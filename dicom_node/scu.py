@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
 
 from pydicom import dcmread
@@ -41,6 +42,15 @@ def _context_of(path: Path) -> tuple[str, str]:
     return str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
 
 
+def _check_reachable(host: str, port: int, called_ae: str, timeout: float) -> None:
+    """Fail with a plain reason when nothing listens (pynetdicom would log an error and leak a socket)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise SendError(f"{called_ae} at {host}:{port} is not reachable: {exc.strerror or exc}") from exc
+
+
 def send_paths(paths: list[Path], host: str, port: int, called_ae: str, calling_ae: str,
                timeout: float = 30) -> list[tuple[Path, str]]:
     """C-STORE every DICOM file; return (path, why) for each one that did not succeed.
@@ -67,6 +77,7 @@ def send_paths(paths: list[Path], host: str, port: int, called_ae: str, calling_
             ae.add_requested_context(sop_class, syntax)
     if len(ae.requested_contexts) > MAX_CONTEXTS:  # pragma: no cover - would need >128 classes
         raise SendError("too many different SOP classes/transfer syntaxes for one association")
+    _check_reachable(host, port, called_ae, timeout)
     assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
     if not assoc.is_established:
         raise SendError(f"association with {called_ae} at {host}:{port} was not accepted")

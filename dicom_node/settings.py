@@ -97,10 +97,23 @@ class AnonymizerSettings:
     site_key_file: Path = field(default=Path("site.key"), metadata=_meta(path=True, secret=True))
 
 
+def _check_beam_models(path: str, value: dict[str, Path]) -> None:
+    for machine, bdl in value.items():
+        if not bdl.is_file():
+            raise ConfigError(f"{path}.{machine}: beam model file {bdl} does not exist")
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     name: str = field(default="mcsquare", metadata=_meta(_choice("mcsquare")))
     primaries: int = field(default=1_000_000, metadata=_meta(_check_positive))
+    # Threads per shard; 0 = every core of the machine running the shard.
+    threads: int = field(default=0, metadata=_meta(_check_non_negative))
+    # RBE 1.1 weighting of proton dose: the RT Dose gets DoseType EFFECTIVE instead of PHYSICAL.
+    rbe: bool = False
+    # TreatmentMachineName -> MCsquare BDL file. Machines not listed use the built-in generic model,
+    # and the job records a warning (absolute dose is then not commissioned).
+    beam_models: dict[str, Path] = field(default_factory=dict, metadata=_meta(_check_beam_models))
 
 
 @dataclass(frozen=True)

@@ -83,13 +83,16 @@ def config_dir(tmp_path: Path) -> Path:
     return directory
 
 
-def settings_for(config_dir: Path, **overrides: dict[str, object]) -> Settings:
+def settings_for(config_dir: Path, **overrides: object) -> Settings:
     """The test config with some keys changed, per section: settings_for(d, trigger={...})."""
     import tomllib
 
     table = tomllib.loads((config_dir / "mcnode.toml").read_text())
     for section, values in overrides.items():
-        table.setdefault(section, {}).update(values)
+        if isinstance(values, list):
+            table[section] = values
+        else:
+            table.setdefault(section, {}).update(values)
     return settings_from_dict(table, config_dir)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import tracemalloc
 
 import pytest
 
@@ -200,3 +201,53 @@ def test_wrap_key_round_trip_and_refusals():
         unwrap_key(site, bytes(bad), "job-w")
     with pytest.raises(SealError):
         unwrap_key(site, wrapped[:-1], "job-w")
+
+
+class _Zeros(io.RawIOBase):
+    """n bytes of zeros, produced on demand (never held whole)."""
+
+    def __init__(self, n: int):
+        self.left = n
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.left if size is None or size < 0 else min(size, self.left)
+        self.left -= size
+        return bytes(size)
+
+
+class _Sink(io.RawIOBase):
+    """Counts what is written, keeps nothing."""
+
+    def __init__(self):
+        self.n = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.n += len(b)
+        return len(b)
+
+
+def test_streaming_holds_only_a_few_chunks(tmp_path):
+    size = 64 << 20
+    key = new_data_key()
+    sealed = tmp_path / "big.sealed"
+    tracemalloc.start()
+    try:
+        with open(sealed, "wb") as out:
+            seal_stream(_Zeros(size), out, key, "job-big", "bundle")  # type: ignore[arg-type]
+        _, seal_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        sink = _Sink()
+        with open(sealed, "rb") as src:
+            assert open_stream(src, sink, key, "job-big", "bundle") == size  # type: ignore[arg-type]
+        _, open_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sealed.stat().st_size == _header_len("job-big") + size + 64 * TAG_LEN and sink.n == size
+    assert seal_peak < 6 << 20, f"seal peak {seal_peak / 2**20:.1f} MiB for a 64 MiB stream"
+    assert open_peak < 6 << 20, f"open peak {open_peak / 2**20:.1f} MiB for a 64 MiB stream"
