@@ -85,15 +85,14 @@ def sshd(folder: Path) -> Iterator[Sshd]:
     host_pub = (folder / "host_ed25519.pub").read_text().split()
     known = folder / "known_hosts"
     known.write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL,
-                            stderr=open(folder / "sshd.log", "wb"))  # noqa: SIM115 - closed with the process
+    log = open(folder / "sshd.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=log)
     try:
         _wait_port(port, proc)
         yield Sshd(port, user, client_key, known, folder)
     finally:
         _stop(proc)
-        if proc.stderr:
-            proc.stderr.close()
+        log.close()
 
 
 @contextmanager
