@@ -80,7 +80,10 @@ def sshd(folder: Path) -> Iterator[Sshd]:
         f"AuthorizedKeysFile {folder / 'authorized_keys'}", "PasswordAuthentication no",
         "KbdInteractiveAuthentication no", "PubkeyAuthentication yes", "PermitRootLogin prohibit-password",
         "StrictModes no", "UsePAM no", "Subsystem sftp internal-sftp", "MaxStartups 100:30:200",
-        "MaxSessions 100", "LogLevel ERROR", "UseDNS no", ""]))
+        "MaxSessions 100", "LogLevel ERROR", "UseDNS no",
+        # A clean worker host: bash skips ~/.bashrc when SHLVL says it is nested. Here root's .bashrc
+        # runs `pyenv init`, 0.35 s of CPU per command, which is this machine's, not the backend's cost.
+        "SetEnv SHLVL=2", ""]))
     Path("/run/sshd").mkdir(parents=True, exist_ok=True)
     host_pub = (folder / "host_ed25519.pub").read_text().split()
     known = folder / "known_hosts"

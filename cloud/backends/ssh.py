@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import shlex
+import stat
 import threading
 import time
 from collections import deque
@@ -61,6 +62,27 @@ def _is_local(uri: str) -> bool:
 
 def _local_path(uri: str) -> Path:
     return Path(urlparse(uri).path)
+
+
+def _sftp_makedirs(sftp: paramiko.SFTPClient, path: str) -> None:
+    parts = [p for p in path.split("/") if p]
+    current = ""
+    for part in parts:
+        current += "/" + part
+        try:
+            sftp.stat(current)
+        except FileNotFoundError:
+            sftp.mkdir(current, mode=0o700)
+
+
+def _sftp_rmtree(sftp: paramiko.SFTPClient, path: str) -> None:
+    for entry in sftp.listdir_attr(path):
+        child = f"{path}/{entry.filename}"
+        if entry.st_mode is not None and stat.S_ISDIR(entry.st_mode):
+            _sftp_rmtree(sftp, child)
+        else:
+            sftp.remove(child)
+    sftp.rmdir(path)
 
 
 @dataclass(eq=False)
@@ -128,10 +150,10 @@ class SshBackend(Backend):
             transport.set_keepalive(15)
             folder = f"{host.work_dir.rstrip('/')}/{secrets.token_hex(4)}"
             conn = _Conn(host, client, folder)
-            code, err = conn.exec(f"mkdir -p -m 700 {shlex.quote(folder)}")
-            if code != 0:
-                raise DispatchError(f"cannot create {folder}: {err or code}")
+            # folders by SFTP, not by a shell: a host's shell start-up files can cost a lot per command
             conn.sftp = client.open_sftp()
+            _sftp_makedirs(conn.sftp, host.work_dir.rstrip("/"))
+            conn.sftp.mkdir(folder, mode=0o700)
             return conn
         except BaseException:
             client.close()
@@ -172,8 +194,9 @@ class SshBackend(Backend):
 
     def _close(self, conn: _Conn) -> None:
         try:
-            if conn.client.get_transport() is not None and conn.client.get_transport().is_active():
-                conn.exec(f"rm -rf {shlex.quote(conn.folder)}", timeout=30)
+            transport = conn.client.get_transport()
+            if conn.sftp is not None and transport is not None and transport.is_active():
+                _sftp_rmtree(conn.sftp, conn.folder)
         except (paramiko.SSHException, OSError, EOFError) as exc:
             LOGGER.warning("%s: could not remove %s: %s", conn.host.label, conn.folder, exc)
         finally:
