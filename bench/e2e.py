@@ -1,7 +1,8 @@
 """End to end: seconds per stage for a phantom study through the node, and the node's own overhead.
 
-A 150-slice CT (120x120 at 2 mm) goes phantom → C-STORE → assemble → anonymize + prepare → seal →
-dispatch + compute (local backend) → merge → write + re-identify → C-STORE back to a receiver.
+A 150-slice CT (120x120 at 2 mm) goes phantom → C-STORE (dcmtk storescu, as a TPS) → assemble →
+anonymize + prepare → seal → dispatch + compute (local backend) → merge → write + re-identify →
+C-STORE back to a receiver.
 Overhead is everything but the engine's own compute time (sum of the shards' MCsquare wall time
 divided by how many ran at once).
 
@@ -35,7 +36,7 @@ def main() -> int:
     ap.add_argument("--shards", type=int, default=2)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
-        run, study = run_study(SPEC, Path(tmp) / "run", args.primaries, args.shards, echo=False)
+        run, study = run_study(SPEC, Path(tmp) / "run", args.primaries, args.shards, echo=False, sender="storescu")
         engine_s = [float(t) for t in run.job.data["public"].get("shard_wall_s", [])]
     concurrent = min(args.shards, os.cpu_count() or 1)
     compute_engine = sum(engine_s) / concurrent if engine_s else run.stages["dispatch+compute"]

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,28 +48,35 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--primaries", type=int, default=1_000_000)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating bare/ours pairs; medians reported")
     args = parser.parse_args()
     engine = get_engine("mcsquare")
     binary, materials = mcsquare_binary()
     datasets = build_study(SPEC).all()
     seed = 1
+    bare_runs: list[float] = []
+    ours_runs: list[float] = []
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
         root = Path(tmp)
         # Bare: inputs prepared beforehand, only MCsquare itself is timed.
         bare_inputs = engine.prepare(datasets, root / "bare")
-        out = root / "bare-run" / "Outputs"
-        out.mkdir(parents=True)
-        config = write_config(bare_inputs.root, out, args.primaries, seed, args.threads)
-        t0 = time.perf_counter()
-        subprocess.run([str(binary), config.name], cwd=config.parent, check=True, stdout=subprocess.DEVNULL,
-                       env={**os.environ, "MCsquare_Materials_Dir": str(materials)})
-        bare_s = time.perf_counter() - t0
-        # Ours: from datasets to a merged dose in Gy.
-        t0 = time.perf_counter()
-        inputs = engine.prepare(datasets, root / "ours")
-        tally = engine.run_shard(inputs, args.primaries, seed, args.threads)
-        merged = merge([tally], inputs.protons_per_fraction, inputs.fractions, expected_shards=1)
-        ours_s = time.perf_counter() - t0
+        # MCsquare's own run time varies by ±20 % on a shared VM: alternate the two and take medians.
+        for repeat in range(args.repeats):
+            out = root / f"bare-run-{repeat}" / "Outputs"
+            out.mkdir(parents=True)
+            config = write_config(bare_inputs.root, out, args.primaries, seed, args.threads)
+            t0 = time.perf_counter()
+            subprocess.run([str(binary), config.name], cwd=config.parent, check=True, stdout=subprocess.DEVNULL,
+                           env={**os.environ, "MCsquare_Materials_Dir": str(materials)})
+            bare_runs.append(time.perf_counter() - t0)
+            # Ours: from datasets to a merged dose in Gy.
+            t0 = time.perf_counter()
+            inputs = engine.prepare(datasets, root / f"ours-{repeat}")
+            tally = engine.run_shard(inputs, args.primaries, seed, args.threads)
+            merged = merge([tally], inputs.protons_per_fraction, inputs.fractions, expected_shards=1)
+            ours_runs.append(time.perf_counter() - t0)
+            print(f"repeat {repeat + 1}: bare {bare_runs[-1]:.2f} s, ours {ours_runs[-1]:.2f} s", file=sys.stderr)
+    bare_s, ours_s = statistics.median(bare_runs), statistics.median(ours_runs)
     cores = args.threads or os.cpu_count() or 1
     result = {
         "bare_s": round(bare_s, 3),
@@ -76,9 +84,10 @@ def main() -> int:
         "overhead_share": round((ours_s - bare_s) / bare_s, 4),
         "primaries_per_s_per_core": round(args.primaries / ours_s / cores, 1),
     }
-    print(f"machine: {machine()}; date {datetime.now(UTC):%Y-%m-%d}; binary {binary.name}")
+    print(f"machine: {machine()}; date {datetime.now(UTC):%Y-%m-%d}; binary {binary.name}", file=sys.stderr)
     print(f"{args.primaries} primaries, 200 MeV pencil beam, {SPEC.size_mm} mm at {SPEC.spacing_mm} mm, "
-          f"threads {args.threads or 'all'}; max dose {merged.summary['max_dose_per_fraction_gy']:.3g} Gy")
+          f"threads {args.threads or 'all'}; max dose {merged.summary['max_dose_per_fraction_gy']:.3g} Gy",
+          file=sys.stderr)
     print(json.dumps(result))
     return 0
 

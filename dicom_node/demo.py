@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -124,8 +126,20 @@ class Run:
     total_s: float
 
 
-def run_study(spec: PhantomSpec, out: Path, primaries: int, shards: int, echo: bool = True) -> tuple[Run, Any]:
-    """Phantom → node → RT Dose at a built-in TPS receiver; return the run and the study."""
+def _storescu(files: list[Path], port: int, called_ae: str) -> list[tuple[Path, str]]:
+    """Send as a TPS would, with dcmtk's storescu in its own process (used by the benchmarks)."""
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    proc = subprocess.run(["storescu", "-R", "-aet", "TPS", "-aec", called_ae, "127.0.0.1", str(port),
+                           *map(str, files)], capture_output=True, text=True, env=env)
+    return [] if proc.returncode == 0 else [(files[0], proc.stderr.strip() or f"storescu exit {proc.returncode}")]
+
+
+def run_study(spec: PhantomSpec, out: Path, primaries: int, shards: int, echo: bool = True,
+              sender: str = "builtin") -> tuple[Run, Any]:
+    """Phantom → node → RT Dose at a built-in TPS receiver; return the run and the study.
+
+    sender "builtin" sends with our own SCU from this process; "storescu" uses dcmtk's storescu.
+    """
     say = print if echo else (lambda *a, **k: None)
     out = Path(out)
     if out.exists():
@@ -143,7 +157,10 @@ def run_study(spec: PhantomSpec, out: Path, primaries: int, shards: int, echo: b
                 f"127.0.0.1:{receiver.port}; local backend, {shards} shards x {primaries // shards} primaries",
                 flush=True)
             t = time.perf_counter()
-            failures = send_paths(files, "127.0.0.1", int(node.port or 0), settings.node.ae_title, "TPS")
+            if sender == "storescu":
+                failures = _storescu(files, int(node.port or 0), settings.node.ae_title)
+            else:
+                failures = send_paths(files, "127.0.0.1", int(node.port or 0), settings.node.ae_title, "TPS")
             send_s = time.perf_counter() - t
             if failures:
                 raise NodeError(f"{len(failures)} file(s) were not accepted: {failures[0][1]}")

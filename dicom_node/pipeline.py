@@ -48,6 +48,8 @@ from dicom_node.settings import Settings, read_site_key
 LOGGER = logging.getLogger(__name__)
 
 _STOP = object()
+# How often an idle pipeline looks for jobs put back by `mcnode retry` from another process.
+RETRY_SCAN_SECONDS = 5.0
 
 
 def _load(paths: list[str]) -> list[Dataset]:
@@ -67,6 +69,8 @@ class Pipeline:
         self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
         self.timings: dict[str, dict[str, float]] = {}
         self._backend: Backend | None = None
+        self._lock = threading.Lock()
+        self._queued: set[str] = set()
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -82,7 +86,16 @@ class Pipeline:
         self._thread.join(timeout=5)
 
     def submit(self, job: Job) -> None:
+        with self._lock:
+            if job.id in self._queued:
+                return
+            self._queued.add(job.id)
         self._queue.put(job.id)
+
+    def _pick_up_retries(self) -> None:
+        """Jobs put back into a pipeline state from outside (`mcnode retry`) are taken up here."""
+        for job in self.journal.jobs_in(READY, SEALED, RUNNING):
+            self.submit(job)
 
     def wait_idle(self, timeout: float = 600) -> bool:
         deadline = time.monotonic() + timeout
@@ -94,7 +107,11 @@ class Pipeline:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=RETRY_SCAN_SECONDS)
+            except queue.Empty:
+                self._pick_up_retries()
+                continue
             try:
                 if item is _STOP:
                     return
@@ -102,6 +119,8 @@ class Pipeline:
             except Exception:  # noqa: BLE001 - one job's bug must not stop the pipeline
                 LOGGER.exception("pipeline failed on job %s", item)
             finally:
+                with self._lock:
+                    self._queued.discard(str(item))
                 self._queue.task_done()
 
     # --- steps --------------------------------------------------------------------------

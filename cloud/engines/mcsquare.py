@@ -38,15 +38,18 @@ import time
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from pydicom.dataset import Dataset
 
 from cloud.engines.base import Engine, Grid, ShardInputs, Tally
 from cloud.engines.beam_model import GENERIC_MACHINE, BeamModel, read_bdl
 from cloud.engines.ct import ct_slices, ct_volume
 from cloud.engines.ionplan import IonPlan, check_proton_pbs, read_ion_plan
 from cloud.errors import EngineError, EngineUnavailable, UnsupportedPlan
+
+if TYPE_CHECKING:  # pydicom costs ~0.5 s to import; a worker only needs it for type hints
+    from pydicom.dataset import Dataset
 
 LOGGER = logging.getLogger(__name__)
 
