@@ -38,6 +38,7 @@ from cloud.engines import get_engine
 from cloud.engines.base import ShardInputs, Tally
 from cloud.errors import Cancelled, CloudError, UnsupportedPlan
 from cloud.merge import merge
+from cloud.sizing import CostModel, finish_job, plan_job
 from dicom_node import uids
 from dicom_node.errors import NodeError
 from dicom_node.journal import FAILED, MERGED, READY, REJECTED, RUNNING, SEALED, Job, Journal
@@ -195,13 +196,21 @@ class Pipeline:
         folder = self.job_dir(job.id)
         key = unwrap_key(self.site_key, (folder / "data.key").read_bytes(), job.id)
         cloud = self.settings.cloud
-        tasks = plan_tasks(job.id, cloud.shards, self.settings.engine.primaries,
+        sz = cloud.sizing
+        cost = CostModel(sz.price_per_ghz_hour, sz.ghz_per_core, sz.cores_per_worker)
+        # chosen once per job and recorded before any shard starts, so a resumed job keeps its shard count
+        sizing = job.data.get("public", {}).get("sizing") or plan_job(
+            self.journal.list_jobs(), self.settings.engine.primaries, cloud.shards, cost,
+            deadline_s=sz.deadline_seconds, cost_cap=sz.cost_cap, max_shards=sz.max_shards)
+        self.journal.update_job_data(job.id, {"public": {**job.data.get("public", {}), "sizing": sizing}})
+        tasks = plan_tasks(job.id, int(sizing["shards"]), self.settings.engine.primaries,
                            (folder / "bundle.sealed").as_uri(), (folder / "results").as_uri())
-        backend = get_backend(cloud.backend, retries=cloud.shard_retries, deadline_s=cloud.shard_deadline_seconds)
+        backend = get_backend(cloud.backend, **cloud.backend_options())
         self._backend = backend
         start = time.perf_counter()
         results = dispatch(tasks, key, backend, on_progress=lambda d, t: self.journal.set_progress(job.id, d, t))
         self._timed(job.id, "compute", start)
+        sizing = finish_job(sizing, self.timings[job.id]["compute"], cost)
         start = time.perf_counter()
         inputs = ShardInputs.load(folder / "inputs")
         tallies = [Tally.from_bytes(b) for b in results]
@@ -222,5 +231,5 @@ class Pipeline:
         return self.journal.transition(job.id, MERGED, data={
             "rtdose": str(out),
             "public": {**job.data.get("public", {}), "summary": summary, "shards": len(tasks),
-                       "primaries": self.settings.engine.primaries,
+                       "primaries": self.settings.engine.primaries, "sizing": sizing,
                        "shard_wall_s": [round(t.wall_s, 3) for t in tallies]}})
