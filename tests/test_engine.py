@@ -153,3 +153,14 @@ def test_compute_cli_writes_one_rt_dose(tmp_path, capsys):
     assert len(files) == 1 and dcmread(files[0]).Modality == "RTDOSE"
     out = capsys.readouterr().out
     assert "max dose" in out and "beam model fallback" in out
+
+
+@pytest.mark.slow
+def test_shard_runs_when_inputs_live_under_a_long_path(tmp_path):
+    """MCsquare writes no dose for paths past ~100 characters; run_shard must not depend on where inputs are."""
+    deep = tmp_path / ("a-rather-long-folder-name-for-a-clinic-data-disk" * 2) / ("jobs-" + "x" * 60)
+    engine = get_engine("mcsquare")
+    inputs = engine.prepare(build_study(TINY).all(), deep / "inputs")
+    assert len(str(inputs.root / "CT.mhd")) > 150
+    tally = engine.run_shard(inputs, 2000, seed=3, threads=1)
+    assert tally.dose_per_primary.max() > 0
