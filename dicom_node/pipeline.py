@@ -116,12 +116,23 @@ class Pipeline:
                 if item is _STOP:
                     return
                 self.process(str(item))
-            except Exception:  # noqa: BLE001 - one job's bug must not stop the pipeline
+            except Exception as exc:  # noqa: BLE001 - one job's bug must not stop the pipeline
                 LOGGER.exception("pipeline failed on job %s", item)
+                self._fail_unexpected(str(item), exc)
             finally:
                 with self._lock:
                     self._queued.discard(str(item))
                 self._queue.task_done()
+
+    def _fail_unexpected(self, job_id: str, exc: Exception) -> None:
+        """An unexpected error: FAILED with its type, so the job is not taken up again in a loop."""
+        try:
+            job = self.journal.job(job_id)
+            if job.state in (READY, SEALED, RUNNING):
+                self.journal.transition(job_id, FAILED, reason=f"{job.state}: internal error "
+                                        f"{type(exc).__name__}: {exc}", data={"failed_in": job.state})
+        except Exception:  # noqa: BLE001 - nothing more to do than the log line already written
+            LOGGER.exception("could not record the failure of job %s", job_id)
 
     # --- steps --------------------------------------------------------------------------
 
