@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -105,7 +107,15 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return p
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    # a backend stopping a shard (deadline, cancel) sends SIGTERM: unwind so the temporary folder
+    # holding the opened bundle is removed
+    raise SystemExit(128 + signum)
+
+
 def run_from_args(args: argparse.Namespace) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     index = int(os.environ.get("AWS_BATCH_JOB_ARRAY_INDEX", "-1"))
     shard = args.shard if index < 0 else args.shard + index
     result = args.result.replace("{shard}", str(shard))

@@ -174,6 +174,17 @@ def _cmd_compute(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_retry(args: argparse.Namespace) -> int:
+    from dicom_node.journal import Journal
+    from dicom_node.settings import load_settings
+
+    settings = load_settings(args.config)
+    with Journal.open(settings.node.data_dir) as journal:
+        job = journal.retry(args.job)
+    print(f"job {job.id} is {job.state} again; a running node takes it up within seconds")
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dicom_node.demo import run_demo
 
@@ -329,6 +340,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", help="config file for [engine] and [cloud] defaults")
     p.add_argument("--json", action="store_true", help="also print the summary as one JSON line")
     p.set_defaults(func=_cmd_compute)
+
+    p = sub.add_parser("retry", help="put a FAILED job back into the state it failed in")
+    p.add_argument("job")
+    p.add_argument("-c", "--config", required=True)
+    p.set_defaults(func=_cmd_retry)
 
     p = sub.add_parser("demo", help="phantom -> node -> result, end to end on this machine")
     p.add_argument("--out", default="demo-out")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -114,34 +116,67 @@ def dose_at(dose_path: Path, point: tuple[float, float, float]) -> float:
     return float(rd.pixel_array[k, i, j] * float(rd.DoseGridScaling))
 
 
-def run_demo(out: Path, primaries: int = 200_000, shards: int = 2) -> int:
+@dataclasses.dataclass
+class Run:
+    """What one pass through the node produced."""
+
+    job: Job
+    stages: dict[str, float]
+    dose_path: Path
+    total_s: float
+
+
+def _storescu(files: list[Path], port: int, called_ae: str) -> list[tuple[Path, str]]:
+    """Send as a TPS would, with dcmtk's storescu in its own process (used by the benchmarks)."""
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    proc = subprocess.run(["storescu", "-R", "-aet", "TPS", "-aec", called_ae, "127.0.0.1", str(port),
+                           *map(str, files)], capture_output=True, text=True, env=env)
+    return [] if proc.returncode == 0 else [(files[0], proc.stderr.strip() or f"storescu exit {proc.returncode}")]
+
+
+def run_study(spec: PhantomSpec, out: Path, primaries: int, shards: int, echo: bool = True,
+              sender: str = "builtin") -> tuple[Run, Any]:
+    """Phantom → node → RT Dose at a built-in TPS receiver; return the run and the study.
+
+    sender "builtin" sends with our own SCU from this process; "storescu" uses dcmtk's storescu.
+    """
+    say = print if echo else (lambda *a, **k: None)
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     t0 = time.perf_counter()
-    study = build_study(DEMO_SPEC)
+    study = build_study(spec)
     files = write_study(study, out / "study")
-    print(f"1. phantom study: {len(study.ct)} CT slices, RT Struct, RT Ion Plan -> {out / 'study'}", flush=True)
-
+    say(f"1. phantom study: {len(study.ct)} CT slices, RT Struct, RT Ion Plan -> {out / 'study'}", flush=True)
     with DoseReceiver(out / "tps", ae_title="TPS") as receiver:
         settings = demo_settings(load_settings(init_config_dir(out / "node", port=0)), receiver.port, primaries,
                                  shards)
         with Node(settings) as node:
-            print(f"2. node {settings.node.ae_title} on 127.0.0.1:{node.port}, TPS receiver on "
-                  f"127.0.0.1:{receiver.port}; local backend, {shards} shards x {primaries // shards} primaries",
-                  flush=True)
+            say(f"2. node {settings.node.ae_title} on 127.0.0.1:{node.port}, TPS receiver on "
+                f"127.0.0.1:{receiver.port}; local backend, {shards} shards x {primaries // shards} primaries",
+                flush=True)
             t = time.perf_counter()
-            failures = send_paths(files, "127.0.0.1", int(node.port or 0), settings.node.ae_title, "TPS")
+            if sender == "storescu":
+                failures = _storescu(files, int(node.port or 0), settings.node.ae_title)
+            else:
+                failures = send_paths(files, "127.0.0.1", int(node.port or 0), settings.node.ae_title, "TPS")
             send_s = time.perf_counter() - t
             if failures:
                 raise NodeError(f"{len(failures)} file(s) were not accepted: {failures[0][1]}")
-            print(f"3. sent {len(files)} files by C-STORE in {send_s:.1f} s; computing ...", flush=True)
+            say(f"3. sent {len(files)} files by C-STORE in {send_s:.1f} s; computing ...", flush=True)
             job = wait_for_state(node, (SENT, REJECTED, FAILED), timeout=900)
             if job.state != SENT:
                 raise NodeError(f"job {job.id} ended {job.state}: {job.reason}")
             stages = stage_seconds(node, job, send_s)
     (dose_path,) = receiver.received
+    return Run(job, stages, dose_path, time.perf_counter() - t0), study
+
+
+def run_demo(out: Path, primaries: int = 200_000, shards: int = 2) -> int:
+    out = Path(out)
+    run, study = run_study(DEMO_SPEC, out, primaries, shards)
+    job, dose_path = run.job, run.dose_path
     summary: dict[str, Any] = job.data["public"].get("summary", {})
     iso = dose_at(dose_path, (0.0, 0.0, 0.0))
     png = out / "dose.png"
@@ -155,6 +190,6 @@ def run_demo(out: Path, primaries: int = 200_000, shards: int = 2) -> int:
     print(f"5. primaries {primaries}; dose at isocenter {iso:.3f} Gy; max dose "
           f"{float(summary.get('max_dose_plan_gy', 0)):.3f} Gy (plan, {summary.get('fractions')} fractions); "
           f"mean relative uncertainty above 50 % of max {100 * float(unc or 0):.1f} %")
-    print("   seconds per stage: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
-    print(f"   total {time.perf_counter() - t0:.1f} s; picture: {png}")
+    print("   seconds per stage: " + ", ".join(f"{k} {v:.2f}" for k, v in run.stages.items()))
+    print(f"   total {run.total_s:.1f} s; picture: {png}")
     return 0

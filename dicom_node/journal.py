@@ -319,6 +319,16 @@ class Journal:
             conn.execute("UPDATE jobs SET shards_done=?, shards_total=?, updated=? WHERE id=?",
                          (done, total, time.time(), job_id))
 
+    def retry(self, job_id: str) -> Job:
+        """Put a FAILED job back into the state it failed in (the running node takes it up)."""
+        job = self.job(job_id)
+        if job.state != FAILED:
+            raise JournalError(f"job {job_id} is {job.state}; only FAILED jobs can be retried")
+        back_to = job.data.get("failed_in", READY)
+        if back_to == RUNNING:
+            back_to = SEALED  # RUNNING is entered again through SEALED: shards already done are kept
+        return self.transition(job_id, back_to, reason=f"retry after: {job.reason}", expect=FAILED)
+
     def history(self, job_id: str) -> list[tuple[str, str | None, float]]:
         rows = self._query("SELECT state, reason, at FROM transitions WHERE job_id=? ORDER BY seq", (job_id,))
         return [(r["state"], r["reason"], r["at"]) for r in rows]

@@ -38,6 +38,7 @@ from cloud.engines import get_engine
 from cloud.engines.base import ShardInputs, Tally
 from cloud.errors import Cancelled, CloudError, UnsupportedPlan
 from cloud.merge import merge
+from cloud.sizing import CostModel, finish_job, plan_job
 from dicom_node import uids
 from dicom_node.errors import NodeError
 from dicom_node.journal import FAILED, MERGED, READY, REJECTED, RUNNING, SEALED, Job, Journal
@@ -47,6 +48,8 @@ from dicom_node.settings import Settings, read_site_key
 LOGGER = logging.getLogger(__name__)
 
 _STOP = object()
+# How often an idle pipeline looks for jobs put back by `mcnode retry` from another process.
+RETRY_SCAN_SECONDS = 5.0
 
 
 def _load(paths: list[str]) -> list[Dataset]:
@@ -66,6 +69,8 @@ class Pipeline:
         self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
         self.timings: dict[str, dict[str, float]] = {}
         self._backend: Backend | None = None
+        self._lock = threading.Lock()
+        self._queued: set[str] = set()
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -81,7 +86,16 @@ class Pipeline:
         self._thread.join(timeout=5)
 
     def submit(self, job: Job) -> None:
+        with self._lock:
+            if job.id in self._queued:
+                return
+            self._queued.add(job.id)
         self._queue.put(job.id)
+
+    def _pick_up_retries(self) -> None:
+        """Jobs put back into a pipeline state from outside (`mcnode retry`) are taken up here."""
+        for job in self.journal.jobs_in(READY, SEALED, RUNNING):
+            self.submit(job)
 
     def wait_idle(self, timeout: float = 600) -> bool:
         deadline = time.monotonic() + timeout
@@ -93,15 +107,32 @@ class Pipeline:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=RETRY_SCAN_SECONDS)
+            except queue.Empty:
+                self._pick_up_retries()
+                continue
             try:
                 if item is _STOP:
                     return
                 self.process(str(item))
-            except Exception:  # noqa: BLE001 - one job's bug must not stop the pipeline
+            except Exception as exc:  # noqa: BLE001 - one job's bug must not stop the pipeline
                 LOGGER.exception("pipeline failed on job %s", item)
+                self._fail_unexpected(str(item), exc)
             finally:
+                with self._lock:
+                    self._queued.discard(str(item))
                 self._queue.task_done()
+
+    def _fail_unexpected(self, job_id: str, exc: Exception) -> None:
+        """An unexpected error: FAILED with its type, so the job is not taken up again in a loop."""
+        try:
+            job = self.journal.job(job_id)
+            if job.state in (READY, SEALED, RUNNING):
+                self.journal.transition(job_id, FAILED, reason=f"{job.state}: internal error "
+                                        f"{type(exc).__name__}: {exc}", data={"failed_in": job.state})
+        except Exception:  # noqa: BLE001 - nothing more to do than the log line already written
+            LOGGER.exception("could not record the failure of job %s", job_id)
 
     # --- steps --------------------------------------------------------------------------
 
@@ -176,13 +207,21 @@ class Pipeline:
         folder = self.job_dir(job.id)
         key = unwrap_key(self.site_key, (folder / "data.key").read_bytes(), job.id)
         cloud = self.settings.cloud
-        tasks = plan_tasks(job.id, cloud.shards, self.settings.engine.primaries,
+        sz = cloud.sizing
+        cost = CostModel(sz.price_per_ghz_hour, sz.ghz_per_core, sz.cores_per_worker)
+        # chosen once per job and recorded before any shard starts, so a resumed job keeps its shard count
+        sizing = job.data.get("public", {}).get("sizing") or plan_job(
+            self.journal.list_jobs(), self.settings.engine.primaries, cloud.shards, cost,
+            deadline_s=sz.deadline_seconds, cost_cap=sz.cost_cap, max_shards=sz.max_shards)
+        self.journal.update_job_data(job.id, {"public": {**job.data.get("public", {}), "sizing": sizing}})
+        tasks = plan_tasks(job.id, int(sizing["shards"]), self.settings.engine.primaries,
                            (folder / "bundle.sealed").as_uri(), (folder / "results").as_uri())
-        backend = get_backend(cloud.backend, retries=cloud.shard_retries, deadline_s=cloud.shard_deadline_seconds)
+        backend = get_backend(cloud.backend, **cloud.backend_options())
         self._backend = backend
         start = time.perf_counter()
         results = dispatch(tasks, key, backend, on_progress=lambda d, t: self.journal.set_progress(job.id, d, t))
         self._timed(job.id, "compute", start)
+        sizing = finish_job(sizing, self.timings[job.id]["compute"], cost)
         start = time.perf_counter()
         inputs = ShardInputs.load(folder / "inputs")
         tallies = [Tally.from_bytes(b) for b in results]
@@ -203,4 +242,5 @@ class Pipeline:
         return self.journal.transition(job.id, MERGED, data={
             "rtdose": str(out),
             "public": {**job.data.get("public", {}), "summary": summary, "shards": len(tasks),
-                       "primaries": self.settings.engine.primaries}})
+                       "primaries": self.settings.engine.primaries, "sizing": sizing,
+                       "shard_wall_s": [round(t.wall_s, 3) for t in tallies]}})

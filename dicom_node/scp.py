@@ -169,41 +169,50 @@ def decode_for_filing(raw: bytes, transfer_syntax: UID, sop_class: str) -> Datas
     return ds
 
 
+def uid_ref(uid: str) -> str:
+    """How logs name an original UID: a short hash (UIDs of the clinic's data never appear in logs).
+
+    To find the log lines of a file: python -c "import hashlib;print(hashlib.sha256(b'UID').hexdigest()[:12])"
+    """
+    return "uid#" + hashlib.sha256(uid.encode()).hexdigest()[:12]
+
+
 def handle_store(event: Event, spool: Spool, journal: Journal, notify: Callable[[Received], None]) -> int:
     calling_ae = event.assoc.requestor.ae_title
     sop_class = str(event.request.AffectedSOPClassUID)
     sop_uid = str(event.request.AffectedSOPInstanceUID)
     kind = uids.SHORT_NAMES.get(sop_class, sop_class)
+    ref = uid_ref(sop_uid)
     transfer_syntax = event.context.transfer_syntax
     try:
         raw = event.request.DataSet.getvalue()
         ds = decode_for_filing(raw, transfer_syntax, sop_class)
         received = describe_instance(ds, sop_class, "", calling_ae)
     except InvalidInstance as exc:
-        LOGGER.warning("C-STORE %s %s from %s refused: %s", kind, sop_uid, calling_ae, exc)
+        LOGGER.warning("C-STORE %s %s from %s refused: %s", kind, ref, calling_ae, exc)
         return exc.status
     except Exception as exc:  # noqa: BLE001 - any decoding failure is the sender's data, not our bug
         LOGGER.warning("C-STORE %s %s from %s refused: cannot decode data set: %s: %s",
-                       kind, sop_uid, calling_ae, type(exc).__name__, exc)
+                       kind, ref, calling_ae, type(exc).__name__, exc)
         return status.CANNOT_DECODE
     if received.instance.sop_instance_uid != sop_uid:
         LOGGER.warning("C-STORE %s from %s refused: SOPInstanceUID differs from the request's %s",
-                       kind, calling_ae, sop_uid)
+                       kind, calling_ae, ref)
         return status.CANNOT_UNDERSTAND
     try:
         meta = file_preamble(sop_class, sop_uid, transfer_syntax, calling_ae)
         path = spool.store(received.instance.series_uid, sop_uid, meta, raw)
     except SpoolError as exc:
-        LOGGER.error("C-STORE %s %s from %s: out of resources: %s", kind, sop_uid, calling_ae, exc)
+        LOGGER.error("C-STORE %s %s from %s: out of resources: %s", kind, ref, calling_ae, exc)
         return status.OUT_OF_RESOURCES
     inst = Instance(**{**received.instance.__dict__, "path": str(path)})
     try:
         journal.add_instance(inst, received.refs)
     except JournalError as exc:
-        LOGGER.error("C-STORE %s %s from %s: cannot record it: %s", kind, sop_uid, calling_ae, exc)
+        LOGGER.error("C-STORE %s %s from %s: cannot record it: %s", kind, ref, calling_ae, exc)
         return status.OUT_OF_RESOURCES
     notify(Received(inst, received.refs))
-    LOGGER.debug("stored %s %s from %s", kind, sop_uid, calling_ae)
+    LOGGER.debug("stored %s %s from %s", kind, ref, calling_ae)
     return status.SUCCESS
 
 

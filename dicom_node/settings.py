@@ -117,6 +117,61 @@ class EngineSettings:
 
 
 @dataclass(frozen=True)
+class SshHostSettings:
+    host: str = ""
+    port: int = field(default=22, metadata=_meta(_check_port))
+    user: str = "mcnode"
+    key_file: Path | None = field(default=None, metadata=_meta(path=True, secret=True))
+    # Folder on the host for staged bundles and results; a per-job subfolder is removed afterwards.
+    work_dir: str = "/tmp/mcnode"
+    # How the host starts a worker; the shard's arguments are appended.
+    command: str = "mcnode worker"
+    slots: int = field(default=1, metadata=_meta(_check_positive))
+
+
+@dataclass(frozen=True)
+class SshSettings:
+    hosts: tuple[SshHostSettings, ...] = ()
+    # Host keys are checked against this file (unset: the user's ~/.ssh/known_hosts).
+    known_hosts_file: Path | None = field(default=None, metadata=_meta(path=True))
+    # false accepts unknown host keys: for test setups only.
+    strict_host_key_checking: bool = True
+    connect_timeout_seconds: float = field(default=10.0, metadata=_meta(_check_positive))
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint_url: str = ""  # empty: AWS itself; set for S3-compatible stores
+    bucket: str = ""
+    prefix: str = "mcnode"
+    region: str = ""
+
+
+@dataclass(frozen=True)
+class AwsSettings:
+    region: str = ""
+    endpoint_url: str = ""  # empty: AWS itself (Batch and KMS)
+    job_queue: str = ""
+    job_definition: str = ""
+    kms_key_id: str = ""
+    # The worker command inside the container; the shard's arguments are appended.
+    command: tuple[str, ...] = ("mcnode", "worker")
+    poll_seconds: float = field(default=5.0, metadata=_meta(_check_positive))
+
+
+@dataclass(frozen=True)
+class SizingSettings:
+    # Choose the shard count from past jobs: the cheapest that meets deadline_seconds, or the fastest
+    # within cost_cap. 0 = off (cloud.shards is used); both 0 = always cloud.shards.
+    deadline_seconds: float = field(default=0.0, metadata=_meta(_check_non_negative))
+    cost_cap: float = field(default=0.0, metadata=_meta(_check_non_negative))
+    max_shards: int = field(default=64, metadata=_meta(_check_positive))
+    price_per_ghz_hour: float = field(default=0.029, metadata=_meta(_check_non_negative))
+    ghz_per_core: float = field(default=2.5, metadata=_meta(_check_positive))
+    cores_per_worker: int = field(default=1, metadata=_meta(_check_positive))
+
+
+@dataclass(frozen=True)
 class CloudSettings:
     backend: str = field(default="local", metadata=_meta(_choice("local", "ssh", "aws")))
     shards: int = field(default=4, metadata=_meta(_check_positive))
@@ -124,6 +179,28 @@ class CloudSettings:
     shard_retries: int = field(default=2, metadata=_meta(_check_non_negative))
     # A shard still running after this long counts as failed.
     shard_deadline_seconds: float = field(default=3600.0, metadata=_meta(_check_positive))
+    ssh: SshSettings = field(default_factory=SshSettings)
+    s3: S3Settings = field(default_factory=S3Settings)
+    aws: AwsSettings = field(default_factory=AwsSettings)
+    sizing: SizingSettings = field(default_factory=SizingSettings)
+
+    def backend_options(self) -> dict[str, Any]:
+        """Keyword arguments for cloud.backends.get_backend(self.backend, ...)."""
+        options: dict[str, Any] = {"retries": self.shard_retries, "deadline_s": self.shard_deadline_seconds}
+        if self.backend == "ssh":
+            options.update(
+                hosts=[{"host": h.host, "port": h.port, "user": h.user,
+                        "key_file": str(h.key_file) if h.key_file else None, "work_dir": h.work_dir,
+                        "command": h.command, "slots": h.slots} for h in self.ssh.hosts],
+                known_hosts=self.ssh.known_hosts_file, strict_host_keys=self.ssh.strict_host_key_checking,
+                connect_timeout_s=self.ssh.connect_timeout_seconds)
+        elif self.backend == "aws":
+            options.update(bucket=self.s3.bucket, prefix=self.s3.prefix, s3_endpoint_url=self.s3.endpoint_url,
+                           region=self.aws.region or self.s3.region, endpoint_url=self.aws.endpoint_url,
+                           job_queue=self.aws.job_queue, job_definition=self.aws.job_definition,
+                           kms_key_id=self.aws.kms_key_id, command=self.aws.command,
+                           poll_s=self.aws.poll_seconds)
+        return options
 
 
 @dataclass(frozen=True)
@@ -332,7 +409,30 @@ def settings_from_dict(table: dict[str, Any], base_dir: Path | str = ".") -> Set
     settings = _build(Settings, table, "", base)
     settings = dataclasses.replace(settings, base_dir=base)
     _check_destinations(settings)
+    _check_cloud(settings.cloud)
     return settings
+
+
+def _check_cloud(cloud: CloudSettings) -> None:
+    """What the chosen backend cannot run without."""
+    if cloud.backend == "ssh":
+        if not cloud.ssh.hosts:
+            raise ConfigError("cloud.ssh.hosts: the ssh backend needs at least one [[cloud.ssh.hosts]] entry")
+        for i, h in enumerate(cloud.ssh.hosts):
+            if not h.host:
+                raise ConfigError(f"cloud.ssh.hosts[{i}].host: required")
+            if not h.command.strip():
+                raise ConfigError(f"cloud.ssh.hosts[{i}].command: required")
+    if cloud.backend == "aws":
+        for path, value in (("cloud.s3.bucket", cloud.s3.bucket), ("cloud.aws.job_queue", cloud.aws.job_queue),
+                            ("cloud.aws.job_definition", cloud.aws.job_definition),
+                            ("cloud.aws.kms_key_id", cloud.aws.kms_key_id)):
+            if not value:
+                raise ConfigError(f"{path}: required when cloud.backend is aws")
+        if not cloud.aws.command:
+            raise ConfigError("cloud.aws.command: must not be empty")
+    if cloud.sizing.deadline_seconds and cloud.sizing.cost_cap:
+        raise ConfigError("cloud.sizing: set deadline_seconds or cost_cap, not both")
 
 
 def _check_destinations(settings: Settings) -> None:

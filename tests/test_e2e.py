@@ -28,14 +28,13 @@ PRIMARIES = 20_000
 
 
 def _compute_settings(config_dir: Path, tps_port: int, **more):
-    return settings_for(
-        config_dir,
-        engine={"primaries": PRIMARIES},
-        cloud={"shards": 2},
-        outbox={"retry_initial_seconds": 0.5, "retry_max_seconds": 2},
-        destinations=[{"calling_ae_title": "TPS", "ae_title": "TPS", "host": "127.0.0.1", "port": tps_port}],
-        **more,
-    )
+    sections = {
+        "engine": {"primaries": PRIMARIES},
+        "cloud": {"shards": 2},
+        "outbox": {"retry_initial_seconds": 0.5, "retry_max_seconds": 2},
+        "destinations": [{"calling_ae_title": "TPS", "ae_title": "TPS", "host": "127.0.0.1", "port": tps_port}],
+    }
+    return settings_for(config_dir, **{**sections, **more})
 
 
 def _doses(folder: Path) -> list[Path]:
@@ -143,3 +142,52 @@ def test_two_plans_of_one_patient_get_two_doses(config_dir, node_factory, stores
     doses = wait_for(lambda: len(_doses(tps_dir)) == 2 and _doses(tps_dir))
     refs = {dcmread(p).ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID for p in doses}
     assert refs == {study.plan.SOPInstanceUID, second.SOPInstanceUID}
+
+
+def test_plan_the_engine_cannot_compute_is_rejected_with_reason(config_dir, node_factory, storescp, make_study,
+                                                                 tmp_path, capsys):
+    from dicom_node.cli import main
+    from dicom_node.journal import REJECTED
+
+    tps_port, tps_dir = storescp(aet="TPS")
+    settings = _compute_settings(config_dir, tps_port)
+    node = node_factory(settings, compute=True)
+    study = make_study()
+    for beam in study.plan.IonBeamSequence:
+        beam.ScanMode = "UNIFORM"  # passive/uniform scanning: not pencil-beam scanning
+    folder = tmp_path / "uniform"
+    write_study(study, folder)
+    assert storescu(node.port, sorted(folder.iterdir())).returncode == 0
+    job = wait_for(lambda: node.journal.jobs_in(REJECTED), timeout=60)[0]
+    assert "scan mode UNIFORM is not pencil-beam scanning" in job.reason
+    capsys.readouterr()
+    assert main(["jobs", "-c", str(config_dir / "mcnode.toml"), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "REJECTED" in out and "UNIFORM" in out
+    assert not _doses(tps_dir)
+    # the received data is still there
+    assert all(Path(p).exists() for p in job.data["ct"])
+
+
+def test_failed_job_reports_reason_and_retry_completes_it(config_dir, node_factory, storescp, phantom_dir, tmp_path,
+                                                          monkeypatch, capsys):
+    from dicom_node.cli import main
+    from dicom_node.journal import FAILED
+
+    tps_port, tps_dir = storescp(aet="TPS")
+    node = node_factory(_compute_settings(config_dir, tps_port, cloud={"shards": 2, "shard_retries": 1}),
+                        compute=True)
+    empty = tmp_path / "no-mcsquare"
+    empty.mkdir()
+    monkeypatch.setenv("MCSQUARE_HOME", str(empty))  # the workers find no engine: every shard fails
+    assert storescu(node.port, sorted(phantom_dir.iterdir())).returncode == 0
+    job = wait_for(lambda: node.journal.jobs_in(FAILED), timeout=120)[0]
+    assert job.reason.startswith("RUNNING: shard") and "failed 2 time(s)" in job.reason
+    monkeypatch.delenv("MCSQUARE_HOME")
+    capsys.readouterr()
+    assert main(["retry", job.id, "-c", str(config_dir / "mcnode.toml")]) == 0
+    assert "SEALED again" in capsys.readouterr().out
+    wait_for(lambda: node.journal.jobs_in(SENT), timeout=120)
+    assert len(wait_for(lambda: _doses(tps_dir))) == 1
+    states = [s for s, _r, _t in node.journal.history(job.id)]
+    assert states[-5:] == ["FAILED", "SEALED", "RUNNING", "MERGED", "SENT"]

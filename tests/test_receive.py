@@ -74,6 +74,8 @@ def test_malformed_file_fails_good_file_in_same_association_stored(node_factory,
     assert node.journal.instance(dcmread(good).SOPInstanceUID) is not None
     assert node.journal.instance(ds.SOPInstanceUID) is None
     assert "missing required attribute FrameOfReferenceUID" in caplog.text
+    # logs name the instance by a hash of its UID, never the clinic's UID itself
+    assert ds.SOPInstanceUID not in caplog.text and "uid#" in caplog.text
 
 
 def test_undecodable_stream_gets_failure_status_and_node_keeps_serving(node_factory, phantom_dir, tmp_path, caplog,

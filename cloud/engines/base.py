@@ -18,12 +18,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydicom.dataset import Dataset
 
 from cloud.errors import EngineError
+
+if TYPE_CHECKING:  # pydicom costs ~0.5 s to import; a worker only needs it for type hints
+    from pydicom.dataset import Dataset
 
 INPUTS_JSON = "inputs.json"
 FORMAT_VERSION = 1

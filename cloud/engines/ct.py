@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from pydicom.dataset import Dataset
 
 from cloud.engines.base import Grid
 from cloud.errors import UnsupportedPlan
+
+if TYPE_CHECKING:  # pydicom costs ~0.5 s to import; a worker only needs it for type hints
+    from pydicom.dataset import Dataset
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 _TOL_MM = 1e-3

@@ -8,11 +8,14 @@ from the control point that last set them, as DICOM allows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-from pydicom.dataset import Dataset
 
 from cloud.errors import UnsupportedPlan
+
+if TYPE_CHECKING:  # pydicom costs ~0.5 s to import; a worker only needs it for type hints
+    from pydicom.dataset import Dataset
 
 RT_PLAN = "1.2.840.10008.5.1.4.1.1.481.5"
 RT_ION_PLAN = "1.2.840.10008.5.1.4.1.1.481.8"

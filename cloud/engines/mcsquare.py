@@ -38,15 +38,18 @@ import time
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from pydicom.dataset import Dataset
 
 from cloud.engines.base import Engine, Grid, ShardInputs, Tally
 from cloud.engines.beam_model import GENERIC_MACHINE, BeamModel, read_bdl
 from cloud.engines.ct import ct_slices, ct_volume
 from cloud.engines.ionplan import IonPlan, check_proton_pbs, read_ion_plan
 from cloud.errors import EngineError, EngineUnavailable, UnsupportedPlan
+
+if TYPE_CHECKING:  # pydicom costs ~0.5 s to import; a worker only needs it for type hints
+    from pydicom.dataset import Dataset
 
 LOGGER = logging.getLogger(__name__)
 
@@ -257,9 +260,15 @@ def _write_plan(plan: IonPlan, grid: Grid, target: Path) -> None:
     target.write_text("\n".join(out) + "\n")
 
 
-def write_config(inputs_root: Path, out_dir: Path, primaries: int, seed: int, threads: int) -> Path:
-    """One shard's MCsquare config (all paths absolute, so the shard may run in any folder)."""
-    r = inputs_root.resolve()
+def write_config(inputs_root: Path, out_dir: Path, primaries: int, seed: int, threads: int,
+                 relative: bool = False) -> Path:
+    """One shard's MCsquare config.
+
+    Paths are absolute by default (the shard may run in any folder). MCsquare silently writes no
+    dose when a path is longer than about 100 characters, so `run_shard` runs it in a short scratch
+    folder with `relative=True`: paths relative to the config's folder (inputs linked in as `in/`).
+    """
+    r = Path("in") if relative else inputs_root.resolve()
     lines = {
         "Num_Threads": threads,
         # MCsquare takes 0 as "seed from the clock"; offset so that every seed >= 0 is reproducible.
@@ -272,7 +281,7 @@ def write_config(inputs_root: Path, out_dir: Path, primaries: int, seed: int, th
         "BDL_Plan_File": r / PLAN_FILE,
         "Simulate_Nuclear_Interactions": "True",
         "Compute_stat_uncertainty": "False",  # uncertainty comes from the spread between shards
-        "Output_Directory": out_dir.resolve(),
+        "Output_Directory": Path(out_dir.name) if relative else out_dir.resolve(),
         "Dose_MHD_Output": "True",
         "Energy_MHD_Output": "False",
         "LET_MHD_Output": "False",
@@ -345,11 +354,14 @@ class MCsquareEngine(Engine):
             raise EngineError(f"seed must be 0 or more, got {seed}")
         binary, materials = mcsquare_binary()
         t0 = time.perf_counter()
-        shard_dir = Path(tempfile.mkdtemp(prefix=f"shard-{seed}-", dir=inputs.root))
+        # A short scratch folder in the system temp dir, the inputs linked in: MCsquare fails silently
+        # on long paths, and the inputs may live anywhere.
+        shard_dir = Path(tempfile.mkdtemp(prefix=f"mcsq-{seed}-"))
         try:
+            (shard_dir / "in").symlink_to(inputs.root.resolve(), target_is_directory=True)
             out_dir = shard_dir / "Outputs"
             out_dir.mkdir()
-            config = write_config(inputs.root, out_dir, primaries, seed, threads)
+            config = write_config(inputs.root, out_dir, primaries, seed, threads, relative=True)
             log = shard_dir / "mcsquare.log"
             with log.open("w") as fh:
                 try:

@@ -1,0 +1,374 @@
+"""The ssh backend: shards on hosts the clinic lists (its own cluster, or EC2 instances), via paramiko.
+
+Everything per host happens on all hosts at once (one thread each): connect, stage the sealed
+bundle by SFTP (once per host; a bundle already in S3 is fetched by the worker itself), launch the
+worker, collect the sealed tally by SFTP, and remove the host's work folder. That is what keeps
+the per-node overhead (beta) flat.
+
+The data key goes to each worker on its channel's standard input; it is never on a command line
+and never in a file. Host keys are checked against a known-hosts file (paramiko's RejectPolicy);
+``strict_host_keys=False`` accepts unknown keys, for test setups only. A shard that fails (worker
+exit status, lost connection, deadline) runs again on another host while there is one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shlex
+import stat
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import paramiko
+
+from cloud.backends.base import Backend, ProgressCallback
+from cloud.errors import Cancelled, DispatchError
+from cloud.worker import ShardTask
+
+LOGGER = logging.getLogger(__name__)
+
+POLL_S = 0.02
+
+
+@dataclass(frozen=True)
+class SshHost:
+    """One worker host. `command` starts the worker there; the task's arguments are appended."""
+
+    host: str
+    port: int = 22
+    user: str = "mcnode"
+    key_file: str | None = None
+    work_dir: str = "/tmp/mcnode"
+    command: str = "mcnode worker"
+    slots: int = 1  # shards this host runs at the same time
+
+    @property
+    def label(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}:{self.work_dir}"
+
+
+def _is_local(uri: str) -> bool:
+    return urlparse(uri).scheme in ("", "file")
+
+
+def _local_path(uri: str) -> Path:
+    return Path(urlparse(uri).path)
+
+
+def _sftp_makedirs(sftp: paramiko.SFTPClient, path: str) -> None:
+    parts = [p for p in path.split("/") if p]
+    current = ""
+    for part in parts:
+        current += "/" + part
+        try:
+            sftp.stat(current)
+        except FileNotFoundError:
+            sftp.mkdir(current, mode=0o700)
+
+
+def _sftp_rmtree(sftp: paramiko.SFTPClient, path: str) -> None:
+    for entry in sftp.listdir_attr(path):
+        child = f"{path}/{entry.filename}"
+        if entry.st_mode is not None and stat.S_ISDIR(entry.st_mode):
+            _sftp_rmtree(sftp, child)
+        else:
+            sftp.remove(child)
+    sftp.rmdir(path)
+
+
+@dataclass(eq=False)
+class _Conn:
+    """A connected host: its client, one SFTP session, its work folder for this run."""
+
+    host: SshHost
+    client: paramiko.SSHClient
+    folder: str
+    sftp: paramiko.SFTPClient | None = None
+    staged: dict[str, str] = field(default_factory=dict)  # local bundle URI -> remote path
+    alive: bool = True
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def exec(self, command: str, timeout: float = 60.0) -> tuple[int, str]:
+        _stdin, stdout, stderr = self.client.exec_command(command, timeout=timeout)
+        code = stdout.channel.recv_exit_status()
+        return code, stderr.read().decode(errors="replace").strip()
+
+
+@dataclass
+class _Outcome:
+    conn: _Conn
+    task: ShardTask
+    attempt: int
+    error: str | None = None
+
+
+class SshBackend(Backend):
+    name = "ssh"
+
+    def __init__(self, retries: int = 2, deadline_s: float = 3600.0, *,
+                 hosts: Sequence[SshHost | Mapping[str, Any]] = (), known_hosts: str | Path | None = None,
+                 strict_host_keys: bool = True, connect_timeout_s: float = 10.0) -> None:
+        super().__init__(retries, deadline_s)
+        self.hosts = [h if isinstance(h, SshHost) else SshHost(**h) for h in hosts]
+        if not self.hosts:
+            raise DispatchError("the ssh backend needs at least one host ([[cloud.ssh.hosts]])")
+        self.known_hosts = Path(known_hosts) if known_hosts else None
+        self.strict_host_keys = strict_host_keys
+        self.connect_timeout_s = connect_timeout_s
+        self.last_argv: list[list[str]] = []  # worker argv as launched (no secrets), for audit and tests
+
+    def workers(self) -> int:
+        return sum(h.slots for h in self.hosts)
+
+    # --- per host, all hosts at once -------------------------------------------------------
+
+    def _connect(self, host: SshHost, job_id: str) -> _Conn:
+        client = paramiko.SSHClient()
+        if self.known_hosts is not None:
+            if self.known_hosts.exists():
+                client.load_host_keys(str(self.known_hosts))
+        else:
+            client.load_system_host_keys()
+        client.set_missing_host_key_policy(paramiko.RejectPolicy() if self.strict_host_keys
+                                           else paramiko.AutoAddPolicy())
+        try:
+            client.connect(host.host, port=host.port, username=host.user, key_filename=host.key_file,
+                           timeout=self.connect_timeout_s, banner_timeout=self.connect_timeout_s,
+                           auth_timeout=self.connect_timeout_s, allow_agent=False,
+                           look_for_keys=host.key_file is None)
+            transport = client.get_transport()
+            assert transport is not None
+            transport.set_keepalive(15)
+            folder = f"{host.work_dir.rstrip('/')}/{secrets.token_hex(4)}"
+            conn = _Conn(host, client, folder)
+            # folders by SFTP, not by a shell: a host's shell start-up files can cost a lot per command
+            conn.sftp = client.open_sftp()
+            _sftp_makedirs(conn.sftp, host.work_dir.rstrip("/"))
+            conn.sftp.mkdir(folder, mode=0o700)
+            return conn
+        except BaseException:
+            client.close()
+            raise
+
+    def _stage(self, conn: _Conn, bundles: list[str]) -> None:
+        assert conn.sftp is not None
+        for i, uri in enumerate(bundles):
+            if _is_local(uri):
+                remote = f"{conn.folder}/bundle-{i}.sealed"
+                conn.sftp.put(str(_local_path(uri)), remote, confirm=False)
+                conn.staged[uri] = remote
+
+    def _open(self, job_id: str, bundles: list[str]) -> list[_Conn]:
+        def one(host: SshHost) -> _Conn:
+            conn = self._connect(host, job_id)
+            try:
+                self._stage(conn, bundles)
+            except BaseException:
+                self._close(conn)
+                raise
+            return conn
+
+        conns: list[_Conn] = []
+        errors: list[str] = []
+        with ThreadPoolExecutor(max_workers=len(self.hosts), thread_name_prefix="ssh-open") as pool:
+            futures = {pool.submit(one, h): h for h in self.hosts}
+            for fut, host in futures.items():
+                try:
+                    conns.append(fut.result())
+                except (paramiko.SSHException, OSError, EOFError, DispatchError) as exc:
+                    why = f"{host.label}: {type(exc).__name__}: {exc}"
+                    errors.append(why)
+                    LOGGER.warning("job %s: host unusable, %s", job_id, why)
+        if not conns:
+            raise DispatchError(f"no ssh host could be used ({'; '.join(errors)})")
+        return conns
+
+    def _close(self, conn: _Conn) -> None:
+        try:
+            transport = conn.client.get_transport()
+            if conn.sftp is not None and transport is not None and transport.is_active():
+                _sftp_rmtree(conn.sftp, conn.folder)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            LOGGER.warning("%s: could not remove %s: %s", conn.host.label, conn.folder, exc)
+        finally:
+            if conn.sftp is not None:
+                conn.sftp.close()
+            conn.client.close()
+
+    def _close_all(self, conns: list[_Conn]) -> None:
+        with ThreadPoolExecutor(max_workers=max(1, len(conns)), thread_name_prefix="ssh-close") as pool:
+            list(pool.map(self._close, conns))
+
+    # --- one shard ---------------------------------------------------------------------------
+
+    def worker_argv(self, host: SshHost, task: ShardTask) -> list[str]:
+        """The command a host runs for a task: its configured command plus the task's arguments."""
+        return [*shlex.split(host.command), *task.argv()]
+
+    def _remote_task(self, conn: _Conn, task: ShardTask) -> ShardTask:
+        bundle = conn.staged.get(task.bundle_uri)
+        result = task.result_uri
+        if _is_local(result):
+            result = f"file://{conn.folder}/shard-{task.index}.tally"
+        return replace(task, bundle_uri=f"file://{bundle}" if bundle else task.bundle_uri, result_uri=result)
+
+    def _run_shard(self, conn: _Conn, task: ShardTask, attempt: int, key: bytes, stop: threading.Event) -> _Outcome:
+        outcome = _Outcome(conn, task, attempt)
+        remote = self._remote_task(conn, task)
+        argv = self.worker_argv(conn.host, remote)
+        self.last_argv.append(argv)
+        folder = shlex.quote(conn.folder)
+        # `echo $$` then `exec`: the worker keeps the shell's pid, which leads its process group, so
+        # one `kill -- -PID` stops it and the engine it started (the worker removes its scratch on
+        # SIGTERM). Its scratch stays in the system temp folder: MCsquare cuts paths near 100 characters.
+        command = f"cd {folder} && echo $$ && exec {shlex.join(argv)}"
+        chan = None
+        pid = ""
+        try:
+            transport = conn.client.get_transport()
+            if transport is None or not transport.is_active():
+                raise paramiko.SSHException("connection lost")
+            chan = transport.open_session(timeout=self.connect_timeout_s)
+            chan.exec_command(command)
+            chan.sendall((key.hex() + "\n").encode())
+            chan.shutdown_write()
+            started = time.monotonic()
+            out, err = b"", b""
+            while True:
+                while chan.recv_ready():
+                    out += chan.recv(4096)
+                while chan.recv_stderr_ready():
+                    err += chan.recv_stderr(65536)
+                    err = err[-8192:]
+                if not pid and b"\n" in out:
+                    pid = out.split(b"\n", 1)[0].decode().strip()
+                if chan.exit_status_ready():
+                    break
+                stopping = stop.is_set() or self.cancelled.is_set()
+                overdue = time.monotonic() - started > self.deadline_s
+                if stopping or overdue:
+                    self._kill(conn, pid)
+                    outcome.error = ("stopped" if stopping else
+                                     f"passed its deadline of {self.deadline_s:g} s")
+                    return outcome
+                if not transport.is_active():
+                    raise paramiko.SSHException("connection lost")
+                chan.status_event.wait(POLL_S)
+            code = chan.recv_exit_status()
+            while chan.recv_stderr_ready():
+                err += chan.recv_stderr(65536)
+            if code != 0:
+                lines = err.decode(errors="replace").strip().splitlines()
+                picked = [ln for ln in lines if ln.startswith("worker:")] or lines
+                outcome.error = f"exited with {code}: {picked[-1][:500] if picked else 'no message'}"
+                LOGGER.debug("worker stderr: %s", err.decode(errors="replace"))
+                return outcome
+            if _is_local(task.result_uri):
+                self._collect(conn, _local_path(remote.result_uri), _local_path(task.result_uri))
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            outcome.error = f"lost connection or transfer failed: {type(exc).__name__}: {exc}"
+            transport = conn.client.get_transport()
+            if transport is None or not transport.is_active():
+                conn.alive = False
+        finally:
+            if chan is not None:
+                chan.close()
+        return outcome
+
+    def _collect(self, conn: _Conn, remote: Path, dst: Path) -> None:
+        assert conn.sftp is not None
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.part")
+        try:
+            with conn.lock:
+                conn.sftp.get(str(remote), str(tmp))
+                conn.sftp.remove(str(remote))
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _kill(self, conn: _Conn, pid: str) -> None:
+        if not pid.isdigit():
+            return
+        try:
+            conn.exec(f"kill -TERM -- -{pid} 2>/dev/null || kill -TERM {pid}", timeout=10)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            LOGGER.warning("%s: could not stop worker %s: %s", conn.host.label, pid, exc)
+
+    # --- the run -----------------------------------------------------------------------------
+
+    def run(self, tasks: list[ShardTask], key: bytes, on_done: ProgressCallback | None = None) -> None:
+        if not tasks:
+            return
+        job_id = tasks[0].job_id
+        bundles = sorted({t.bundle_uri for t in tasks})
+        self.last_argv = []
+        if self.cancelled.is_set():
+            raise Cancelled("stopped: the node is shutting down")
+        conns = self._open(job_id, bundles)
+        stop = threading.Event()
+        try:
+            self._schedule(conns, tasks, key, on_done, stop)
+        finally:
+            stop.set()
+            self._close_all(conns)
+
+    def _schedule(self, conns: list[_Conn], tasks: list[ShardTask], key: bytes, on_done: ProgressCallback | None,
+                  stop: threading.Event) -> None:
+        slots = [c for c in conns for _ in range(c.host.slots)]
+        free = list(slots)
+        # (task, attempt, hosts it failed on)
+        pending: deque[tuple[ShardTask, int, frozenset[int]]] = deque((t, 0, frozenset()) for t in tasks)
+        running: dict[Future[_Outcome], frozenset[int]] = {}
+        with ThreadPoolExecutor(max_workers=len(slots), thread_name_prefix="ssh-shard") as pool:
+            try:
+                while pending or running:
+                    if self.cancelled.is_set():
+                        raise Cancelled("stopped: the node is shutting down")
+                    alive = [c for c in conns if c.alive]
+                    if not alive:
+                        raise DispatchError("every ssh host was lost")
+                    for _ in range(len(pending)):
+                        task, attempt, failed_on = pending.popleft()
+                        usable = [c for c in free if c.alive]
+                        # another host if there is one; the same one only when every live host failed it
+                        fresh = [c for c in usable if id(c) not in failed_on]
+                        everywhere = all(id(c) in failed_on for c in alive)
+                        choice = fresh[0] if fresh else (usable[0] if usable and everywhere else None)
+                        if choice is None:
+                            pending.append((task, attempt, failed_on))
+                            continue
+                        free.remove(choice)
+                        fut = pool.submit(self._run_shard, choice, task, attempt, key, stop)
+                        running[fut] = failed_on
+                    if not running:
+                        time.sleep(POLL_S)
+                        continue
+                    done, _ = wait(list(running), timeout=0.1, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        failed_on = running.pop(fut)
+                        out = fut.result()
+                        free.append(out.conn)
+                        if out.error is None:
+                            if on_done:
+                                on_done(out.task)
+                            continue
+                        if self.cancelled.is_set():
+                            raise Cancelled("stopped: the node is shutting down")
+                        LOGGER.warning("job %s shard %d (attempt %d) on %s %s", out.task.job_id, out.task.index,
+                                       out.attempt + 1, out.conn.host.label, out.error)
+                        if out.attempt >= self.retries:
+                            raise DispatchError(f"shard {out.task.index} failed {out.attempt + 1} time(s); "
+                                                f"last on {out.conn.host.label}: {out.error}")
+                        pending.append((out.task, out.attempt + 1, failed_on | {id(out.conn)}))
+            finally:
+                stop.set()

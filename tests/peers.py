@@ -1,0 +1,121 @@
+"""Real network peers for the cloud tests and the overhead benchmark: OpenSSH's sshd and moto_server.
+
+Both listen on 127.0.0.1 only, on free ports, with everything (host key, client key, config) in a
+temporary folder; the context managers stop the process they started and wait for it. Imports
+nothing from dicom_node, so these tests run without the node's conftest chain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+FAKE_AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass(frozen=True)
+class Sshd:
+    port: int
+    user: str
+    client_key: Path
+    known_hosts: Path  # holds this sshd's host key under [127.0.0.1]:port
+    folder: Path
+
+
+@contextmanager
+def sshd(folder: Path) -> Iterator[Sshd]:
+    """A real sshd on 127.0.0.1 accepting our generated client key for the current user."""
+    if not Path(SSHD).exists():
+        raise RuntimeError("sshd not found: run 'make system-deps' (apt-get install openssh-server)")
+    folder.mkdir(parents=True, exist_ok=True)
+    host_key, client_key = folder / "host_ed25519", folder / "client_ed25519"
+    for key in (host_key, client_key):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    (folder / "authorized_keys").write_text((folder / "client_ed25519.pub").read_text())
+    port = free_port()
+    user = os.environ.get("USER") or __import__("pwd").getpwuid(os.getuid()).pw_name
+    config = folder / "sshd_config"
+    config.write_text("\n".join([
+        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {host_key}", f"PidFile {folder / 'sshd.pid'}",
+        f"AuthorizedKeysFile {folder / 'authorized_keys'}", "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no", "PubkeyAuthentication yes", "PermitRootLogin prohibit-password",
+        "StrictModes no", "UsePAM no", "Subsystem sftp internal-sftp", "MaxStartups 100:30:200",
+        "MaxSessions 100", "LogLevel ERROR", "UseDNS no",
+        # A clean worker host: bash skips ~/.bashrc when SHLVL says it is nested. Here root's .bashrc
+        # runs `pyenv init`, 0.35 s of CPU per command, which is this machine's, not the backend's cost.
+        "SetEnv SHLVL=2", ""]))
+    Path("/run/sshd").mkdir(parents=True, exist_ok=True)
+    host_pub = (folder / "host_ed25519.pub").read_text().split()
+    known = folder / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
+    log = open(folder / "sshd.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        _wait_port(port, proc)
+        yield Sshd(port, user, client_key, known, folder)
+    finally:
+        _stop(proc)
+        log.close()
+
+
+@contextmanager
+def moto_server(folder: Path) -> Iterator[str]:
+    """moto_server on 127.0.0.1 with Batch in its no-docker mode; yields the endpoint URL."""
+    exe = Path(sys.executable).with_name("moto_server")
+    port = free_port()
+    env = {**os.environ, **FAKE_AWS_ENV}
+    folder.mkdir(parents=True, exist_ok=True)
+    log = open(folder / "moto.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        _wait_port(port, proc, timeout=60)
+        url = f"http://127.0.0.1:{port}"
+        req = urllib.request.Request(f"{url}/moto-api/config", method="POST",
+                                     data=json.dumps({"batch": {"use_docker": False}}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=10).close()
+        yield url
+    finally:
+        _stop(proc)
+        log.close()

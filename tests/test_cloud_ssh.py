@@ -1,0 +1,127 @@
+"""The ssh backend against a real sshd on 127.0.0.1 acting as several hosts (one work folder each).
+
+Same seeds give identical tallies, so a distributed run must reproduce the local run bit for bit,
+also when one host's worker fails and its shards are retried on the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloud.backends import get_backend
+from cloud.dispatch import dispatch, plan_tasks
+from cloud.engines.base import Tally
+from cloud.errors import DispatchError
+from tests.cloud_data import SealedJob, all_cmdlines, local_tallies, sealed_job, shard_tasks
+from tests.peers import Sshd, free_port, sshd
+
+WORKER = f"{sys.executable} -m cloud.worker"
+SHARDS, PRIMARIES = 4, 4000
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory) -> SealedJob:
+    return sealed_job(tmp_path_factory.mktemp("job"))
+
+
+@pytest.fixture(scope="module")
+def reference(job: SealedJob) -> list[bytes]:
+    return local_tallies(job, SHARDS, PRIMARIES)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    with sshd(tmp_path_factory.mktemp("sshd")) as s:
+        yield s
+
+
+def host(s: Sshd, work: Path, command: str = WORKER, port: int | None = None) -> dict[str, object]:
+    return {"host": "127.0.0.1", "port": port or s.port, "user": s.user, "key_file": str(s.client_key),
+            "work_dir": str(work), "command": command}
+
+
+def doses(tallies: list[bytes]) -> list[np.ndarray]:
+    return [Tally.from_bytes(b).dose_per_primary for b in tallies]
+
+
+def test_one_host_fails_job_completes_with_the_local_dose(job, reference, server, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    works = [tmp_path / f"host{i}" for i in range(3)]
+    hosts = [host(server, works[0], command="false"),  # its worker exits 1 every time
+             host(server, works[1]), host(server, works[2]),
+             host(server, tmp_path / "refused", port=free_port())]  # nothing listens there
+    backend = get_backend("ssh", hosts=hosts, known_hosts=server.known_hosts, retries=2, deadline_s=120)
+    tasks = shard_tasks(job, SHARDS, PRIMARIES, "ssh")
+    progress: list[tuple[int, int]] = []
+    seen: list[str] = []
+    running = threading.Event()
+
+    def watch() -> None:
+        while not running.is_set():
+            seen.extend(c for c in all_cmdlines() if "cloud.worker" in c)
+            running.wait(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        tallies = dispatch(tasks, job.key, backend, on_progress=lambda d, t: progress.append((d, t)))
+    finally:
+        running.set()
+        watcher.join()
+
+    for got, want in zip(doses(tallies), doses(reference), strict=True):
+        assert got.shape == want.shape and np.array_equal(got, want)
+    assert max(d.max() for d in doses(tallies)) > 0
+    assert progress[0] == (0, SHARDS) and progress[-1] == (SHARDS, SHARDS)
+    assert "exited with 1" in caplog.text  # the failing host was used and its shards retried
+    assert "host unusable" in caplog.text and "Unable to connect" in caplog.text  # the refusing host
+    # every host's work folder is cleaned
+    for work in works:
+        assert not work.exists() or not any(work.iterdir()), list(work.iterdir())
+    # the data key is on no command line, in no log line and in no stored object
+    key_hex = job.key.hex()
+    assert seen, "no worker process was seen running"
+    assert all(key_hex not in c for c in seen)
+    assert all(key_hex not in " ".join(argv) for argv in backend.last_argv)
+    assert key_hex not in caplog.text
+    for path in [job.bundle, *Path(job.results_uri("ssh")[7:]).iterdir()]:
+        data = path.read_bytes()
+        assert job.key not in data and key_hex.encode() not in data
+
+
+def test_unknown_host_key_is_rejected_by_default(job, server, tmp_path):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    tasks = plan_tasks(job.job_id, 1, 500, job.bundle_uri, job.results_uri("rejected"))
+    backend = get_backend("ssh", hosts=[host(server, tmp_path / "w")], known_hosts=empty)
+    with pytest.raises(DispatchError, match="no ssh host could be used.*not found in known_hosts"):
+        dispatch(tasks, job.key, backend)
+    # accepting new keys is an explicit option (test setups)
+    backend = get_backend("ssh", hosts=[host(server, tmp_path / "w")], known_hosts=empty, strict_host_keys=False)
+    assert len(dispatch(tasks, job.key, backend)) == 1
+
+
+def test_retries_exhausted_fail_the_job(job, server, tmp_path):
+    tasks = plan_tasks(job.job_id, 2, 1000, job.bundle_uri, job.results_uri("exhausted"))
+    hosts = [host(server, tmp_path / f"w{i}", command="sh -c 'echo worker: engine crashed >&2; exit 3' sh")
+             for i in range(2)]
+    backend = get_backend("ssh", hosts=hosts, known_hosts=server.known_hosts, retries=1)
+    with pytest.raises(DispatchError, match=r"failed 2 time\(s\).*exited with 3: worker: engine crashed"):
+        dispatch(tasks, job.key, backend)
+    assert not any(Path(job.results_uri("exhausted")[7:]).glob("*.tally"))
+
+
+def test_shard_past_its_deadline_is_stopped(job, server, tmp_path):
+    marker = f"mcnode-deadline-{tmp_path.name}"
+    tasks = plan_tasks(job.job_id, 1, 500, job.bundle_uri, job.results_uri("late"))
+    hosts = [host(server, tmp_path / "w", command=f"sh -c 'sleep 60; echo {marker}' sh")]
+    backend = get_backend("ssh", hosts=hosts, known_hosts=server.known_hosts, retries=0, deadline_s=1)
+    with pytest.raises(DispatchError, match="deadline of 1 s"):
+        dispatch(tasks, job.key, backend)
+    assert not [c for c in all_cmdlines() if marker in c]  # the remote process is gone
