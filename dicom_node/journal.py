@@ -48,8 +48,8 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
     MERGED: (SENT, FAILED),
     SENT: (VERIFIED, FAILED),
     VERIFIED: (),
-    # FAILED → VERIFIED: a second check that failed (e.g. a TPS dose in other units) and a later TPS dose passed.
-    FAILED: (READY, SEALED, RUNNING, MERGED, FAILED, REJECTED, VERIFIED),
+    # A failed second check (FAILED in SENT): `mcnode retry` puts it back to SENT, a newer TPS dose to VERIFIED.
+    FAILED: (READY, SEALED, RUNNING, MERGED, FAILED, REJECTED, SENT, VERIFIED),
     REJECTED: (),
 }
 

@@ -43,6 +43,7 @@ from dicom_node.settings import SecondCheckSettings, Settings, parse_criterion
 LOGGER = logging.getLogger(__name__)
 
 STEP = "secondcheck"
+RETRY_SCAN_SECONDS = 2.0
 _STOP = object()
 
 
@@ -146,9 +147,19 @@ class SecondCheck:
             time.sleep(0.05)
         return False
 
+    def _pick_up_retries(self) -> None:
+        """Second checks put back to SENT from outside (`mcnode retry`) are taken up here."""
+        for job in self.journal.jobs_in(SENT):
+            if job.data.get("failed_step") == STEP:
+                self._queue.put(job.id)
+
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=RETRY_SCAN_SECONDS)
+            except queue.Empty:
+                self._pick_up_retries()
+                continue
             try:
                 if item is _STOP:
                     return
@@ -199,7 +210,7 @@ class SecondCheck:
                   "secondcheck_seconds": seconds}
         verified = self.journal.transition(job.id, VERIFIED, reason=None if result["verdict"] == "pass"
                                            else "; ".join(result["reasons"]), data={
-            "tps_dose_uid": dose.sop_instance_uid, "secondcheck": result,
+            "tps_dose_uid": dose.sop_instance_uid, "secondcheck": result, "failed_step": None,
             "report": {"html": str(html), "pdf": str(pdf)}, "public": public})
         LOGGER.info("job %s: second check %s in %.1f s", job.id, result["verdict"], seconds)
         self._send_report(verified, pdf, plan)

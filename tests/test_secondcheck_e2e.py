@@ -113,18 +113,23 @@ def test_tps_dose_with_the_plan_and_later_ends_verified_with_a_report(config_dir
     assert bytes(doc.EncapsulatedDocument).startswith(b"%PDF")
 
 
-def test_cli_report_and_jobs_json(config_dir, node_factory, storescp, tmp_path, capsys):
-    """A TPS dose in the wrong units: the job ends FAILED with the reason; `mcnode report` says there is none."""
+def test_unusable_tps_dose_fails_with_the_reason_then_retry_and_a_good_dose(config_dir, node_factory, storescp,
+                                                                            tmp_path, capsys):
+    """A TPS dose in the wrong units: FAILED with the reason, no report; `mcnode retry` checks again; a
+    corrected dose sent later brings the job to VERIFIED."""
     tps_port, _tps_dir = storescp(aet="TPS")
     settings = settings_for(
         config_dir, engine={"primaries": PRIMARIES}, cloud={"shards": 1},
+        secondcheck={"report_criteria": [], "max_gamma": 1.1},  # only the verdict matters here: faster
         destinations=[{"calling_ae_title": "TPS", "ae_title": "TPS", "host": "127.0.0.1", "port": tps_port}])
     node = node_factory(settings, compute=True)
     study = build_study(SMALL)
     folder = tmp_path / "study"
     write_study(study, folder)
-    rd = dcmread(_analytic_tps_dose(study, folder / "RD_TPS.dcm"))
+    good = _analytic_tps_dose(study, tmp_path / "RD_good.dcm")
+    rd = dcmread(good)
     rd.DoseUnits = "RELATIVE"
+    rd.SOPInstanceUID = rd.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     rd.save_as(folder / "RD_TPS.dcm", enforce_file_format=True)
     assert storescu(node.port, sorted(folder.iterdir())).returncode == 0
     job = wait_for(lambda: [j for j in node.journal.jobs_in("FAILED") if j.data.get("failed_step")], timeout=300)[0]
@@ -135,3 +140,10 @@ def test_cli_report_and_jobs_json(config_dir, node_factory, storescp, tmp_path, 
     capsys.readouterr()
     assert main(["report", job.id, "-c", str(config)]) == 1
     assert "no second-check report" in capsys.readouterr().err
+    # mcnode retry: back to SENT, compared again (same dose, same reason)
+    assert main(["retry", job.id, "-c", str(config)]) == 0
+    wait_for(lambda: [s for s, _r, _t in node.journal.history(job.id)][-2:] == [SENT, "FAILED"], timeout=60)
+    # a corrected TPS dose: FAILED -> VERIFIED
+    assert storescu(node.port, [good]).returncode == 0
+    done = wait_for(lambda: node.journal.job(job.id).state == VERIFIED and node.journal.job(job.id), timeout=120)
+    assert done.data["public"]["verdict"] in ("pass", "fail") and done.data["report"]["pdf"].endswith(".pdf")
