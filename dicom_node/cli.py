@@ -188,6 +188,9 @@ def _cmd_retry(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dicom_node.demo import run_demo
 
+    if not args.verbose:  # the demo prints its own progress; the node's log lines only with -v
+        logging.getLogger().setLevel(logging.WARNING)
+
     return run_demo(Path(args.out), primaries=args.primaries, shards=args.shards)
 
 
