@@ -64,7 +64,7 @@ ABORT_UNRECOGNIZED_PDU, ABORT_UNEXPECTED_PDU, ABORT_INVALID_PARAMETER = 1, 2, 6
 C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
 NO_DATA_SET = 0x0101
 
-SUPPORTED: dict[str, tuple[str, ...]] = {**uids.STORAGE_CONTEXTS, uids.VERIFICATION: (uids.UNCOMPRESSED_SYNTAXES[1],)}
+SUPPORTED: dict[str, tuple[str, ...]] = {**uids.STORAGE_CONTEXTS, uids.VERIFICATION: uids.UNCOMPRESSED_SYNTAXES}
 
 
 class ProtocolError(Exception):
@@ -159,7 +159,9 @@ def negotiate(contexts: list[PresentationContext]) -> list[tuple[int, int, str]]
         if ours is None:
             out.append((pc.id, PC_ABSTRACT_SYNTAX_NOT_SUPPORTED, first))
             continue
-        chosen = next((ts for ts in pc.transfer_syntaxes if ts in ours), None)
+        # our order of preference decides, as in pynetdicom: explicit VR little endian first, so a
+        # sender holding explicit VR files need not convert them (nor fail where it cannot)
+        chosen = next((ts for ts in ours if ts in pc.transfer_syntaxes), None)
         if chosen is None:
             out.append((pc.id, PC_TRANSFER_SYNTAXES_NOT_SUPPORTED, first))
         else:
