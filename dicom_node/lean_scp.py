@@ -298,8 +298,7 @@ class Association:
         except PeerGone:
             LOGGER.info("association from %s (%s): connection closed by the peer", self.calling_ae, self.address)
         except TimeoutError:
-            LOGGER.warning("association from %s (%s) aborted: no data for %.0f s", self.calling_ae, self.address,
-                           NETWORK_TIMEOUT)
+            LOGGER.warning("association from %s (%s) aborted: the peer went silent", self.calling_ae, self.address)
             self._send_quietly(encode_abort(0))
         except (OSError, ssl.SSLError) as exc:
             if not self.server.stopping.is_set():

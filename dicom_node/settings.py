@@ -84,7 +84,7 @@ class NodeSettings:
     # Call fsync on every spooled file before answering success (durability over speed).
     fsync: bool = True
     # Which DICOM receiver runs: our lean storage-only acceptor or pynetdicom's server.
-    receiver: str = field(default="pynetdicom", metadata=_meta(_choice("lean", "pynetdicom")))
+    receiver: str = field(default="lean", metadata=_meta(_choice("lean", "pynetdicom")))
     tls: TlsSettings = field(default_factory=TlsSettings)
 
 
