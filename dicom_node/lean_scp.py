@@ -258,8 +258,8 @@ class Association:
         self.address = address
         self.calling_ae = "?"
         self.contexts: dict[int, tuple[str, UID]] = {}  # accepted: id -> (abstract syntax, transfer syntax)
-        self._command: list[bytes] = []
-        self._data: list[bytes] = []
+        self._command: list[memoryview] = []
+        self._data: list[memoryview] = []
         self._pending: tuple[int, dict[int, bytes]] | None = None  # (context id, command) awaiting its data set
         self.admitted = False  # counted against MAX_ASSOCIATIONS
 
@@ -382,7 +382,8 @@ class Association:
                 raise ProtocolError("PDV item length does not fit its PDU", ABORT_INVALID_PARAMETER)
             if pc_id not in self.contexts:
                 raise ProtocolError(f"P-DATA on presentation context {pc_id}, which was not accepted")
-            fragment = bytes(body[start:stop])
+            # a view, not a copy: each PDU has its own buffer, and the data set is joined once below
+            fragment = memoryview(body)[start:stop]
             offset = stop
             if header & 0x01:
                 if self._pending is not None:
