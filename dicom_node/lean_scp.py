@@ -39,6 +39,8 @@ NETWORK_TIMEOUT = 60.0  # seconds an established association may stay silent
 # What we accept in one PDU whatever its header says: peers may exceed the max PDU we announced
 # (some do, by a little), which is tolerated, but a length this large is garbage or an attack.
 PDU_CAP = 64 * 1024 * 1024
+# Before the association is accepted the peer is unknown: an A-ASSOCIATE-RQ is a few kB at most.
+ASSOCIATE_RQ_CAP = 1024 * 1024
 
 # PDU types (PS3.8 9.3.1)
 A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ = 0x01, 0x02, 0x03
@@ -274,12 +276,12 @@ class Association:
             got += count
         return buf
 
-    def _read_pdu(self) -> tuple[int, bytearray]:
+    def _read_pdu(self, cap: int = PDU_CAP) -> tuple[int, bytearray]:
         pdu_type, _reserved, length = struct.unpack(">BBI", self._read_exact(6))
         if pdu_type not in (A_ASSOCIATE_RQ, P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT,
                             A_ASSOCIATE_AC, A_ASSOCIATE_RJ):
             raise ProtocolError(f"unrecognized PDU type 0x{pdu_type:02x}", ABORT_UNRECOGNIZED_PDU)
-        if length > PDU_CAP:
+        if length > cap:
             raise ProtocolError(f"PDU of {length} bytes refused", ABORT_INVALID_PARAMETER)
         return pdu_type, self._read_exact(length)
 
@@ -322,7 +324,7 @@ class Association:
             pass
 
     def _associate(self) -> bool:
-        pdu_type, body = self._read_pdu()
+        pdu_type, body = self._read_pdu(ASSOCIATE_RQ_CAP)
         if pdu_type != A_ASSOCIATE_RQ:
             raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02x}")
         rq = parse_associate_rq(bytes(body))
