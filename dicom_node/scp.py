@@ -177,15 +177,16 @@ def uid_ref(uid: str) -> str:
     return "uid#" + hashlib.sha256(uid.encode()).hexdigest()[:12]
 
 
-def handle_store(event: Event, spool: Spool, journal: Journal, notify: Callable[[Received], None]) -> int:
-    calling_ae = event.assoc.requestor.ae_title
-    sop_class = str(event.request.AffectedSOPClassUID)
-    sop_uid = str(event.request.AffectedSOPInstanceUID)
+def store_instance(spool: Spool, journal: Journal, notify: Callable[[Received], None], calling_ae: str,
+                   sop_class: str, sop_uid: str, transfer_syntax: UID, raw: bytes) -> int:
+    """The whole C-STORE: decode what filing needs, spool, journal, notify; return the reply's status.
+
+    Both receivers call this with plain values: pynetdicom's handler (`handle_store`) and the lean
+    acceptor (`dicom_node.lean_scp`), so what a C-STORE does never depends on the transport.
+    """
     kind = uids.SHORT_NAMES.get(sop_class, sop_class)
     ref = uid_ref(sop_uid)
-    transfer_syntax = event.context.transfer_syntax
     try:
-        raw = event.request.DataSet.getvalue()
         ds = decode_for_filing(raw, transfer_syntax, sop_class)
         received = describe_instance(ds, sop_class, "", calling_ae)
     except InvalidInstance as exc:
@@ -216,6 +217,12 @@ def handle_store(event: Event, spool: Spool, journal: Journal, notify: Callable[
     return status.SUCCESS
 
 
+def handle_store(event: Event, spool: Spool, journal: Journal, notify: Callable[[Received], None]) -> int:
+    return store_instance(spool, journal, notify, event.assoc.requestor.ae_title,
+                          str(event.request.AffectedSOPClassUID), str(event.request.AffectedSOPInstanceUID),
+                          event.context.transfer_syntax, event.request.DataSet.getvalue())
+
+
 def set_nodelay(event: Event) -> None:
     """Turn off Nagle's algorithm on each connection.
 
@@ -227,15 +234,23 @@ def set_nodelay(event: Event) -> None:
         sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def handle_echo(event: Event) -> int:
-    LOGGER.info("C-ECHO from %s", event.assoc.requestor.ae_title)
+def echo_status(calling_ae: str) -> int:
+    LOGGER.info("C-ECHO from %s", calling_ae)
     return status.SUCCESS
+
+
+def handle_echo(event: Event) -> int:
+    return echo_status(event.assoc.requestor.ae_title)
+
+
+def log_rejected(calling_ae: str, address: str) -> None:
+    LOGGER.warning("association from %s (%s) rejected: calling AE title not in node.allowed_callers",
+                   calling_ae, address)
 
 
 def handle_rejected(event: Event) -> None:
     req = event.assoc.requestor
-    LOGGER.warning("association from %s (%s) rejected: calling AE title not in node.allowed_callers",
-                   req.ae_title, req.address)
+    log_rejected(req.ae_title, req.address)
 
 
 def build_ae(settings: NodeSettings) -> AE:

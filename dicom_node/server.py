@@ -6,16 +6,19 @@ that stops cleanly on SIGTERM or SIGINT.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from dicom_node.assembler import Assembler
 from dicom_node.journal import Job, Journal
+from dicom_node.lean_scp import LeanServer
 from dicom_node.outbox import Outbox
 from dicom_node.pipeline import Pipeline
-from dicom_node.scp import Received, build_ae, server_ssl_context, store_handlers
+from dicom_node.scp import Received, build_ae, server_ssl_context, store_handlers, store_instance
 from dicom_node.secondcheck import SecondCheck
 from dicom_node.settings import Settings
 from dicom_node.spool import Spool
@@ -45,7 +48,7 @@ class Node:
             self.pipeline = Pipeline(settings, self.journal, on_merged=self.outbox.submit)
             self.assembler.add_ready_listener(self.pipeline.submit)
         self._ae = build_ae(settings.node)
-        self._server = None
+        self._server: Any = None  # pynetdicom's server or a LeanServer: both have server_address, shutdown()
         self.port: int | None = None
 
     def start(self) -> int:
@@ -60,13 +63,18 @@ class Node:
         if self.secondcheck is not None:
             self.secondcheck.start()
         self.assembler.start()
-        self._server = self._ae.start_server(
-            (node.host, node.port), block=False, evt_handlers=store_handlers(self.spool, self.journal, self._notify),
-            ssl_context=server_ssl_context(node),
-        )
+        if node.receiver == "lean":
+            store = functools.partial(store_instance, self.spool, self.journal, self._notify)
+            self._server = LeanServer(node, store, server_ssl_context(node)).start()
+        else:
+            self._server = self._ae.start_server(
+                (node.host, node.port), block=False,
+                evt_handlers=store_handlers(self.spool, self.journal, self._notify),
+                ssl_context=server_ssl_context(node),
+            )
         self.port = int(self._server.server_address[1])
-        LOGGER.info("%s listening on %s:%d%s", node.ae_title, node.host, self.port,
-                    " (TLS)" if node.tls.enabled else "")
+        LOGGER.info("%s listening on %s:%d%s (%s receiver)", node.ae_title, node.host, self.port,
+                    " (TLS)" if node.tls.enabled else "", node.receiver)
         return self.port
 
     def _notify(self, received: Received) -> None:

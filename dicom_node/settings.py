@@ -83,6 +83,8 @@ class NodeSettings:
     max_pdu: int = field(default=262144, metadata=_meta(_check_non_negative))
     # Call fsync on every spooled file before answering success (durability over speed).
     fsync: bool = True
+    # Which DICOM receiver runs: our lean storage-only acceptor or pynetdicom's server.
+    receiver: str = field(default="lean", metadata=_meta(_choice("lean", "pynetdicom")))
     tls: TlsSettings = field(default_factory=TlsSettings)
 
 
