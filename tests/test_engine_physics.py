@@ -99,20 +99,29 @@ def test_shards_agree_with_one_run_and_uncertainty_shrinks(tmp_path):
     d4, d1, se = merged.per_fraction_gy, single.per_fraction_gy, merged.std_error_per_fraction_gy
     assert se is not None
     high = d4 >= 0.5 * d4.max()
-    # Both estimates carry about the same variance, so their difference has sqrt(2) x the SE.
-    z = (d4[high] - d1[high]) / (np.sqrt(2) * se[high])
+    # Both estimates carry about the same variance, so their difference has sqrt(2) x the SE. A
+    # per-voxel SE from 4 shards is itself noisy (3 degrees of freedom) and, over a few dozen voxels,
+    # makes the count flaky; the relative SE pooled over the high-dose region is a steady estimate.
+    se_pooled = float(np.mean(se[high] / d4[high])) * d4[high]
+    z = (d4[high] - d1[high]) / (np.sqrt(2) * se_pooled)
     within = float(np.mean(np.abs(z) < 3))
     print(f"high-dose voxels {high.sum()}, within 3 SE: {100 * within:.1f} %, mean z {z.mean():+.2f}")
     assert high.sum() >= 20
-    assert within >= 0.9  # 4 shards give a t-distribution with 3 degrees of freedom: heavier tails
+    assert within >= 0.9
     assert abs(float(np.mean(d4[high] / d1[high])) - 1.0) < 0.03
 
     more = [ENGINE.run_shard(inputs, 4 * n, seed, THREADS) for seed in range(10, 14)]
     merged_more = merge(more, inputs.protons_per_fraction, 1, expected_shards=4)
-    ratio = (merged.summary["mean_relative_uncertainty_high_dose"]
-             / merged_more.summary["mean_relative_uncertainty_high_dose"])
+    # On one fixed region (from the better run) and as mean SE / mean dose: a mean of per-voxel ratios
+    # over a region picked from the noisier run itself is biased high (noisy dose in the denominator).
+    region = merged_more.per_fraction_gy >= 0.5 * merged_more.per_fraction_gy.max()
+
+    def relative_se(m):
+        return float(np.mean(m.std_error_per_fraction_gy[region]) / np.mean(m.per_fraction_gy[region]))
+
+    ratio = relative_se(merged) / relative_se(merged_more)
     print(f"uncertainty ratio for 4x the primaries: {ratio:.2f} (expected 2)")
-    assert 1.4 < ratio < 2.8
+    assert 1.5 < ratio < 2.6
 
 
 @pytest.mark.parametrize(("spot", "iso", "expect_x", "expect_z"), [
