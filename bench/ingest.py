@@ -51,9 +51,13 @@ def main() -> int:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         spec = PhantomSpec(size_mm=(500.0, 500.0, 2.0 * args.slices), spacing_mm=(500 / 512, 500 / 512, 2.0))
-        study = build_study(spec)
-        write_study(study, work / "study")
-        files = sorted(str(p) for p in (work / "study").glob("CT_*.dcm"))
+        # A new series (new UIDs) for every round, as a TPS sends new CTs: re-sending the same instances
+        # would time the replace-and-upsert path instead of ingest.
+        series = []
+        for i in range(args.rounds):
+            write_study(build_study(spec), work / f"study-{i}")
+            series.append(sorted(str(p) for p in (work / f"study-{i}").glob("CT_*.dcm")))
+        files = series[0]
         size_mb = sum(Path(f).stat().st_size for f in files) / 1e6
         print(f"{len(files)} CT files, {size_mb:.0f} MB; {machine()}", file=sys.stderr)
 
@@ -71,8 +75,8 @@ def main() -> int:
         wait_echo(dcmtk_port, "ANY")
         ours, theirs = [], []
         for i in range(args.rounds):
-            theirs.append(send(dcmtk_port, "ANY", files))
-            ours.append(send(ours_port, "MCNODE", files))
+            theirs.append(send(dcmtk_port, "ANY", series[i]))
+            ours.append(send(ours_port, "MCNODE", series[i]))
             print(f"round {i + 1}: dcmtk {theirs[-1]:.2f} s, ours {ours[-1]:.2f} s", file=sys.stderr)
         ours_rate = len(files) / statistics.median(ours)
         dcmtk_rate = len(files) / statistics.median(theirs)
