@@ -13,8 +13,6 @@ to it, so handlers stay fast and no two evaluations race.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -25,10 +23,10 @@ from dicom_node import uids
 from dicom_node.journal import READY, RECEIVING, REJECTED, Instance, Job, Journal
 from dicom_node.scp import Received
 from dicom_node.settings import TriggerSettings
+from dicom_node.worker_thread import QueueWorker
 
 LOGGER = logging.getLogger(__name__)
 
-_STOP = object()
 
 
 class Assembler:
@@ -37,10 +35,8 @@ class Assembler:
         self.journal = journal
         self.trigger = trigger
         self._on_ready = [on_ready] if on_ready else []
-        self._queue: queue.Queue[object] = queue.Queue()
+        self._worker = QueueWorker("assembler", self._handle)
         self._scheduler = BackgroundScheduler(timezone="UTC")
-        self._thread = threading.Thread(target=self._run, name="assembler", daemon=True)
-        self._idle = threading.Event()
 
     def add_ready_listener(self, callback: Callable[[Job], None]) -> None:
         self._on_ready.append(callback)
@@ -49,52 +45,36 @@ class Assembler:
 
     def start(self) -> None:
         self._scheduler.start()
-        self._thread.start()
+        self._worker.start()
         # Resume after a restart: every job still receiving is evaluated again and gets its timeout.
         for job in self.journal.jobs_in(RECEIVING):
             self._schedule_timeout(job)
-            self._queue.put(("job", job.id))
+            self._worker.put(("job", job.id))
 
     def stop(self) -> None:
-        self._queue.put(_STOP)
-        self._thread.join(timeout=10)
+        self._worker.stop(timeout=10)
         self._scheduler.shutdown(wait=False)
 
     def notify(self, received: Received) -> None:
         """Called by the C-STORE handler after an instance is spooled and journaled."""
-        self._idle.clear()
-        self._queue.put(("instance", received))
+        self._worker.put(("instance", received))
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """For tests and tools: wait until every posted event has been handled."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._queue.unfinished_tasks == 0:
-                return True
-            time.sleep(0.01)
-        return False
+        return self._worker.wait_idle(timeout)
 
     # --- the assembler thread -----------------------------------------------------------
 
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                if item is _STOP:
-                    return
-                kind, payload = item  # type: ignore[misc]
-                if kind == "instance":
-                    self._on_instance(payload)
-                elif kind == "job":
-                    self._evaluate(self.journal.job(payload), from_timer=False)
-                elif kind == "stable":
-                    self._evaluate(self.journal.job(payload), from_timer=True)
-                elif kind == "timeout":
-                    self._on_timeout(payload)
-            except Exception:  # noqa: BLE001 - the thread must survive one bad event
-                LOGGER.exception("assembler failed on %s", item[0] if isinstance(item, tuple) else item)
-            finally:
-                self._queue.task_done()
+    def _handle(self, item: tuple[str, object]) -> None:
+        kind, payload = item
+        if kind == "instance":
+            self._on_instance(payload)  # type: ignore[arg-type]
+        elif kind == "job":
+            self._evaluate(self.journal.job(str(payload)), from_timer=False)
+        elif kind == "stable":
+            self._evaluate(self.journal.job(str(payload)), from_timer=True)
+        elif kind == "timeout":
+            self._on_timeout(str(payload))
 
     def _on_instance(self, received: Received) -> None:
         inst = received.instance
@@ -114,7 +94,7 @@ class Assembler:
 
     def _schedule(self, kind: str, job_id: str, when: float) -> None:
         run_date = datetime.fromtimestamp(max(when, time.time()), tz=UTC)
-        self._scheduler.add_job(self._queue.put, "date", run_date=run_date, args=[(kind, job_id)],
+        self._scheduler.add_job(self._worker.put, "date", run_date=run_date, args=[(kind, job_id)],
                                 id=f"{kind}:{job_id}", replace_existing=True, misfire_grace_time=None)
 
     def _schedule_timeout(self, job: Job) -> None:

@@ -16,7 +16,6 @@ reason, anything else FAILED with the reason (a retry starts from the state it f
 from __future__ import annotations
 
 import logging
-import queue
 import shutil
 import threading
 import time
@@ -44,10 +43,10 @@ from dicom_node.errors import NodeError
 from dicom_node.journal import FAILED, MERGED, READY, REJECTED, RUNNING, SEALED, Job, Journal
 from dicom_node.rtdose import write_rt_dose
 from dicom_node.settings import Settings, read_site_key
+from dicom_node.worker_thread import QueueWorker
 
 LOGGER = logging.getLogger(__name__)
 
-_STOP = object()
 # How often an idle pipeline looks for jobs put back by `mcnode retry` from another process.
 RETRY_SCAN_SECONDS = 5.0
 
@@ -65,8 +64,8 @@ class Pipeline:
         self.vault = Vault(data_dir / "vault", self.site_key)
         self.jobs_dir = data_dir / "jobs"
         self._on_merged = on_merged
-        self._queue: queue.Queue[object] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
+        self._worker = QueueWorker("pipeline", self._handle, on_error=self._fail_unexpected,
+                                   on_idle=self._pick_up_retries, idle_seconds=RETRY_SCAN_SECONDS)
         self.timings: dict[str, dict[str, float]] = {}
         self._backend: Backend | None = None
         self._lock = threading.Lock()
@@ -75,22 +74,21 @@ class Pipeline:
     # --- life cycle ---------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        self._worker.start()
         for job in self.journal.jobs_in(READY, SEALED, RUNNING, MERGED):
             self.submit(job)
 
     def stop(self) -> None:
         if self._backend is not None:
             self._backend.cancel()
-        self._queue.put(_STOP)
-        self._thread.join(timeout=5)
+        self._worker.stop(timeout=5)
 
     def submit(self, job: Job) -> None:
         with self._lock:
             if job.id in self._queued:
                 return
             self._queued.add(job.id)
-        self._queue.put(job.id)
+        self._worker.put(job.id)
 
     def _pick_up_retries(self) -> None:
         """Jobs put back into a pipeline state from outside (`mcnode retry`) are taken up here."""
@@ -98,31 +96,14 @@ class Pipeline:
             self.submit(job)
 
     def wait_idle(self, timeout: float = 600) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._queue.unfinished_tasks == 0:
-                return True
-            time.sleep(0.05)
-        return False
+        return self._worker.wait_idle(timeout)
 
-    def _run(self) -> None:
-        while True:
-            try:
-                item = self._queue.get(timeout=RETRY_SCAN_SECONDS)
-            except queue.Empty:
-                self._pick_up_retries()
-                continue
-            try:
-                if item is _STOP:
-                    return
-                self.process(str(item))
-            except Exception as exc:  # noqa: BLE001 - one job's bug must not stop the pipeline
-                LOGGER.exception("pipeline failed on job %s", item)
-                self._fail_unexpected(str(item), exc)
-            finally:
-                with self._lock:
-                    self._queued.discard(str(item))
-                self._queue.task_done()
+    def _handle(self, job_id: str) -> None:
+        try:
+            self.process(job_id)
+        finally:
+            with self._lock:
+                self._queued.discard(job_id)
 
     def _fail_unexpected(self, job_id: str, exc: Exception) -> None:
         """An unexpected error: FAILED with its type, so the job is not taken up again in a loop."""

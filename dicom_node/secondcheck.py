@@ -14,8 +14,6 @@ neither the SCP, the assembler nor the outbox. Logs name job ids only.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -39,12 +37,12 @@ from dicom_node.report import encapsulated_pdf, write_report
 from dicom_node.scp import Received
 from dicom_node.scu import send_paths
 from dicom_node.settings import SecondCheckSettings, Settings, parse_criterion
+from dicom_node.worker_thread import QueueWorker
 
 LOGGER = logging.getLogger(__name__)
 
 STEP = "secondcheck"
 RETRY_SCAN_SECONDS = 2.0
-_STOP = object()
 
 
 def report_dir(settings: Settings) -> Path:
@@ -111,23 +109,22 @@ class SecondCheck:
         self.settings = settings
         self.policy = settings.secondcheck
         self.journal = journal
-        self._queue: queue.Queue[object] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="secondcheck", daemon=True)
+        self._worker = QueueWorker("secondcheck", lambda job_id: self.process(str(job_id)),
+                                   on_idle=self._pick_up_retries, idle_seconds=RETRY_SCAN_SECONDS)
 
     # --- life cycle and triggers ----------------------------------------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        self._worker.start()
         for job in self.journal.jobs_in(SENT, FAILED):
-            self._queue.put(job.id)
+            self._worker.put(job.id)
 
     def stop(self) -> None:
-        self._queue.put(_STOP)
-        self._thread.join(timeout=30)
+        self._worker.stop(timeout=30)
 
     def submit(self, job: Job) -> None:
         """The outbox recorded SENT: compare if the TPS dose is already here."""
-        self._queue.put(job.id)
+        self._worker.put(job.id)
 
     def notify(self, received: Received) -> None:
         """An instance was stored; a TPS RT Dose queues its plan's job."""
@@ -137,37 +134,16 @@ class SecondCheck:
             if kind == "plan":
                 job = self.journal.job_for_plan(plan_uid)
                 if job is not None:
-                    self._queue.put(job.id)
+                    self._worker.put(job.id)
 
     def wait_idle(self, timeout: float = 300) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._queue.unfinished_tasks == 0:
-                return True
-            time.sleep(0.05)
-        return False
+        return self._worker.wait_idle(timeout)
 
     def _pick_up_retries(self) -> None:
         """Second checks put back to SENT from outside (`mcnode retry`) are taken up here."""
         for job in self.journal.jobs_in(SENT):
             if job.data.get("failed_step") == STEP:
-                self._queue.put(job.id)
-
-    def _run(self) -> None:
-        while True:
-            try:
-                item = self._queue.get(timeout=RETRY_SCAN_SECONDS)
-            except queue.Empty:
-                self._pick_up_retries()
-                continue
-            try:
-                if item is _STOP:
-                    return
-                self.process(str(item))
-            except Exception:  # noqa: BLE001 - the thread must survive one job's bug
-                LOGGER.exception("second check failed on job %s", item)
-            finally:
-                self._queue.task_done()
+                self._worker.put(job.id)
 
     # --- one job ---------------------------------------------------------------------------
 
