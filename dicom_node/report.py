@@ -24,15 +24,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid  # noqa: E402
+from pydicom.dataset import Dataset  # noqa: E402
 
 from dicom_node.compare import Comparison, Grid, cumulative_dvh, resample  # noqa: E402
+from dicom_node.rtdose import new_instance  # noqa: E402
 
 ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
 METRICS = ("mean", "D98", "D95", "D50", "D2")
-_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
-                  "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName", "SpecificCharacterSet")
 
 
 def _rgb(color: tuple[int, int, int]) -> tuple[float, float, float]:
@@ -270,26 +268,10 @@ def write_report(out_dir: Path, cmp: Comparison, result: dict[str, Any], header:
 
 def encapsulated_pdf(pdf: bytes, source: Dataset, title: str = "Dose second check") -> Dataset:
     """A DICOM Encapsulated PDF in the patient and study of `source` (the plan), in a new series."""
-    ds = Dataset()
-    uid = generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ENCAPSULATED_PDF
-    meta.MediaStorageSOPInstanceUID = uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta = meta
-    for keyword in _PATIENT_STUDY:
-        if keyword in source:
-            setattr(ds, keyword, source.data_element(keyword).value)
+    ds = new_instance(ENCAPSULATED_PDF, source, series_number=901)
     now = datetime.now()
-    ds.SOPClassUID = ENCAPSULATED_PDF
-    ds.SOPInstanceUID = uid
     ds.Modality = "DOC"
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber = 901
     ds.SeriesDescription = title
-    ds.InstanceNumber = 1
-    ds.Manufacturer = "dicom-mc-node"
     ds.ContentDate = ds.InstanceCreationDate = now.strftime("%Y%m%d")
     ds.ContentTime = ds.InstanceCreationTime = now.strftime("%H%M%S")
     ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")

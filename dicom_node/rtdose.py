@@ -24,6 +24,31 @@ _PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", 
 _UINT32_MAX = 2**32 - 1
 
 
+def new_instance(sop_class: str, source: Dataset, series_number: int = 900) -> Dataset:
+    """A new instance in the patient and study of `source`: file meta, UIDs, a new series, creation time."""
+    ds = Dataset()
+    sop_uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.file_meta = meta
+    for keyword in _PATIENT_STUDY:
+        if keyword in source:
+            setattr(ds, keyword, source.data_element(keyword).value)
+    now = datetime.now()
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.InstanceCreationTime = now.strftime("%H%M%S")
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = series_number
+    ds.Manufacturer = "dicom-mc-node"
+    ds.InstanceNumber = 1
+    return ds
+
+
 def write_rt_dose(merged: MergedDose, ct_datasets: list[Dataset], plan_ds: Dataset, *, plan_total: bool = True,
                   series_description: str = "Monte Carlo dose (MCsquare)") -> Dataset:
     """An RT Dose dataset (not yet saved) for the plan total, or per fraction when plan_total is False."""
@@ -37,28 +62,9 @@ def write_rt_dose(merged: MergedDose, ct_datasets: list[Dataset], plan_ds: Datas
     if (len(cts), int(first.Rows), int(first.Columns)) != (nz, ny, nx):
         raise ValueError(f"dose grid {dose.shape} does not match the CT ({len(cts)}, {first.Rows}, {first.Columns})")
 
-    ds = Dataset()
-    sop_uid = generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = uids.RT_DOSE
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta = meta
-    for keyword in _PATIENT_STUDY:
-        if keyword in first:
-            setattr(ds, keyword, first.data_element(keyword).value)
-    now = datetime.now()
-    ds.SOPClassUID = uids.RT_DOSE
-    ds.SOPInstanceUID = sop_uid
-    ds.InstanceCreationDate = now.strftime("%Y%m%d")
-    ds.InstanceCreationTime = now.strftime("%H%M%S")
+    ds = new_instance(uids.RT_DOSE, first)
     ds.Modality = "RTDOSE"
-    ds.Manufacturer = "dicom-mc-node"
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber = 900
     ds.SeriesDescription = series_description
-    ds.InstanceNumber = 1
     ds.FrameOfReferenceUID = first.FrameOfReferenceUID
     ds.PositionReferenceIndicator = ""
     ds.ContentDate = ds.InstanceCreationDate
