@@ -19,6 +19,7 @@ import pytest
 from dicom_node.phantom import PhantomSpec, Study, build_study, write_study
 from dicom_node.server import Node
 from dicom_node.settings import Settings, init_config_dir, load_settings, settings_from_dict
+from tests.peers import stop_process
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -142,9 +143,4 @@ def storescp(tmp_path: Path) -> Iterator[Callable[..., tuple[int, Path]]]:
 
     yield start
     for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)

@@ -43,7 +43,7 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) 
     raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -94,7 +94,7 @@ def sshd(folder: Path) -> Iterator[Sshd]:
         _wait_port(port, proc)
         yield Sshd(port, user, client_key, known, folder)
     finally:
-        _stop(proc)
+        stop_process(proc)
         log.close()
 
 
@@ -117,5 +117,5 @@ def moto_server(folder: Path) -> Iterator[str]:
         urllib.request.urlopen(req, timeout=10).close()
         yield url
     finally:
-        _stop(proc)
+        stop_process(proc)
         log.close()
