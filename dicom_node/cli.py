@@ -114,12 +114,22 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
     if not rows:
         print("no jobs")
         return EXIT_OK
-    print(f"{'id':<14} {'state':<10} {'progress':<9} {'created':<20} {'updated':<20} reason")
+    print(f"{'id':<14} {'state':<10} {'progress':<9} {'created':<20} {'updated':<20} reason / result")
     for row in rows:
         progress = f"{row['shards_done']}/{row['shards_total']}" if row.get("shards_total") else ""
         print(f"{row['id']:<14} {row['state']:<10} {progress:<9} {row['created']:<20} {row['updated']:<20} "
-              f"{row['reason'] or ''}")
+              f"{_job_note(row)}")
     return EXIT_OK
+
+
+def _job_note(row: dict[str, object]) -> str:
+    """The last column of `mcnode jobs`: the reason, or the second-check verdict with its pass rates."""
+    parts = [str(row["reason"])] if row.get("reason") else []
+    if row.get("verdict"):
+        rates = row.get("gamma_pass_rates") or {}
+        shown = ", ".join(f"{k} {float(v):.1f} %" for k, v in rates.items())  # type: ignore[union-attr]
+        parts.insert(0, f"second check {row['verdict']}" + (f" (gamma {shown})" if shown else ""))
+    return "; ".join(parts)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
