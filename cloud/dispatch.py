@@ -21,13 +21,18 @@ LOGGER = logging.getLogger(__name__)
 BASE_SEED = 1000
 
 
-def plan_tasks(job_id: str, shards: int, primaries: int, bundle_uri: str, results_uri: str) -> list[ShardTask]:
-    """`shards` tasks whose primaries add up to `primaries`; results at `results_uri`/shard-I.tally."""
+def split_primaries(primaries: int, shards: int) -> list[int]:
+    """Primaries per shard: as even as possible, summing to the total, none empty."""
     if shards < 1 or primaries < shards:
         raise DispatchError(f"cannot split {primaries} primaries into {shards} shards")
     base, extra = divmod(primaries, shards)
-    return [ShardTask(job_id, i, base + (1 if i < extra else 0), BASE_SEED + i, bundle_uri,
-                      f"{results_uri.rstrip('/')}/shard-{i}.tally") for i in range(shards)]
+    return [base + (1 if i < extra else 0) for i in range(shards)]
+
+
+def plan_tasks(job_id: str, shards: int, primaries: int, bundle_uri: str, results_uri: str) -> list[ShardTask]:
+    """`shards` tasks whose primaries add up to `primaries`; results at `results_uri`/shard-I.tally."""
+    return [ShardTask(job_id, i, n, BASE_SEED + i, bundle_uri, f"{results_uri.rstrip('/')}/shard-{i}.tally")
+            for i, n in enumerate(split_primaries(primaries, shards))]
 
 
 def finished(task: ShardTask, key: bytes) -> bool:

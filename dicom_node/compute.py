@@ -16,9 +16,10 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from cloud.dispatch import split_primaries
 from cloud.engines import get_engine
 from cloud.engines.base import Tally
-from cloud.errors import EngineError, MergeError, UnsupportedPlan
+from cloud.errors import DispatchError, EngineError, MergeError, UnsupportedPlan
 from cloud.merge import MergedDose, merge
 from dicom_node import uids
 from dicom_node.errors import NodeError, PlanRejected
@@ -51,14 +52,6 @@ def read_folder(in_dir: Path) -> list[Dataset]:
     return datasets
 
 
-def split_primaries(primaries: int, shards: int) -> list[int]:
-    """Primaries per shard: as even as possible, summing to the total, none empty."""
-    if shards <= 0 or primaries < shards:
-        raise ValueError(f"need at least one primary per shard ({primaries} primaries, {shards} shards)")
-    base, extra = divmod(primaries, shards)
-    return [base + (1 if i < extra else 0) for i in range(shards)]
-
-
 def compute_folder(in_dir: Path, out_dir: Path, *, primaries: int, shards: int,
                    engine_settings: EngineSettings | None = None, seed: int = 0) -> ComputeResult:
     """Compute the plan found in in_dir; write RD_<plan>.dcm into out_dir. PlanRejected if impossible."""
@@ -85,7 +78,7 @@ def compute_folder(in_dir: Path, out_dir: Path, *, primaries: int, shards: int,
                        expected_shards=shards, expected_primaries=primaries)
     except UnsupportedPlan as exc:
         raise PlanRejected(str(exc)) from exc
-    except (EngineError, MergeError, ValueError) as exc:
+    except (EngineError, MergeError, DispatchError) as exc:
         raise ComputeError(f"dose computation failed: {exc}") from exc
     cts = [ds for ds in datasets if str(ds.get("SOPClassUID", "")) == uids.CT_IMAGE
            and ds.get("FrameOfReferenceUID") == plan.get("FrameOfReferenceUID")]
