@@ -136,6 +136,18 @@ def _job(row: sqlite3.Row) -> Job:
     )
 
 
+def _merge_data(existing: dict[str, Any], new: dict[str, Any] | None) -> dict[str, Any]:
+    """Job data after an update: top-level keys replaced, the `public` table merged key by key.
+
+    Merging `public` here, inside the write transaction, means no stage has to read-modify-write it
+    (the outbox and the second check update it from other threads than the pipeline).
+    """
+    merged = {**existing, **(new or {})}
+    if new and "public" in new:
+        merged["public"] = {**existing.get("public", {}), **new["public"]}
+    return merged
+
+
 class Journal:
     """Thread-safe access to the journal database (one connection, one lock)."""
 
@@ -295,8 +307,7 @@ class Journal:
                 raise JournalError(f"job {job_id} is {current}, expected {' or '.join(allowed)}")
             if state != current and state not in TRANSITIONS[current]:
                 raise JournalError(f"job {job_id}: {current} → {state} is not a valid transition")
-            merged = json.loads(row["data"])
-            merged.update(data or {})
+            merged = _merge_data(json.loads(row["data"]), data)
             conn.execute("UPDATE jobs SET state=?, reason=?, updated=?, data=? WHERE id=?",
                          (state, reason, now, json.dumps(merged), job_id))
             conn.execute("INSERT INTO transitions (job_id, state, reason, at) VALUES (?,?,?,?)",
@@ -310,8 +321,7 @@ class Journal:
             row = conn.execute("SELECT data FROM jobs WHERE id=?", (job_id,)).fetchone()
             if row is None:
                 raise JournalError(f"no job {job_id}")
-            merged = json.loads(row["data"])
-            merged.update(data)
+            merged = _merge_data(json.loads(row["data"]), data)
             conn.execute("UPDATE jobs SET data=?, updated=? WHERE id=?", (json.dumps(merged), time.time(), job_id))
 
     def set_progress(self, job_id: str, done: int, total: int) -> None:

@@ -98,8 +98,7 @@ class Outbox:
         why = failures[0][1]
         LOGGER.warning("job %s: sending to %s failed (%s); retry %d in %.0f s", job.id, dest.ae_title, why,
                        attempt + 1, delay)
-        self.journal.update_job_data(job.id, {"public": {**job.data.get("public", {}),
-                                                         "send_attempts": attempt + 1, "last_send_error": why}})
+        self.journal.update_job_data(job.id, {"public": {"send_attempts": attempt + 1, "last_send_error": why}})
         with self._cond:
             heapq.heappush(self._due, (time.monotonic() + delay, job.id, attempt + 1))
             self._cond.notify_all()

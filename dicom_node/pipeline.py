@@ -174,7 +174,7 @@ class Pipeline:
                     {"engine": engine.name, "files": names})
         self._timed(job.id, "seal", start)
         public = {"warnings": list(inputs.warnings)} if inputs.warnings else {}
-        return self.journal.transition(job.id, SEALED, data={"public": {**job.data.get("public", {}), **public},
+        return self.journal.transition(job.id, SEALED, data={"public": public,
                                                              "anonymized": names})
 
     def _beam_models(self) -> dict[str, Path] | None:
@@ -194,7 +194,7 @@ class Pipeline:
         sizing = job.data.get("public", {}).get("sizing") or plan_job(
             self.journal.list_jobs(), self.settings.engine.primaries, cloud.shards, cost,
             deadline_s=sz.deadline_seconds, cost_cap=sz.cost_cap, max_shards=sz.max_shards)
-        self.journal.update_job_data(job.id, {"public": {**job.data.get("public", {}), "sizing": sizing}})
+        self.journal.update_job_data(job.id, {"public": {"sizing": sizing}})
         tasks = plan_tasks(job.id, int(sizing["shards"]), self.settings.engine.primaries,
                            (folder / "bundle.sealed").as_uri(), (folder / "results").as_uri())
         backend = get_backend(cloud.backend, **cloud.backend_options())
@@ -222,6 +222,6 @@ class Pipeline:
         summary = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in merged.summary.items()}
         return self.journal.transition(job.id, MERGED, data={
             "rtdose": str(out),
-            "public": {**job.data.get("public", {}), "summary": summary, "shards": len(tasks),
+            "public": {"summary": summary, "shards": len(tasks),
                        "primaries": self.settings.engine.primaries, "sizing": sizing,
                        "shard_wall_s": [round(t.wall_s, 3) for t in tallies]}})

@@ -181,7 +181,7 @@ class SecondCheck:
             return self.journal.transition(job.id, FAILED, reason=reason, data={
                 "failed_in": SENT, "failed_step": STEP, "tps_dose_uid": dose.sop_instance_uid})
         seconds = round(time.perf_counter() - start, 2)
-        public = {**job.data.get("public", {}), "verdict": result["verdict"],
+        public = {"verdict": result["verdict"],
                   "gamma_pass_rates": {k: g["pass_rate_percent"] for k, g in result["gamma"].items()},
                   "secondcheck_seconds": seconds}
         verified = self.journal.transition(job.id, VERIFIED, reason=None if result["verdict"] == "pass"
@@ -240,5 +240,5 @@ class SecondCheck:
         outcome = (f"sent to {policy.report_ae_title}@{policy.report_host}:{policy.report_port}" if not failures
                    else f"not sent: {failures[0][1]}")
         LOGGER.info("job %s: report PDF %s", job.id, outcome)
-        self.journal.update_job_data(job.id, {"public": {**job.data.get("public", {}), "report_pdf": outcome}})
+        self.journal.update_job_data(job.id, {"public": {"report_pdf": outcome}})
 
