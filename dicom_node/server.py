@@ -47,7 +47,6 @@ class Node:
                                  on_sent=self.secondcheck.submit if self.secondcheck is not None else None)
             self.pipeline = Pipeline(settings, self.journal, on_merged=self.outbox.submit)
             self.assembler.add_ready_listener(self.pipeline.submit)
-        self._ae = build_ae(settings.node)
         self._server: Any = None  # pynetdicom's server or a LeanServer: both have server_address, shutdown()
         self.port: int | None = None
 
@@ -67,7 +66,7 @@ class Node:
             store = functools.partial(store_instance, self.spool, self.journal, self._notify)
             self._server = LeanServer(node, store, server_ssl_context(node)).start()
         else:
-            self._server = self._ae.start_server(
+            self._server = build_ae(node).start_server(
                 (node.host, node.port), block=False,
                 evt_handlers=store_handlers(self.spool, self.journal, self._notify),
                 ssl_context=server_ssl_context(node),
