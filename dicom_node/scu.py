@@ -82,7 +82,8 @@ def send_paths(paths: list[Path], host: str, port: int, called_ae: str, calling_
     if not assoc.is_established:
         raise SendError(f"association with {called_ae} at {host}:{port} was not accepted")
     try:
-        for f in contexts:
+        to_send = list(contexts)
+        for i, f in enumerate(to_send):
             try:
                 rsp = assoc.send_c_store(f)
             except (ValueError, RuntimeError) as exc:
@@ -92,8 +93,7 @@ def send_paths(paths: list[Path], host: str, port: int, called_ae: str, calling_
             if code is None:
                 failures.append((f, "no response (connection lost or timed out)"))
                 if not assoc.is_established:
-                    failures.extend((g, "not sent: association ended") for g in list(contexts)[
-                        list(contexts).index(f) + 1:])
+                    failures.extend((g, "not sent: association ended") for g in to_send[i + 1:])
                     break
             elif code != status.SUCCESS:
                 failures.append((f, f"status 0x{code:04X}"))
