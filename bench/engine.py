@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cloud.engines import get_engine  # noqa: E402
-from cloud.engines.mcsquare import mcsquare_binary, write_config  # noqa: E402
+from cloud.engines.mcsquare.adapter import mcsquare_binary, write_config  # noqa: E402
 from cloud.merge import merge  # noqa: E402
 from dicom_node.phantom import PhantomSpec, Spot, build_study  # noqa: E402
 

@@ -7,7 +7,7 @@ the target and a 2 mm distal fall-off; 60 Gy maximum. The "MC" dose carries 1 % 
 (seeded); the "TPS" dose is the noiseless shape 1 % higher and 1 mm to the patient's left, on a
 2.5 mm grid offset by half a voxel, so resampling is real work.
 
-- ours: `dicom_node.compare.compare` with the 3%/3mm criterion and the default policy (global, 10 %
+- ours: `dicom_node.qa.compare.compare` with the 3%/3mm criterion and the default policy (global, 10 %
   low-dose threshold, max_gamma 2, interp_fraction 10): trilinear resampling of the TPS dose onto the
   MC grid, gamma, dose-difference statistics, and the phantom's BODY and PTV rasterised with their DVH
   metrics.
@@ -36,9 +36,9 @@ from scipy.special import erfc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import machine, today  # noqa: E402
-from dicom_node.compare import Grid, compare, ct_from_datasets, structures_from_rtstruct  # noqa: E402
 from dicom_node.demo import DEMO_SPEC  # noqa: E402
 from dicom_node.phantom import build_study  # noqa: E402
+from dicom_node.qa.compare import Grid, compare, ct_from_datasets, structures_from_rtstruct  # noqa: E402
 
 ROUNDS = 3
 

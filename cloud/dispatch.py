@@ -13,7 +13,7 @@ from collections.abc import Callable
 from anonymizer.errors import AnonymizerError
 from cloud.backends.base import Backend
 from cloud.errors import CloudError, DispatchError
-from cloud.stores import store_for
+from cloud.stores.base import store_for
 from cloud.worker import ShardTask, load_result
 
 LOGGER = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ from __future__ import annotations
 from botocore.exceptions import BotoCoreError, ClientError
 
 from cloud.errors import CloudError
-from cloud.stores import store_for
-from cloud.stores_s3 import aws_client
+from cloud.stores.base import store_for
+from cloud.stores.s3 import aws_client
 
 CONTEXT_KEY = "mcnode-job"
 

@@ -25,7 +25,7 @@ from anonymizer.errors import AnonymizerError
 from anonymizer.seal import open_bytes, seal_bytes
 from cloud.bundle import open_bundle
 from cloud.errors import CloudError
-from cloud.stores import store_for
+from cloud.stores.base import store_for
 
 LOGGER = logging.getLogger(__name__)
 

@@ -80,7 +80,7 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from dicom_node.server import serve_forever
+    from dicom_node.jobs.node import serve_forever
     from dicom_node.settings import load_settings
 
     settings = load_settings(args.config)
@@ -89,7 +89,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_send(args: argparse.Namespace) -> int:
-    from dicom_node.scu import send_paths
+    from dicom_node.net.scu import send_paths
 
     failures = send_paths([Path(p) for p in args.paths], host=args.host, port=args.port,
                           called_ae=args.aec, calling_ae=args.aet)
@@ -102,7 +102,7 @@ def _cmd_send(args: argparse.Namespace) -> int:
 
 
 def _cmd_jobs(args: argparse.Namespace) -> int:
-    from dicom_node.journal import Journal
+    from dicom_node.intake.journal import Journal
     from dicom_node.settings import load_settings
 
     settings = load_settings(args.config)
@@ -133,7 +133,7 @@ def _job_note(row: dict[str, object]) -> str:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from dicom_node.journal import Journal
+    from dicom_node.intake.journal import Journal
     from dicom_node.settings import load_settings
 
     settings = load_settings(args.config)
@@ -154,7 +154,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_compute(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from dicom_node.compute import compute_folder
+    from dicom_node.jobs.compute import compute_folder
     from dicom_node.settings import EngineSettings, load_settings
 
     engine, shards = EngineSettings(), 4
@@ -185,7 +185,7 @@ def _cmd_compute(args: argparse.Namespace) -> int:
 
 
 def _cmd_retry(args: argparse.Namespace) -> int:
-    from dicom_node.journal import Journal
+    from dicom_node.intake.journal import Journal
     from dicom_node.settings import load_settings
 
     settings = load_settings(args.config)
@@ -230,7 +230,7 @@ def _cmd_anonymize(args: argparse.Namespace) -> int:
 
     from anonymizer.deidentify import Deidentifier
     from anonymizer.errors import AnonymizerError
-    from dicom_node.uids import SHORT_NAMES
+    from dicom_node.net.uids import SHORT_NAMES
 
     in_dir = Path(args.in_dir)
     if not in_dir.is_dir():

@@ -20,11 +20,11 @@ import numpy as np
 from pydicom import dcmread
 
 from dicom_node.errors import NodeError
-from dicom_node.journal import FAILED, MERGED, REJECTED, SENT, Job
+from dicom_node.intake.journal import FAILED, MERGED, REJECTED, SENT, Job
+from dicom_node.jobs.node import Node
+from dicom_node.net.dose_receiver import DoseReceiver
+from dicom_node.net.scu import send_paths
 from dicom_node.phantom import PhantomSpec, build_study, write_study
-from dicom_node.receiver import DoseReceiver
-from dicom_node.scu import send_paths
-from dicom_node.server import Node
 from dicom_node.settings import Destination, Settings, init_config_dir, load_settings
 
 LOGGER = logging.getLogger(__name__)

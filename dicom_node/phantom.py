@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
-from dicom_node import uids
+from dicom_node.net import uids
 
 HU_AIR = -1000
 HU_WATER = 0

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from dicom_node.jobs.node import Node
 from dicom_node.phantom import PhantomSpec, Study, build_study, write_study
-from dicom_node.server import Node
 from dicom_node.settings import Settings, init_config_dir, load_settings, settings_from_dict
 from tests.peers import stop_process
 

@@ -29,7 +29,7 @@ from anonymizer.deidentify import (
 from anonymizer.errors import AnonymizationError
 from anonymizer.profile import PROFILE, rule_for, vr_of
 from anonymizer.seal import new_data_key, open_bytes, seal_bytes
-from dicom_node import uids
+from dicom_node.net import uids
 from tests.anon_data import IDENTITY, PLANTED, leaks, new_key, planted_study, to_bytes
 
 

@@ -14,7 +14,7 @@ from pydicom.uid import generate_uid
 from anonymizer.deidentify import deidentify_job
 from anonymizer.errors import AnonymizationError, VaultError
 from anonymizer.vault import IdentityRecord, Vault, reidentify
-from dicom_node import uids
+from dicom_node.net import uids
 from tests.anon_data import IDENTITY, leaks, new_key, planted_study, to_bytes
 
 

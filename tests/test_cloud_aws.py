@@ -22,7 +22,7 @@ from cloud.dispatch import dispatch
 from cloud.engines.base import Tally
 from cloud.errors import CloudError, StoreError
 from cloud.kms import store_wrapped_key, unwrap_data_key
-from cloud.stores import store_for
+from cloud.stores.base import store_for
 from tests.cloud_data import local_tallies, sealed_job, shard_tasks
 from tests.peers import FAKE_AWS_ENV, moto_server
 

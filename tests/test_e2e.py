@@ -18,7 +18,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from dicom_node.journal import MERGED, RUNNING, SENT, Journal
+from dicom_node.intake.journal import MERGED, RUNNING, SENT, Journal
 from dicom_node.phantom import write_study
 from tests.conftest import free_port, run_dcmtk, settings_for, storescu, wait_for
 
@@ -147,7 +147,7 @@ def test_two_plans_of_one_patient_get_two_doses(config_dir, node_factory, stores
 def test_plan_the_engine_cannot_compute_is_rejected_with_reason(config_dir, node_factory, storescp, make_study,
                                                                  tmp_path, capsys):
     from dicom_node.cli import main
-    from dicom_node.journal import REJECTED
+    from dicom_node.intake.journal import REJECTED
 
     tps_port, tps_dir = storescp(aet="TPS")
     settings = _compute_settings(config_dir, tps_port)
@@ -172,7 +172,7 @@ def test_plan_the_engine_cannot_compute_is_rejected_with_reason(config_dir, node
 def test_failed_job_reports_reason_and_retry_completes_it(config_dir, node_factory, storescp, phantom_dir, tmp_path,
                                                           monkeypatch, capsys):
     from dicom_node.cli import main
-    from dicom_node.journal import FAILED
+    from dicom_node.intake.journal import FAILED
 
     tps_port, tps_dir = storescp(aet="TPS")
     node = node_factory(_compute_settings(config_dir, tps_port, cloud={"shards": 2, "shard_retries": 1}),

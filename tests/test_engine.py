@@ -12,13 +12,13 @@ from pydicom.data import get_testdata_file
 
 from cloud.engines import get_engine
 from cloud.engines.base import ShardInputs, Tally
-from cloud.engines.beam_model import generic_bdl_text, read_bdl
-from cloud.engines.mcsquare import generic_beam_model_path
+from cloud.engines.mcsquare.adapter import generic_beam_model_path
+from cloud.engines.mcsquare.bdl import generic_bdl_text, read_bdl
 from cloud.errors import EngineError, MergeError, UnsupportedPlan
 from cloud.merge import merge
 from dicom_node.cli import main
+from dicom_node.jobs.rtdose import write_rt_dose
 from dicom_node.phantom import PhantomSpec, Spot, build_study, write_study
-from dicom_node.rtdose import write_rt_dose
 
 TINY = PhantomSpec(size_mm=(60.0, 60.0, 40.0), spacing_mm=(5.0, 5.0, 5.0), water_box_mm=(40.0, 40.0, 30.0),
                    bone_slab_thickness_mm=0.0, target_radius_mm=10.0, fractions=5, machine_name="GANTRY_X",

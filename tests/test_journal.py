@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dicom_node.errors import JournalError
-from dicom_node.journal import FAILED, MERGED, READY, RECEIVING, SEALED, Journal
+from dicom_node.intake.journal import FAILED, MERGED, READY, RECEIVING, SEALED, Journal
 
 
 def test_public_data_from_several_writers_is_merged(tmp_path):

@@ -12,8 +12,8 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 from pynetdicom import AE, build_context
 from pynetdicom.pdu_primitives import AsynchronousOperationsWindowNegotiation, SCP_SCU_RoleSelectionNegotiation
 
-from dicom_node import status, uids
-from dicom_node.lean_scp import parse_command
+from dicom_node.net import status, uids
+from dicom_node.net.lean_scp import parse_command
 from dicom_node.phantom import write_study
 from tests.conftest import run_dcmtk, settings_for, storescu
 

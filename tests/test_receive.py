@@ -15,9 +15,9 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE
 
-from dicom_node import status, uids
 from dicom_node.cli import main
-from dicom_node.journal import READY, RECEIVING, REJECTED
+from dicom_node.intake.journal import READY, RECEIVING, REJECTED
+from dicom_node.net import status, uids
 from dicom_node.phantom import FakeIdentity, write_study
 from tests.conftest import run_dcmtk, settings_for, storescu, wait_for
 
@@ -58,7 +58,7 @@ def test_storescu_study_becomes_ready(node_factory, phantom_dir):
 
 def test_unknown_caller_refused_and_logged(node_factory, caplog):
     node = node_factory()
-    with caplog.at_level(logging.WARNING, logger="dicom_node.scp"):
+    with caplog.at_level(logging.WARNING, logger="dicom_node.net.scp"):
         result = run_dcmtk("echoscu", "-aet", "STRANGER", "-aec", "MCNODE", "127.0.0.1", str(node.port))
         wait_for(lambda: "STRANGER" in caplog.text)
     assert result.returncode != 0
@@ -73,7 +73,7 @@ def test_malformed_file_fails_good_file_in_same_association_stored(node_factory,
     ds = dcmread(phantom_dir / "CT_0002.dcm")
     del ds.FrameOfReferenceUID
     ds.save_as(broken)
-    with caplog.at_level(logging.WARNING, logger="dicom_node.scp"):
+    with caplog.at_level(logging.WARNING, logger="dicom_node.net.scp"):
         result = storescu(node.port, [broken, good], "TPS", "MCNODE", "--no-halt", "-v")
     responses = [line for line in (result.stdout + result.stderr).splitlines() if "Store Response" in line]
     assert len(responses) == 2 and "Success" not in responses[0] and "Success" in responses[1], responses
@@ -100,7 +100,7 @@ def test_undecodable_stream_gets_failure_status_and_node_keeps_serving(node_fact
     ae.add_requested_context(uids.CT_IMAGE)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="MCNODE")
     assert assoc.is_established
-    with caplog.at_level(logging.WARNING, logger="dicom_node.scp"):
+    with caplog.at_level(logging.WARNING, logger="dicom_node.net.scp"):
         bad_rsp = assoc.send_c_store(garbage)
         good_rsp = assoc.send_c_store(good)
     assoc.release()

@@ -15,7 +15,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicom_node.compare import (
+from dicom_node.qa.compare import (
     ComparisonError,
     Grid,
     Structure,
@@ -25,7 +25,7 @@ from dicom_node.compare import (
     rasterise,
     resample,
 )
-from dicom_node.secondcheck import decide
+from dicom_node.qa.secondcheck import decide
 from dicom_node.settings import SecondCheckSettings
 
 X = np.arange(-70.0, 70.0 + 1e-9, 2.0)

@@ -16,9 +16,9 @@ from pydicom.uid import generate_uid
 
 from cloud.merge import MergedDose
 from dicom_node.cli import main
-from dicom_node.journal import SENT, VERIFIED
+from dicom_node.intake.journal import SENT, VERIFIED
+from dicom_node.jobs.rtdose import write_rt_dose
 from dicom_node.phantom import build_study, write_study
-from dicom_node.rtdose import write_rt_dose
 from tests.conftest import SMALL, settings_for, storescu, wait_for
 
 pytestmark = pytest.mark.slow

@@ -26,8 +26,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from cloud.backends.base import Backend, ProgressCallback
 from cloud.errors import Cancelled, CloudError, DispatchError
 from cloud.kms import store_wrapped_key
-from cloud.stores import store_for
-from cloud.stores_s3 import aws_client
+from cloud.stores.base import store_for
+from cloud.stores.s3 import aws_client
 from cloud.worker import ShardTask
 
 LOGGER = logging.getLogger(__name__)

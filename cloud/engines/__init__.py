@@ -32,7 +32,7 @@ def get_engine(name: str) -> Engine:
 
 
 def _mcsquare() -> Engine:
-    from cloud.engines.mcsquare import MCsquareEngine
+    from cloud.engines.mcsquare.adapter import MCsquareEngine
 
     return MCsquareEngine()
 

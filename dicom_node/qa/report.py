@@ -26,8 +26,8 @@ from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 
-from dicom_node.compare import Comparison, Grid, cumulative_dvh, resample  # noqa: E402
-from dicom_node.rtdose import new_instance  # noqa: E402
+from dicom_node.jobs.rtdose import new_instance  # noqa: E402
+from dicom_node.qa.compare import Comparison, Grid, cumulative_dvh, resample  # noqa: E402
 
 ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
 METRICS = ("mean", "D98", "D95", "D50", "D2")

@@ -27,11 +27,11 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 
-from dicom_node import status, uids
 from dicom_node.errors import JournalError, SpoolError
-from dicom_node.journal import Instance, Journal
+from dicom_node.intake.journal import Instance, Journal
+from dicom_node.intake.spool import Spool
+from dicom_node.net import status, uids
 from dicom_node.settings import NodeSettings
-from dicom_node.spool import Spool
 
 LOGGER = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def store_instance(spool: Spool, journal: Journal, notify: Callable[[Received], 
     """The whole C-STORE: decode what filing needs, spool, journal, notify; return the reply's status.
 
     Both receivers call this with plain values: pynetdicom's handler (`handle_store`) and the lean
-    acceptor (`dicom_node.lean_scp`), so what a C-STORE does never depends on the transport.
+    acceptor (`dicom_node.net.lean_scp`), so what a C-STORE does never depends on the transport.
     """
     kind = uids.SHORT_NAMES.get(sop_class, sop_class)
     ref = uid_ref(sop_uid)

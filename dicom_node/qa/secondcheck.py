@@ -22,8 +22,13 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from dicom_node import uids
-from dicom_node.compare import (
+from dicom_node.errors import NodeError, SendError
+from dicom_node.intake.journal import FAILED, SENT, VERIFIED, Instance, Job, Journal
+from dicom_node.jobs.queue_worker import QueueWorker
+from dicom_node.net import uids
+from dicom_node.net.scp import Received
+from dicom_node.net.scu import send_paths
+from dicom_node.qa.compare import (
     Comparison,
     ComparisonError,
     compare,
@@ -31,13 +36,8 @@ from dicom_node.compare import (
     dose_from_rtdose,
     structures_from_rtstruct,
 )
-from dicom_node.errors import NodeError, SendError
-from dicom_node.journal import FAILED, SENT, VERIFIED, Instance, Job, Journal
-from dicom_node.report import encapsulated_pdf, write_report
-from dicom_node.scp import Received
-from dicom_node.scu import send_paths
+from dicom_node.qa.report import encapsulated_pdf, write_report
 from dicom_node.settings import SecondCheckSettings, Settings, parse_criterion
-from dicom_node.worker_thread import QueueWorker
 
 LOGGER = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from cloud.engines import get_engine
 from cloud.engines.base import Tally
 from cloud.errors import DispatchError, EngineError, MergeError, UnsupportedPlan
 from cloud.merge import MergedDose, merge
-from dicom_node import uids
 from dicom_node.errors import NodeError, PlanRejected
-from dicom_node.rtdose import write_rt_dose
+from dicom_node.jobs.rtdose import write_rt_dose
+from dicom_node.net import uids
 from dicom_node.settings import EngineSettings
 
 LOGGER = logging.getLogger(__name__)

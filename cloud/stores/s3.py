@@ -18,7 +18,7 @@ import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
 from cloud.errors import StoreError
-from cloud.stores import ObjectStore
+from cloud.stores.base import ObjectStore
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:

@@ -9,8 +9,8 @@ from pathlib import Path
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 
-from dicom_node import status, uids
-from dicom_node.scp import set_nodelay
+from dicom_node.net import status, uids
+from dicom_node.net.scp import set_nodelay
 
 LOGGER = logging.getLogger(__name__)
 

@@ -13,15 +13,15 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from dicom_node.assembler import Assembler
-from dicom_node.journal import Job, Journal
-from dicom_node.lean_scp import LeanServer
-from dicom_node.outbox import Outbox
-from dicom_node.pipeline import Pipeline
-from dicom_node.scp import Received, build_ae, server_ssl_context, store_handlers, store_instance
-from dicom_node.secondcheck import SecondCheck
+from dicom_node.intake.assembler import Assembler
+from dicom_node.intake.journal import Job, Journal
+from dicom_node.intake.spool import Spool
+from dicom_node.jobs.outbox import Outbox
+from dicom_node.jobs.pipeline import Pipeline
+from dicom_node.net.lean_scp import LeanServer
+from dicom_node.net.scp import Received, build_ae, server_ssl_context, store_handlers, store_instance
+from dicom_node.qa.secondcheck import SecondCheck
 from dicom_node.settings import Settings
-from dicom_node.spool import Spool
 
 LOGGER = logging.getLogger(__name__)
 

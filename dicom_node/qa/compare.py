@@ -1,7 +1,7 @@
 """Dose comparison on a common grid: grids from DICOM, trilinear resampling, gamma, statistics, DVH.
 
 Everything here is plain arrays in and numbers out; the journal, files and policy live in
-`dicom_node.secondcheck`, the pictures in `dicom_node.report`.
+`dicom_node.qa.secondcheck`, the pictures in `dicom_node.qa.report`.
 
 Conventions (stated again in every report):
 

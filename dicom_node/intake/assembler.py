@@ -19,11 +19,11 @@ from datetime import UTC, datetime
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from dicom_node import uids
-from dicom_node.journal import READY, RECEIVING, REJECTED, Instance, Job, Journal
-from dicom_node.scp import Received
+from dicom_node.intake.journal import READY, RECEIVING, REJECTED, Instance, Job, Journal
+from dicom_node.jobs.queue_worker import QueueWorker
+from dicom_node.net import uids
+from dicom_node.net.scp import Received
 from dicom_node.settings import TriggerSettings
-from dicom_node.worker_thread import QueueWorker
 
 LOGGER = logging.getLogger(__name__)
 

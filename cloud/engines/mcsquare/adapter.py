@@ -9,7 +9,7 @@ start on some CPUs, so each is probed (it must get as far as reading its config 
 most to the least specific, falling back to the generic build.
 
 Every input is written here: CT (HU, MHD), HU->density and HU->material tables and the generic
-beam model (package data in ``cloud/engines/data/``, see their headers), the plan file and, per
+beam model (package data in ``cloud/engines/mcsquare/data/``, see their headers), the plan file and, per
 shard, the config. MCsquare writes ``Outputs/Dose.mhd`` in eV/g per simulated primary.
 
 Coordinate frames (pinned by tests/test_engine_physics.py):
@@ -43,9 +43,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cloud.engines.base import Engine, Grid, ShardInputs, Tally
-from cloud.engines.beam_model import GENERIC_MACHINE, BeamModel, read_bdl
 from cloud.engines.ct import ct_slices, ct_volume
-from cloud.engines.ionplan import IonPlan, check_proton_pbs, read_ion_plan
+from cloud.engines.mcsquare.bdl import GENERIC_MACHINE, BeamModel, read_bdl
+from cloud.engines.mcsquare.ionplan import IonPlan, check_proton_pbs, read_ion_plan
 from cloud.errors import EngineError, EngineUnavailable, UnsupportedPlan
 
 if TYPE_CHECKING:  # pydicom costs ~0.5 s to import; a worker only needs it for type hints
@@ -147,7 +147,7 @@ def mcsquare_binary() -> tuple[Path, Path]:
 
 
 def _data_file(name: str) -> Path:
-    return Path(str(resources.files("cloud.engines.data").joinpath(name)))
+    return Path(str(resources.files("cloud.engines.mcsquare.data").joinpath(name)))
 
 
 def generic_beam_model_path() -> Path:

@@ -1,40 +1,14 @@
-"""Object stores for bundles and results: a local folder (default) and S3 (cloud.stores_s3).
-
-URIs name objects: ``file:///abs/path`` for the local store, ``s3://bucket/key`` for S3. Stores only
-ever see sealed bytes.
-"""
+"""The local object store: objects as files under ``file://`` URIs, written atomically."""
 
 from __future__ import annotations
 
 import os
 import shutil
-from abc import ABC, abstractmethod
 from pathlib import Path
 from urllib.parse import urlparse
 
 from cloud.errors import StoreError
-
-
-class ObjectStore(ABC):
-    """Put and get whole objects by URI."""
-
-    @abstractmethod
-    def put_file(self, src: Path, uri: str) -> None: ...
-
-    @abstractmethod
-    def get_file(self, uri: str, dst: Path) -> None: ...
-
-    @abstractmethod
-    def put_bytes(self, data: bytes, uri: str) -> None: ...
-
-    @abstractmethod
-    def get_bytes(self, uri: str) -> bytes: ...
-
-    @abstractmethod
-    def exists(self, uri: str) -> bool: ...
-
-    @abstractmethod
-    def delete(self, uri: str) -> None: ...
+from cloud.stores.base import ObjectStore
 
 
 def _local_path(uri: str) -> Path:
@@ -84,15 +58,3 @@ class LocalStore(ObjectStore):
 
     def delete(self, uri: str) -> None:
         _local_path(uri).unlink(missing_ok=True)
-
-
-def store_for(uri: str, **options: object) -> ObjectStore:
-    """The store that serves this URI's scheme."""
-    scheme = urlparse(uri).scheme
-    if scheme in ("", "file"):
-        return LocalStore()
-    if scheme == "s3":
-        from cloud.stores_s3 import S3Store  # boto3 only where S3 is used
-
-        return S3Store(**options)  # type: ignore[arg-type]
-    raise StoreError(f"no object store for URI scheme {scheme!r}")

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 
-from dicom_node import status, uids
-from dicom_node.scp import IMPLEMENTATION_VERSION, echo_status, log_rejected, uid_ref
+from dicom_node.net import status, uids
+from dicom_node.net.scp import IMPLEMENTATION_VERSION, echo_status, log_rejected, uid_ref
 from dicom_node.settings import NodeSettings
 
 LOGGER = logging.getLogger(__name__)

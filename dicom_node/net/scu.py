@@ -11,9 +11,9 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, _config, evt
 
-from dicom_node import status
 from dicom_node.errors import SendError
-from dicom_node.scp import set_nodelay
+from dicom_node.net import status
+from dicom_node.net.scp import set_nodelay
 
 LOGGER = logging.getLogger(__name__)
 

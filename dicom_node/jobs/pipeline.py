@@ -38,12 +38,12 @@ from cloud.engines.base import ShardInputs, Tally
 from cloud.errors import Cancelled, CloudError, UnsupportedPlan
 from cloud.merge import merge
 from cloud.sizing import CostModel, finish_job, plan_job
-from dicom_node import uids
 from dicom_node.errors import NodeError
-from dicom_node.journal import FAILED, MERGED, READY, REJECTED, RUNNING, SEALED, Job, Journal
-from dicom_node.rtdose import write_rt_dose
+from dicom_node.intake.journal import FAILED, MERGED, READY, REJECTED, RUNNING, SEALED, Job, Journal
+from dicom_node.jobs.queue_worker import QueueWorker
+from dicom_node.jobs.rtdose import write_rt_dose
+from dicom_node.net import uids
 from dicom_node.settings import Settings, read_site_key
-from dicom_node.worker_thread import QueueWorker
 
 LOGGER = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dicom_node.errors import SendError
-from dicom_node.journal import MERGED, SENT, Job, Journal
-from dicom_node.scu import send_paths
+from dicom_node.intake.journal import MERGED, SENT, Job, Journal
+from dicom_node.net.scu import send_paths
 from dicom_node.settings import Settings
 
 LOGGER = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""What arrives: the spool (durable files), the journal (SQLite) and the assembler (when a plan is whole)."""

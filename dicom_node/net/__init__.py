@@ -1,0 +1,1 @@
+"""The DICOM wire: the storage receiver (SCP), the sender (SCU), status codes and SOP classes."""

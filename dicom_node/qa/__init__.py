@@ -1,0 +1,1 @@
+"""The second check: dose comparison, the verdict and the physicist's report."""

@@ -1,0 +1,1 @@
+"""The web page for physicists and the HTTP API for scripts and monitoring."""
