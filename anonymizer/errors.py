@@ -1,19 +1,30 @@
-"""The anonymizer's exception tree. Library errors (cryptography, pydicom) are converted here.
+"""The one exception tree of dicom-mc-node, rooted here because every package may import anonymizer.
 
-    AnonymizerError            base of every error this package raises on purpose
-    ├── AnonymizationError     a de-identification step cannot be applied (fail closed: the job
-    │                          must not leave the clinic); also a refused re-identification
-    ├── SealError              a sealed stream cannot be written or read (bad header, I/O)
-    │   └── IntegrityError     authentication failed: tampered, truncated, reordered, swapped
-    │                          part/job, or wrong key -- the data must not be used
-    └── VaultError             the identity vault cannot store or load a record (including a
-                               record that does not decrypt with this site key)
+``anonymizer`` imports neither ``cloud`` nor ``dicom_node``, so the shared root lives in this module;
+``cloud.errors`` and ``dicom_node.errors`` derive their package roots from it, and the command line
+catches ``McNodeError`` alone. Errors from libraries (cryptography, pydicom, pynetdicom, boto3,
+paramiko, sqlite3, OSError) are converted to one of these at the module that calls the library.
+
+    McNodeError                      base of every error the product raises on purpose
+    ├── AnonymizerError              (anonymizer.errors, this module)
+    │   ├── AnonymizationError       a de-identification step cannot be applied (fail closed: the job
+    │   │                            must not leave the clinic); also a refused re-identification
+    │   ├── SealError                a sealed stream cannot be written or read (bad header, I/O)
+    │   │   └── IntegrityError       authentication failed: tampered, truncated, reordered, swapped
+    │   │                            part/job, or wrong key -- the data must not be used
+    │   └── VaultError               the identity vault cannot store or load a record
+    ├── CloudError                   (cloud.errors) engines, merge, stores, bundles, dispatch
+    └── NodeError                    (dicom_node.errors) config, spool, journal, rejections, sending
 
 Messages never contain patient data: they name tags, jobs, parts and chunk indexes only.
 """
 
 
-class AnonymizerError(Exception):
+class McNodeError(Exception):
+    """Base of every error dicom-mc-node raises on purpose (the CLI's one except clause)."""
+
+
+class AnonymizerError(McNodeError):
     """Base of every error the anonymizer raises on purpose."""
 
 

@@ -1,4 +1,5 @@
-"""The cloud package's exception tree. Errors from libraries and subprocesses are converted here.
+"""The cloud package's exception tree, under the product's one root (anonymizer.errors.McNodeError).
+Errors from libraries and subprocesses are converted here.
 
     CloudError
     ├── EngineError            a Monte Carlo engine could not prepare or run (often retryable)
@@ -15,8 +16,10 @@
 The clinic side (``dicom_node``) maps UnsupportedPlan to REJECTED and the rest to FAILED at its boundary.
 """
 
+from anonymizer.errors import McNodeError
 
-class CloudError(Exception):
+
+class CloudError(McNodeError):
     """Base of every error the cloud package raises on purpose."""
 
 

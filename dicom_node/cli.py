@@ -15,8 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from anonymizer.errors import AnonymizerError
-from cloud.errors import CloudError
+from anonymizer.errors import McNodeError
 from dicom_node.errors import ConfigError, NodeError
 
 LOGGER = logging.getLogger("mcnode")
@@ -386,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mcnode: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (NodeError, CloudError, AnonymizerError) as exc:
+    except McNodeError as exc:
         print(f"mcnode: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

@@ -1,4 +1,5 @@
-"""The node's exception tree. Errors from libraries are converted to these at the boundary.
+"""The node's exception tree, under the product's one root (anonymizer.errors.McNodeError).
+Errors from libraries are converted to these at the boundary.
 
     NodeError
     ├── ConfigError        bad config file, key or command-line value (fails at start)
@@ -8,8 +9,10 @@
     └── SendError          a C-STORE to a peer did not succeed
 """
 
+from anonymizer.errors import McNodeError
 
-class NodeError(Exception):
+
+class NodeError(McNodeError):
     """Base of every error the node raises on purpose."""
 
 
