@@ -37,7 +37,7 @@ def main() -> int:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
         run, study = run_study(SPEC, Path(tmp) / "run", args.primaries, args.shards, echo=False, sender="storescu")
-        engine_s = [float(t) for t in run.job.data["public"].get("shard_wall_s", [])]
+        engine_s = [float(t) for t in run.job.data.public.shard_wall_s or []]
     concurrent = min(args.shards, os.cpu_count() or 1)
     compute_engine = sum(engine_s) / concurrent if engine_s else run.stages["dispatch+compute"]
     stages = {k: round(v, 3) for k, v in run.stages.items()}

@@ -138,15 +138,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     with Journal.open(settings.node.data_dir) as journal:
         job = journal.job(args.job)
-    report = job.data.get("report")
+    report = job.data.report
     if not report:
         print(f"job {job.id} has no second-check report (state {job.state}"
               f"{': ' + job.reason if job.reason else ''})", file=sys.stderr)
         return EXIT_FAILURE
-    verdict = job.data.get("public", {}).get("verdict", "?")
+    verdict = job.data.public.verdict or "?"
     print(f"job {job.id} {job.state} verdict {verdict}")
-    print(f"html: {report['html']}")
-    print(f"pdf:  {report['pdf']}")
+    print(f"html: {report.html}")
+    print(f"pdf:  {report.pdf}")
     return EXIT_OK
 
 

@@ -20,7 +20,8 @@ import numpy as np
 from pydicom import dcmread
 
 from dicom_node.errors import NodeError
-from dicom_node.intake.journal import FAILED, MERGED, REJECTED, SENT, Job
+from dicom_node.intake.jobrecord import JobState
+from dicom_node.intake.journal import Job
 from dicom_node.jobs.node import Node
 from dicom_node.net.dose_receiver import DoseReceiver
 from dicom_node.net.scu import send_paths
@@ -44,7 +45,7 @@ def demo_settings(base: Settings, receiver_port: int, primaries: int, shards: in
     )
 
 
-def wait_for_state(node: Node, states: tuple[str, ...], timeout: float) -> Job:
+def wait_for_state(node: Node, states: tuple[JobState, ...], timeout: float) -> Job:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         jobs = node.journal.jobs_in(*states)
@@ -58,13 +59,13 @@ def stage_seconds(node: Node, job: Job, send_s: float) -> dict[str, float]:
     """Seconds per stage, from the journal's transition times and the pipeline's own timers."""
     at = {state: t for state, _r, t in node.journal.history(job.id)}
     timings = node.pipeline.timings.get(job.id, {}) if node.pipeline else {}
-    stages = {"receive": send_s, "assemble": at["READY"] - at["RECEIVING"]}
+    stages = {"receive": send_s, "assemble": at[JobState.READY] - at[JobState.RECEIVING]}
     stages["anonymize+prepare"] = timings.get("anonymize_prepare", 0.0)
     stages["seal"] = timings.get("seal", 0.0)
     stages["dispatch+compute"] = timings.get("compute", 0.0)
     stages["merge"] = timings.get("merge", 0.0)
     stages["write+reidentify"] = timings.get("write", 0.0)
-    stages["send"] = at[SENT] - at[MERGED]
+    stages["send"] = at[JobState.SENT] - at[JobState.MERGED]
     return stages
 
 
@@ -165,8 +166,8 @@ def run_study(spec: PhantomSpec, out: Path, primaries: int, shards: int, echo: b
             if failures:
                 raise NodeError(f"{len(failures)} file(s) were not accepted: {failures[0][1]}")
             say(f"3. sent {len(files)} files by C-STORE in {send_s:.1f} s; computing ...", flush=True)
-            job = wait_for_state(node, (SENT, REJECTED, FAILED), timeout=900)
-            if job.state != SENT:
+            job = wait_for_state(node, (JobState.SENT, JobState.REJECTED, JobState.FAILED), timeout=900)
+            if job.state != JobState.SENT:
                 raise NodeError(f"job {job.id} ended {job.state}: {job.reason}")
             stages = stage_seconds(node, job, send_s)
     (dose_path,) = receiver.received
@@ -177,7 +178,7 @@ def run_demo(out: Path, primaries: int = 200_000, shards: int = 2) -> int:
     out = Path(out)
     run, study = run_study(DEMO_SPEC, out, primaries, shards)
     job, dose_path = run.job, run.dose_path
-    summary: dict[str, Any] = job.data["public"].get("summary", {})
+    summary: dict[str, Any] = job.data.public.summary or {}
     iso = dose_at(dose_path, (0.0, 0.0, 0.0))
     png = out / "dose.png"
     dose_picture(out / "study", dose_path, png)

@@ -18,7 +18,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from dicom_node.intake.journal import MERGED, RUNNING, SENT, Journal
+from dicom_node.intake.jobrecord import JobState
+from dicom_node.intake.journal import Journal
 from dicom_node.phantom import write_study
 from tests.conftest import free_port, run_dcmtk, settings_for, storescu, wait_for
 
@@ -46,7 +47,7 @@ def test_dose_returns_to_tps_linked_to_its_plan(config_dir, node_factory, stores
     node = node_factory(_compute_settings(config_dir, tps_port), compute=True)
     files = sorted(phantom_dir.iterdir())
     assert storescu(node.port, files).returncode == 0
-    job = wait_for(lambda: node.journal.jobs_in(SENT), timeout=300)[0]
+    job = wait_for(lambda: node.journal.jobs_in(JobState.SENT), timeout=300)[0]
     (dose_file,) = wait_for(lambda: _doses(tps_dir))
     rd = dcmread(dose_file)
     plan = dcmread(phantom_dir / "RP.dcm")
@@ -70,7 +71,7 @@ def test_dose_returns_to_tps_linked_to_its_plan(config_dir, node_factory, stores
     dump = run_dcmtk("dcmdump", "-q", str(dose_file))
     assert dump.returncode == 0 and "E:" not in dump.stderr, dump.stderr
     rows = node.journal.list_jobs()
-    assert rows[0]["state"] == SENT and rows[0]["shards_done"] == rows[0]["shards_total"] == 2
+    assert rows[0]["state"] == JobState.SENT and rows[0]["shards_done"] == rows[0]["shards_total"] == 2
     assert [s for s, _r, _t in node.journal.history(job.id)] == \
         ["RECEIVING", "READY", "SEALED", "RUNNING", "MERGED", "SENT"]
 
@@ -79,11 +80,11 @@ def test_tps_down_dose_arrives_once_it_is_up(config_dir, node_factory, storescp,
     tps_port = free_port()
     node = node_factory(_compute_settings(config_dir, tps_port), compute=True)
     assert storescu(node.port, sorted(phantom_dir.iterdir())).returncode == 0
-    job = wait_for(lambda: node.journal.jobs_in(MERGED), timeout=300)[0]
-    wait_for(lambda: node.journal.job(job.id).data["public"].get("send_attempts", 0) >= 2, timeout=30)
-    assert node.journal.job(job.id).state == MERGED
+    job = wait_for(lambda: node.journal.jobs_in(JobState.MERGED), timeout=300)[0]
+    wait_for(lambda: (node.journal.job(job.id).data.public.send_attempts or 0) >= 2, timeout=30)
+    assert node.journal.job(job.id).state == JobState.MERGED
     _port, tps_dir = storescp(aet="TPS", port=tps_port)
-    wait_for(lambda: node.journal.jobs_in(SENT), timeout=30)
+    wait_for(lambda: node.journal.jobs_in(JobState.SENT), timeout=30)
     time.sleep(3)  # longer than the back-off: nothing else may arrive
     assert len(_doses(tps_dir)) == 1
 
@@ -108,13 +109,13 @@ def test_sigkill_while_running_then_restart_delivers_once(config_dir, storescp, 
     try:
         assert storescu(port, sorted(phantom_dir.iterdir())).returncode == 0
         journal = Journal.open(config_dir / "data")
-        wait_for(lambda: journal.jobs_in(RUNNING), timeout=120)
+        wait_for(lambda: journal.jobs_in(JobState.RUNNING), timeout=120)
         os.killpg(first.pid, signal.SIGKILL)  # the node and its workers, as a power cut would
         first.wait(timeout=10)
-        assert journal.jobs_in(RUNNING) and not _doses(tps_dir)
+        assert journal.jobs_in(JobState.RUNNING) and not _doses(tps_dir)
         second = serve()
         try:
-            wait_for(lambda: journal.jobs_in(SENT), timeout=300)
+            wait_for(lambda: journal.jobs_in(JobState.SENT), timeout=300)
             time.sleep(2)
             assert len(_doses(tps_dir)) == 1
         finally:
@@ -138,7 +139,7 @@ def test_two_plans_of_one_patient_get_two_doses(config_dir, node_factory, stores
     second.RTPlanLabel = "PLAN_B"
     second.save_as(folder / "RP2.dcm")
     assert storescu(node.port, sorted(folder.iterdir())).returncode == 0
-    wait_for(lambda: len(node.journal.jobs_in(SENT)) == 2, timeout=600)
+    wait_for(lambda: len(node.journal.jobs_in(JobState.SENT)) == 2, timeout=600)
     doses = wait_for(lambda: len(_doses(tps_dir)) == 2 and _doses(tps_dir))
     refs = {dcmread(p).ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID for p in doses}
     assert refs == {study.plan.SOPInstanceUID, second.SOPInstanceUID}
@@ -147,7 +148,7 @@ def test_two_plans_of_one_patient_get_two_doses(config_dir, node_factory, stores
 def test_plan_the_engine_cannot_compute_is_rejected_with_reason(config_dir, node_factory, storescp, make_study,
                                                                  tmp_path, capsys):
     from dicom_node.cli import main
-    from dicom_node.intake.journal import REJECTED
+    from dicom_node.intake.jobrecord import JobState
 
     tps_port, tps_dir = storescp(aet="TPS")
     settings = _compute_settings(config_dir, tps_port)
@@ -158,7 +159,7 @@ def test_plan_the_engine_cannot_compute_is_rejected_with_reason(config_dir, node
     folder = tmp_path / "uniform"
     write_study(study, folder)
     assert storescu(node.port, sorted(folder.iterdir())).returncode == 0
-    job = wait_for(lambda: node.journal.jobs_in(REJECTED), timeout=60)[0]
+    job = wait_for(lambda: node.journal.jobs_in(JobState.REJECTED), timeout=60)[0]
     assert "scan mode UNIFORM is not pencil-beam scanning" in job.reason
     capsys.readouterr()
     assert main(["jobs", "-c", str(config_dir / "mcnode.toml"), "--json"]) == 0
@@ -166,13 +167,13 @@ def test_plan_the_engine_cannot_compute_is_rejected_with_reason(config_dir, node
     assert "REJECTED" in out and "UNIFORM" in out
     assert not _doses(tps_dir)
     # the received data is still there
-    assert all(Path(p).exists() for p in job.data["ct"])
+    assert all(Path(p).exists() for p in job.data.ct)
 
 
 def test_failed_job_reports_reason_and_retry_completes_it(config_dir, node_factory, storescp, phantom_dir, tmp_path,
                                                           monkeypatch, capsys):
     from dicom_node.cli import main
-    from dicom_node.intake.journal import FAILED
+    from dicom_node.intake.jobrecord import JobState
 
     tps_port, tps_dir = storescp(aet="TPS")
     node = node_factory(_compute_settings(config_dir, tps_port, cloud={"shards": 2, "shard_retries": 1}),
@@ -181,13 +182,13 @@ def test_failed_job_reports_reason_and_retry_completes_it(config_dir, node_facto
     empty.mkdir()
     monkeypatch.setenv("MCSQUARE_HOME", str(empty))  # the workers find no engine: every shard fails
     assert storescu(node.port, sorted(phantom_dir.iterdir())).returncode == 0
-    job = wait_for(lambda: node.journal.jobs_in(FAILED), timeout=120)[0]
+    job = wait_for(lambda: node.journal.jobs_in(JobState.FAILED), timeout=120)[0]
     assert job.reason.startswith("RUNNING: shard") and "failed 2 time(s)" in job.reason
     monkeypatch.delenv("MCSQUARE_HOME")
     capsys.readouterr()
     assert main(["retry", job.id, "-c", str(config_dir / "mcnode.toml")]) == 0
     assert "SEALED again" in capsys.readouterr().out
-    wait_for(lambda: node.journal.jobs_in(SENT), timeout=120)
+    wait_for(lambda: node.journal.jobs_in(JobState.SENT), timeout=120)
     assert len(wait_for(lambda: _doses(tps_dir))) == 1
     states = [s for s, _r, _t in node.journal.history(job.id)]
     assert states[-5:] == ["FAILED", "SEALED", "RUNNING", "MERGED", "SENT"]

@@ -16,7 +16,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 
 from dicom_node.cli import main
-from dicom_node.intake.journal import READY, RECEIVING, REJECTED
+from dicom_node.intake.jobrecord import JobState
 from dicom_node.net import status, uids
 from dicom_node.phantom import FakeIdentity, write_study
 from tests.conftest import run_dcmtk, settings_for, storescu, wait_for
@@ -29,7 +29,7 @@ def receiver(request: pytest.FixtureRequest) -> str:
 
 
 def _ready_jobs(node):
-    return node.journal.jobs_in(READY)
+    return node.journal.jobs_in(JobState.READY)
 
 
 def test_echo_answers(node_factory):
@@ -45,13 +45,13 @@ def test_storescu_study_becomes_ready(node_factory, phantom_dir):
     assert result.returncode == 0, result.stderr
     jobs = wait_for(lambda: _ready_jobs(node))
     (job,) = jobs
-    assert job.data["public"]["assembly"] == "structure set references"
-    assert len(job.data["ct"]) == len([f for f in files if f.name.startswith("CT_")])
-    assert all(Path(p).exists() for p in job.data["ct"])
-    assert [s for s, _r, _t in node.journal.history(job.id)] == [RECEIVING, READY]
+    assert job.data.public.assembly == "structure set references"
+    assert len(job.data.ct) == len([f for f in files if f.name.startswith("CT_")])
+    assert all(Path(p).exists() for p in job.data.ct)
+    assert [s for s, _r, _t in node.journal.history(job.id)] == [JobState.RECEIVING, JobState.READY]
     assert node.journal.count_instances() == len(files)
     # the spooled file is the data set as sent
-    plan = dcmread(job.data["plan"])
+    plan = dcmread(job.data.plan)
     assert plan.SOPClassUID == uids.RT_ION_PLAN
     assert plan.PatientID == FakeIdentity().patient_id
 
@@ -149,19 +149,19 @@ def test_without_structure_set_ct_series_used_once_stable(node_factory, make_stu
     time.sleep(0.3)
     assert storescu(node.port, second).returncode == 0
     job = wait_for(lambda: _ready_jobs(node))[0]
-    assert len(job.data["ct"]) == len(cts)
-    assert "stable" in job.data["public"]["assembly"]
-    assert job.data["structure_set"] is None
+    assert len(job.data.ct) == len(cts)
+    assert "stable" in job.data.public.assembly
+    assert job.data.structure_set is None
 
 
 def test_ct_first_then_struct_then_plan(node_factory, phantom_dir):
     node = node_factory()
     assert storescu(node.port, sorted(phantom_dir.glob("CT_*.dcm"))).returncode == 0
     assert storescu(node.port, [phantom_dir / "RS.dcm"]).returncode == 0
-    assert node.journal.jobs_in(READY, RECEIVING) == []
+    assert node.journal.jobs_in(JobState.READY, JobState.RECEIVING) == []
     assert storescu(node.port, [phantom_dir / "RP.dcm"]).returncode == 0
     job = wait_for(lambda: _ready_jobs(node))[0]
-    assert job.data["public"]["assembly"] == "structure set references"
+    assert job.data.public.assembly == "structure set references"
 
 
 def test_two_patients_at_once_never_mix(node_factory, make_study, tmp_path):
@@ -184,7 +184,7 @@ def test_two_patients_at_once_never_mix(node_factory, make_study, tmp_path):
     by_plan = {j.plan_uid: j for j in jobs}
     for study in (a, b):
         job = by_plan[study.plan.SOPInstanceUID]
-        got = {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in job.data["ct"]}
+        got = {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in job.data.ct}
         assert got == {ds.SOPInstanceUID for ds in study.ct}
     assert {j.calling_ae for j in jobs} == {"TPS", "TPS2"}
 
@@ -194,10 +194,10 @@ def test_incomplete_plan_rejected_after_timeout_with_reason(config_dir, node_fac
     node = node_factory(settings)
     cts = sorted(phantom_dir.glob("CT_*.dcm"))
     assert storescu(node.port, [phantom_dir / "RP.dcm", phantom_dir / "RS.dcm", *cts[:-3]]).returncode == 0
-    job = wait_for(lambda: node.journal.jobs_in(REJECTED), timeout=10)[0]
+    job = wait_for(lambda: node.journal.jobs_in(JobState.REJECTED), timeout=10)[0]
     assert job.reason == f"CT incomplete after 1.5 s: 3 of {len(cts)} slices referenced by the structure set missing"
     rows = node.journal.list_jobs()
-    assert rows[0]["state"] == REJECTED and "3 of" in rows[0]["reason"]
+    assert rows[0]["state"] == JobState.REJECTED and "3 of" in rows[0]["reason"]
 
 
 def test_restart_keeps_instances_and_ready_job(config_dir, node_factory, phantom_dir):
@@ -208,15 +208,15 @@ def test_restart_keeps_instances_and_ready_job(config_dir, node_factory, phantom
     node.stop()
     again = node_factory()
     assert again.journal.count_instances() == count
-    assert [j.id for j in again.journal.jobs_in(READY)] == [job.id]
-    assert all(Path(p).exists() for p in again.journal.job(job.id).data["ct"])
+    assert [j.id for j in again.journal.jobs_in(JobState.READY)] == [job.id]
+    assert all(Path(p).exists() for p in again.journal.job(job.id).data.ct)
 
 
 def test_restart_resumes_a_receiving_job(config_dir, node_factory, phantom_dir):
     node = node_factory()
     cts = sorted(phantom_dir.glob("CT_*.dcm"))
     assert storescu(node.port, [phantom_dir / "RP.dcm", phantom_dir / "RS.dcm", *cts[:5]]).returncode == 0
-    wait_for(lambda: node.journal.jobs_in(RECEIVING))
+    wait_for(lambda: node.journal.jobs_in(JobState.RECEIVING))
     node.stop()
     again = node_factory()
     assert storescu(again.port, cts[5:]).returncode == 0
@@ -262,7 +262,7 @@ def test_jobs_cli_lists_no_patient_data(config_dir, node_factory, phantom_dir, c
     import json
 
     rows = json.loads(out)
-    assert rows[0]["state"] == READY and set(rows[0]) >= {"id", "state", "reason", "created", "updated"}
+    assert rows[0]["state"] == JobState.READY and set(rows[0]) >= {"id", "state", "reason", "created", "updated"}
     ident = FakeIdentity()
     for secret in (ident.patient_id, "Lindqvist", ident.birth_date, dcmread(phantom_dir / "RP.dcm").StudyInstanceUID):
         assert secret not in out

@@ -16,7 +16,7 @@ from pydicom.uid import generate_uid
 
 from cloud.merge import MergedDose
 from dicom_node.cli import main
-from dicom_node.intake.journal import SENT, VERIFIED
+from dicom_node.intake.jobrecord import JobState
 from dicom_node.jobs.rtdose import write_rt_dose
 from dicom_node.phantom import build_study, write_study
 from tests.conftest import SMALL, settings_for, storescu, wait_for
@@ -67,13 +67,13 @@ def test_tps_dose_with_the_plan_and_later_ends_verified_with_a_report(config_dir
     _analytic_tps_dose(study, folder / "RD_TPS.dcm")
     # 1. the TPS dose arrives together with the plan, CT and structure set
     assert storescu(node.port, sorted(folder.iterdir())).returncode == 0
-    job = wait_for(lambda: node.journal.jobs_in(VERIFIED), timeout=300)[0]
+    job = wait_for(lambda: node.journal.jobs_in(JobState.VERIFIED), timeout=300)[0]
     states = [s for s, _r, _t in node.journal.history(job.id)]
-    assert states[-2:] == [SENT, VERIFIED]  # the MC dose went to the TPS first
+    assert states[-2:] == [JobState.SENT, JobState.VERIFIED]  # the MC dose went to the TPS first
     first = node.journal.job(job.id)
-    assert first.data["public"]["verdict"] in ("pass", "fail")
-    assert set(first.data["public"]["gamma_pass_rates"]) == {"3%/3mm", "2%/2mm"}
-    assert [r["name"] for r in first.data["secondcheck"]["structures"]] == ["BODY", "PTV"]
+    assert first.data.public.verdict in ("pass", "fail")
+    assert set(first.data.public.gamma_pass_rates or {}) == {"3%/3mm", "2%/2mm"}
+    assert [r["name"] for r in (first.data.secondcheck or {})["structures"]] == ["BODY", "PTV"]
 
     # 2. later, the TPS sends a dose equal to the MC dose it received (a new instance): compared again, 100 %
     mc_files = wait_for(lambda: [p for p in tps_dir.iterdir() if p.name.startswith("RD")])
@@ -82,22 +82,23 @@ def test_tps_dose_with_the_plan_and_later_ends_verified_with_a_report(config_dir
     mc.Manufacturer = "FakeTPS"
     mc.save_as(tmp_path / "RD_same.dcm", enforce_file_format=True)
     assert storescu(node.port, [tmp_path / "RD_same.dcm"]).returncode == 0
-    wait_for(lambda: node.journal.job(job.id).data.get("tps_dose_uid") == mc.SOPInstanceUID, timeout=120)
+    wait_for(lambda: node.journal.job(job.id).data.tps_dose_uid == mc.SOPInstanceUID, timeout=120)
     again = node.journal.job(job.id)
-    assert again.state == VERIFIED and again.data["public"]["verdict"] == "pass"
-    assert again.data["public"]["gamma_pass_rates"] == {"3%/3mm": 100.0, "2%/2mm": 100.0}
+    assert again.state == JobState.VERIFIED and again.data.public.verdict == "pass"
+    assert again.data.public.gamma_pass_rates == {"3%/3mm": 100.0, "2%/2mm": 100.0}
 
     # the CLI shows the verdict and the pass rates, and where the report is
     rows = _jobs_json(config_dir / "mcnode.toml")
-    assert rows[0]["state"] == VERIFIED and rows[0]["verdict"] == "pass"
+    assert rows[0]["state"] == JobState.VERIFIED and rows[0]["verdict"] == "pass"
     assert rows[0]["gamma_pass_rates"]["3%/3mm"] == 100.0
     capsys.readouterr()
     assert main(["jobs", "-c", str(config_dir / "mcnode.toml")]) == 0
     assert "second check pass (gamma 3%/3mm 100.0 %, 2%/2mm 100.0 %)" in capsys.readouterr().out
     assert main(["report", job.id, "-c", str(config_dir / "mcnode.toml")]) == 0
     out = capsys.readouterr().out
-    html = again.data["report"]["html"]
-    pdf = again.data["report"]["pdf"]
+    report = again.data.report
+    assert report is not None
+    html, pdf = report.html, report.pdf
     assert html in out and pdf in out and "verdict pass" in out
     text = Path(html).read_text(encoding="utf-8")
     assert "SECOND CHECK: PASS" in text and "data:image/png;base64," in text and "<img src='http" not in text
@@ -134,7 +135,7 @@ def test_unusable_tps_dose_fails_with_the_reason_then_retry_and_a_good_dose(conf
     rd.SOPInstanceUID = rd.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     rd.save_as(folder / "RD_TPS.dcm", enforce_file_format=True)
     assert storescu(node.port, sorted(folder.iterdir())).returncode == 0
-    job = wait_for(lambda: [j for j in node.journal.jobs_in("FAILED") if j.data.get("failed_step")], timeout=300)[0]
+    job = wait_for(lambda: [j for j in node.journal.jobs_in(JobState.FAILED) if j.data.failed_step], timeout=300)[0]
     assert "not GY" in job.reason
     config = config_dir / "mcnode.toml"
     rows = _jobs_json(config)
@@ -144,8 +145,9 @@ def test_unusable_tps_dose_fails_with_the_reason_then_retry_and_a_good_dose(conf
     assert "no second-check report" in capsys.readouterr().err
     # mcnode retry: back to SENT, compared again (same dose, same reason)
     assert main(["retry", job.id, "-c", str(config)]) == 0
-    wait_for(lambda: [s for s, _r, _t in node.journal.history(job.id)][-2:] == [SENT, "FAILED"], timeout=60)
+    wait_for(lambda: [s for s, _r, _t in node.journal.history(job.id)][-2:] == [JobState.SENT, "FAILED"], timeout=60)
     # a corrected TPS dose: FAILED -> VERIFIED
     assert storescu(node.port, [good]).returncode == 0
-    done = wait_for(lambda: node.journal.job(job.id).state == VERIFIED and node.journal.job(job.id), timeout=120)
-    assert done.data["public"]["verdict"] in ("pass", "fail") and done.data["report"]["pdf"].endswith(".pdf")
+    done = wait_for(lambda: node.journal.job(job.id).state == JobState.VERIFIED and node.journal.job(job.id),
+                    timeout=120)
+    assert done.data.public.verdict in ("pass", "fail") and done.data.report.pdf.endswith(".pdf")

@@ -1,4 +1,4 @@
-"""The assembler decides when a plan's inputs are complete (DESIGN.md "Assembly").
+"""The assembler decides when a plan's inputs are complete (DESIGN.md at the repository root, "Assembly").
 
 DICOM has no "study complete" signal, so a plan is READY when its references resolve:
 RT (Ion) Plan → ReferencedStructureSetSequence → RT Struct → ContourImageSequence → CT instances.
@@ -19,7 +19,8 @@ from datetime import UTC, datetime
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from dicom_node.intake.journal import READY, RECEIVING, REJECTED, Instance, Job, Journal
+from dicom_node.intake.jobrecord import JobData, JobState, PublicData
+from dicom_node.intake.journal import Instance, Job, Journal
 from dicom_node.jobs.queue_worker import QueueWorker
 from dicom_node.net import uids
 from dicom_node.net.scp import Received
@@ -47,7 +48,7 @@ class Assembler:
         self._scheduler.start()
         self._worker.start()
         # Resume after a restart: every job still receiving is evaluated again and gets its timeout.
-        for job in self.journal.jobs_in(RECEIVING):
+        for job in self.journal.jobs_in(JobState.RECEIVING):
             self._schedule_timeout(job)
             self._worker.put(("job", job.id))
 
@@ -80,12 +81,12 @@ class Assembler:
         inst = received.instance
         if inst.sop_class_uid in uids.PLAN_CLASSES:
             job = self.journal.create_job(inst.sop_instance_uid, inst.calling_ae)
-            if job.state == RECEIVING:
+            if job.state == JobState.RECEIVING:
                 self._schedule_timeout(job)
                 self._evaluate(job, from_timer=False)
             return
         # Any other instance may complete one or more waiting plans of the same patient.
-        for job in self.journal.jobs_in(RECEIVING):
+        for job in self.journal.jobs_in(JobState.RECEIVING):
             plan = self.journal.instance(job.plan_uid)
             if plan is None or plan.patient_key != inst.patient_key:
                 continue
@@ -109,7 +110,7 @@ class Assembler:
     # --- the rules ----------------------------------------------------------------------
 
     def _evaluate(self, job: Job, from_timer: bool) -> None:
-        if job.state != RECEIVING:
+        if job.state != JobState.RECEIVING:
             return
         plan = self.journal.instance(job.plan_uid)
         if plan is None:  # pragma: no cover - a job is only created for a stored plan
@@ -121,15 +122,12 @@ class Assembler:
             return
         structure_sets = self.journal.refs(plan.sop_instance_uid, "structure_set")
         present = self.journal.present(structure_sets)
-        data = {
-            "plan": plan.path,
-            "structure_set": next((self.journal.instance(u).path for u in structure_sets  # type: ignore[union-attr]
-                                   if u in present), None),
-            "ct": [i.path for i in ct],
-            "public": {"ct_slices": len(ct), "assembly": note},
-        }
+        received_ss = [self.journal.instance(u) for u in structure_sets if u in present]
+        ss_paths = [i.path for i in received_ss if i is not None]
+        data = JobData(plan=plan.path, structure_set=next(iter(ss_paths), None), ct=[i.path for i in ct],
+                       public=PublicData(ct_slices=len(ct), assembly=note))
         self._cancel_timers(job.id)
-        ready = self.journal.transition(job.id, READY, data=data, expect=RECEIVING)
+        ready = self.journal.transition(job.id, JobState.READY, data=data, expect=JobState.RECEIVING)
         LOGGER.info("job %s READY: %d CT slices (%s)", job.id, len(ct), note)
         for callback in self._on_ready:
             callback(ready)
@@ -174,16 +172,16 @@ class Assembler:
 
     def _on_timeout(self, job_id: str) -> None:
         job = self.journal.job(job_id)
-        if job.state != RECEIVING:
+        if job.state != JobState.RECEIVING:
             return
         # One last look: the data may have become complete just now.
         self._evaluate(job, from_timer=True)
         job = self.journal.job(job_id)
-        if job.state != RECEIVING:
+        if job.state != JobState.RECEIVING:
             return
         reason = self._why_incomplete(job)
         self._cancel_timers(job_id)
-        self.journal.transition(job_id, REJECTED, reason=reason, expect=RECEIVING)
+        self.journal.transition(job_id, JobState.REJECTED, reason=reason, expect=JobState.RECEIVING)
 
     def _why_incomplete(self, job: Job) -> str:
         waited = f"after {self.trigger.timeout_seconds:g} s"

@@ -4,8 +4,8 @@ A transition is written before the side effect that follows it, so a restarted n
 the last recorded state. The database lives on the clinic node only; it holds UIDs and file paths,
 and a hash of the patient ID (to keep patients apart) rather than the ID itself.
 
-Job states (DESIGN.md): RECEIVING → READY → SEALED → RUNNING → MERGED → SENT (→ VERIFIED), with
-the side exits FAILED (retryable) and REJECTED (the input can never work).
+The job states, their transitions and the fields of a job's data are in `jobrecord.py`
+(design: DESIGN.md at the repository root).
 """
 
 from __future__ import annotations
@@ -24,34 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.errors import JournalError
+from dicom_node.intake.jobrecord import FIELDS, TRANSITIONS, JobData, JobState
 
 LOGGER = logging.getLogger(__name__)
-
-RECEIVING = "RECEIVING"
-READY = "READY"
-SEALED = "SEALED"
-RUNNING = "RUNNING"
-MERGED = "MERGED"
-SENT = "SENT"
-VERIFIED = "VERIFIED"
-FAILED = "FAILED"
-REJECTED = "REJECTED"
-STATES = (RECEIVING, READY, SEALED, RUNNING, MERGED, SENT, VERIFIED, FAILED, REJECTED)
-FINAL_STATES = (SENT, VERIFIED, REJECTED)
-
-# Which state may follow which. FAILED may be retried from the state the job failed in.
-TRANSITIONS: dict[str, tuple[str, ...]] = {
-    RECEIVING: (READY, REJECTED, FAILED),
-    READY: (SEALED, REJECTED, FAILED),
-    SEALED: (RUNNING, REJECTED, FAILED),
-    RUNNING: (MERGED, REJECTED, FAILED),
-    MERGED: (SENT, FAILED),
-    SENT: (VERIFIED, FAILED),
-    VERIFIED: (),
-    # A failed second check (FAILED in SENT): `mcnode retry` puts it back to SENT, a newer TPS dose to VERIFIED.
-    FAILED: (READY, SEALED, RUNNING, MERGED, FAILED, REJECTED, SENT, VERIFIED),
-    REJECTED: (),
-}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -114,14 +89,14 @@ class Instance:
 class Job:
     id: str
     plan_uid: str
-    state: str
+    state: JobState
     reason: str | None
     calling_ae: str | None
     created: float
     updated: float
     shards_done: int
     shards_total: int
-    data: dict[str, Any]
+    data: JobData
 
 
 def _iso(ts: float) -> str:
@@ -130,22 +105,24 @@ def _iso(ts: float) -> str:
 
 def _job(row: sqlite3.Row) -> Job:
     return Job(
-        id=row["id"], plan_uid=row["plan_uid"], state=row["state"], reason=row["reason"],
+        id=row["id"], plan_uid=row["plan_uid"], state=JobState(row["state"]), reason=row["reason"],
         calling_ae=row["calling_ae"], created=row["created"], updated=row["updated"],
-        shards_done=row["shards_done"], shards_total=row["shards_total"], data=json.loads(row["data"]),
+        shards_done=row["shards_done"], shards_total=row["shards_total"],
+        data=JobData.from_json(json.loads(row["data"])),
     )
 
 
-def _merge_data(existing: dict[str, Any], new: dict[str, Any] | None) -> dict[str, Any]:
-    """Job data after an update: top-level keys replaced, the `public` table merged key by key.
+def _merge_data(stored: str, patch: JobData | None, clear: tuple[str, ...]) -> str:
+    """The stored JSON after a patch (see `JobData.merged`).
 
-    Merging `public` here, inside the write transaction, means no stage has to read-modify-write it
+    Merging here, inside the write transaction, means no stage has to read-modify-write the data
     (the outbox and the second check update it from other threads than the pipeline).
     """
-    merged = {**existing, **(new or {})}
-    if new and "public" in new:
-        merged["public"] = {**existing.get("public", {}), **new["public"]}
-    return merged
+    unknown = set(clear) - FIELDS
+    if unknown:
+        raise JournalError(f"cannot clear unknown job data fields {sorted(unknown)}")
+    data = JobData.from_json(json.loads(stored))
+    return json.dumps(data.merged(patch or JobData(), clear).to_json())
 
 
 class Journal:
@@ -254,7 +231,7 @@ class Journal:
 
     # --- jobs ---------------------------------------------------------------------------
 
-    def create_job(self, plan_uid: str, calling_ae: str | None, data: dict[str, Any] | None = None) -> Job:
+    def create_job(self, plan_uid: str, calling_ae: str | None, data: JobData | None = None) -> Job:
         """Create the job for a plan in RECEIVING, or return the existing one (idempotent)."""
         now = time.time()
         with self._tx() as conn:
@@ -265,10 +242,11 @@ class Journal:
             conn.execute(
                 "INSERT INTO jobs (id, plan_uid, state, reason, calling_ae, created, updated, data) "
                 "VALUES (?,?,?,?,?,?,?,?)",
-                (job_id, plan_uid, RECEIVING, None, calling_ae, now, now, json.dumps(data or {})),
+                (job_id, plan_uid, JobState.RECEIVING, None, calling_ae, now, now,
+                 json.dumps((data or JobData()).to_json())),
             )
             conn.execute("INSERT INTO transitions (job_id, state, reason, at) VALUES (?,?,?,?)",
-                         (job_id, RECEIVING, None, now))
+                         (job_id, JobState.RECEIVING, None, now))
             row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         LOGGER.info("job %s created (RECEIVING)", job_id)
         return _job(row)
@@ -283,46 +261,50 @@ class Journal:
         rows = self._query("SELECT * FROM jobs WHERE plan_uid=?", (plan_uid,))
         return _job(rows[0]) if rows else None
 
-    def jobs_in(self, *states: str) -> list[Job]:
+    def jobs_in(self, *states: JobState) -> list[Job]:
         marks = ",".join("?" * len(states))
         rows = self._query(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY created", states)
         return [_job(r) for r in rows]
 
-    def transition(self, job_id: str, state: str, reason: str | None = None,
-                   data: dict[str, Any] | None = None, expect: str | tuple[str, ...] | None = None) -> Job:
-        """Move a job to `state` (recorded with its time); merge `data` into the job's data.
+    def transition(self, job_id: str, state: JobState, reason: str | None = None,
+                   data: JobData | None = None, expect: JobState | tuple[JobState, ...] | None = None,
+                   clear: tuple[str, ...] = ()) -> Job:
+        """Move a job to `state` (recorded with its time); merge the patch `data` into the job's data
+        and reset the fields named in `clear`.
 
         `expect` guards against racing writers: the move happens only from those states.
         """
-        if state not in STATES:
-            raise JournalError(f"unknown state {state!r}")
+        try:
+            state = JobState(state)
+        except ValueError:
+            raise JournalError(f"unknown state {state!r}") from None
         now = time.time()
         with self._tx() as conn:
             row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
             if row is None:
                 raise JournalError(f"no job {job_id}")
-            current = row["state"]
-            allowed = (expect,) if isinstance(expect, str) else expect
+            current = JobState(row["state"])
+            allowed = (expect,) if isinstance(expect, JobState) else expect
             if allowed is not None and current not in allowed:
                 raise JournalError(f"job {job_id} is {current}, expected {' or '.join(allowed)}")
             if state != current and state not in TRANSITIONS[current]:
                 raise JournalError(f"job {job_id}: {current} → {state} is not a valid transition")
-            merged = _merge_data(json.loads(row["data"]), data)
+            merged = _merge_data(row["data"], data, clear)
             conn.execute("UPDATE jobs SET state=?, reason=?, updated=?, data=? WHERE id=?",
-                         (state, reason, now, json.dumps(merged), job_id))
+                         (state, reason, now, merged, job_id))
             conn.execute("INSERT INTO transitions (job_id, state, reason, at) VALUES (?,?,?,?)",
                          (job_id, state, reason, now))
             row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         LOGGER.info("job %s → %s%s", job_id, state, f" ({reason})" if reason else "")
         return _job(row)
 
-    def update_job_data(self, job_id: str, data: dict[str, Any]) -> None:
+    def update_job_data(self, job_id: str, data: JobData) -> None:
         with self._tx() as conn:
             row = conn.execute("SELECT data FROM jobs WHERE id=?", (job_id,)).fetchone()
             if row is None:
                 raise JournalError(f"no job {job_id}")
-            merged = _merge_data(json.loads(row["data"]), data)
-            conn.execute("UPDATE jobs SET data=?, updated=? WHERE id=?", (json.dumps(merged), time.time(), job_id))
+            merged = _merge_data(row["data"], data, ())
+            conn.execute("UPDATE jobs SET data=?, updated=? WHERE id=?", (merged, time.time(), job_id))
 
     def set_progress(self, job_id: str, done: int, total: int) -> None:
         with self._tx() as conn:
@@ -332,29 +314,28 @@ class Journal:
     def retry(self, job_id: str) -> Job:
         """Put a FAILED job back into the state it failed in (the running node takes it up)."""
         job = self.job(job_id)
-        if job.state != FAILED:
+        if job.state != JobState.FAILED:
             raise JournalError(f"job {job_id} is {job.state}; only FAILED jobs can be retried")
-        back_to = job.data.get("failed_in", READY)
-        if back_to == RUNNING:
-            back_to = SEALED  # RUNNING is entered again through SEALED: shards already done are kept
-        return self.transition(job_id, back_to, reason=f"retry after: {job.reason}", expect=FAILED)
+        back_to = job.data.failed_in or JobState.READY
+        if back_to == JobState.RUNNING:
+            back_to = JobState.SEALED  # RUNNING is entered again through SEALED: shards already done are kept
+        return self.transition(job_id, back_to, reason=f"retry after: {job.reason}", expect=JobState.FAILED)
 
-    def history(self, job_id: str) -> list[tuple[str, str | None, float]]:
+    def history(self, job_id: str) -> list[tuple[JobState, str | None, float]]:
         rows = self._query("SELECT state, reason, at FROM transitions WHERE job_id=? ORDER BY seq", (job_id,))
-        return [(r["state"], r["reason"], r["at"]) for r in rows]
+        return [(JobState(r["state"]), r["reason"], r["at"]) for r in rows]
 
     def list_jobs(self) -> list[dict[str, Any]]:
         """Jobs for display: ids, states, reasons, times and progress, nothing about the patient."""
         rows = self._query("SELECT * FROM jobs ORDER BY created")
         out = []
         for r in rows:
-            data = json.loads(r["data"])
+            public = JobData.from_json(json.loads(r["data"])).public.to_json()
             item: dict[str, Any] = {
                 "id": r["id"], "state": r["state"], "reason": r["reason"],
                 "created": _iso(r["created"]), "updated": _iso(r["updated"]),
                 "shards_done": r["shards_done"], "shards_total": r["shards_total"],
             }
-            for key in data.get("public", {}):
-                item[key] = data["public"][key]
+            item.update(public)
             out.append(item)
         return out

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dicom_node.errors import SendError
-from dicom_node.intake.journal import MERGED, SENT, Job, Journal
+from dicom_node.intake.jobrecord import JobData, JobState, PublicData
+from dicom_node.intake.journal import Job, Journal
 from dicom_node.net.scu import send_paths
 from dicom_node.settings import Settings
 
@@ -36,7 +37,7 @@ class Outbox:
 
     def start(self) -> None:
         self._thread.start()
-        for job in self.journal.jobs_in(MERGED):
+        for job in self.journal.jobs_in(JobState.MERGED):
             self.submit(job)
 
     def stop(self) -> None:
@@ -74,22 +75,22 @@ class Outbox:
 
     def _send(self, job_id: str, attempt: int) -> None:
         job = self.journal.job(job_id)
-        if job.state != MERGED:
+        if job.state != JobState.MERGED:
             return
         dest = self.settings.destination_for(job.calling_ae or "")
         if dest is None:
             reason = f"no [[destinations]] entry for calling AE title {job.calling_ae!r}; dose kept"
-            self.journal.transition(job.id, MERGED, reason=reason)
+            self.journal.transition(job.id, JobState.MERGED, reason=reason)
             LOGGER.error("job %s: %s", job.id, reason)
             return
         try:
-            failures = send_paths([Path(job.data["rtdose"])], dest.host, dest.port, dest.ae_title,
+            failures = send_paths([Path(job.data.rtdose)], dest.host, dest.port, dest.ae_title,
                                   self.settings.node.ae_title)
         except SendError as exc:
-            failures = [(Path(job.data["rtdose"]), str(exc))]
+            failures = [(Path(job.data.rtdose), str(exc))]
         if not failures:
-            sent = self.journal.transition(job.id, SENT, expect=MERGED,
-                                           data={"sent_to": f"{dest.ae_title}@{dest.host}:{dest.port}"})
+            sent = self.journal.transition(job.id, JobState.SENT, expect=JobState.MERGED,
+                                           data=JobData(sent_to=f"{dest.ae_title}@{dest.host}:{dest.port}"))
             LOGGER.info("job %s: RT Dose delivered to %s after %d attempt(s)", job.id, dest.ae_title, attempt + 1)
             if self._on_sent:
                 self._on_sent(sent)
@@ -98,7 +99,8 @@ class Outbox:
         why = failures[0][1]
         LOGGER.warning("job %s: sending to %s failed (%s); retry %d in %.0f s", job.id, dest.ae_title, why,
                        attempt + 1, delay)
-        self.journal.update_job_data(job.id, {"public": {"send_attempts": attempt + 1, "last_send_error": why}})
+        self.journal.update_job_data(job.id, JobData(public=PublicData(send_attempts=attempt + 1,
+                                                                        last_send_error=why)))
         with self._cond:
             heapq.heappush(self._due, (time.monotonic() + delay, job.id, attempt + 1))
             self._cond.notify_all()

@@ -39,7 +39,8 @@ from cloud.errors import Cancelled, CloudError, UnsupportedPlan
 from cloud.merge import merge
 from cloud.sizing import CostModel, finish_job, plan_job
 from dicom_node.errors import NodeError
-from dicom_node.intake.journal import FAILED, MERGED, READY, REJECTED, RUNNING, SEALED, Job, Journal
+from dicom_node.intake.jobrecord import JobData, JobState, PublicData
+from dicom_node.intake.journal import Job, Journal
 from dicom_node.jobs.queue_worker import QueueWorker
 from dicom_node.jobs.rtdose import write_rt_dose
 from dicom_node.net import uids
@@ -75,7 +76,7 @@ class Pipeline:
 
     def start(self) -> None:
         self._worker.start()
-        for job in self.journal.jobs_in(READY, SEALED, RUNNING, MERGED):
+        for job in self.journal.jobs_in(JobState.READY, JobState.SEALED, JobState.RUNNING, JobState.MERGED):
             self.submit(job)
 
     def stop(self) -> None:
@@ -92,7 +93,7 @@ class Pipeline:
 
     def _pick_up_retries(self) -> None:
         """Jobs put back into a pipeline state from outside (`mcnode retry`) are taken up here."""
-        for job in self.journal.jobs_in(READY, SEALED, RUNNING):
+        for job in self.journal.jobs_in(JobState.READY, JobState.SEALED, JobState.RUNNING):
             self.submit(job)
 
     def wait_idle(self, timeout: float = 600) -> bool:
@@ -109,9 +110,9 @@ class Pipeline:
         """An unexpected error: FAILED with its type, so the job is not taken up again in a loop."""
         try:
             job = self.journal.job(job_id)
-            if job.state in (READY, SEALED, RUNNING):
-                self.journal.transition(job_id, FAILED, reason=f"{job.state}: internal error "
-                                        f"{type(exc).__name__}: {exc}", data={"failed_in": job.state})
+            if job.state in (JobState.READY, JobState.SEALED, JobState.RUNNING):
+                self.journal.transition(job_id, JobState.FAILED, reason=f"{job.state}: internal error "
+                                        f"{type(exc).__name__}: {exc}", data=JobData(failed_in=job.state))
         except Exception:  # noqa: BLE001 - nothing more to do than the log line already written
             LOGGER.exception("could not record the failure of job %s", job_id)
 
@@ -120,7 +121,7 @@ class Pipeline:
     def process(self, job_id: str) -> Job:
         """Advance one job as far as the pipeline takes it."""
         job = self.journal.job(job_id)
-        steps = {READY: self._seal, SEALED: self._start_running, RUNNING: self._compute}
+        steps = {JobState.READY: self._seal, JobState.SEALED: self._start_running, JobState.RUNNING: self._compute}
         while job.state in steps:
             before = job.state
             try:
@@ -129,13 +130,13 @@ class Pipeline:
                 LOGGER.info("job %s: stopped while %s; it resumes on the next start", job.id, before)
                 return job
             except UnsupportedPlan as exc:
-                job = self.journal.transition(job.id, REJECTED, reason=str(exc))
+                job = self.journal.transition(job.id, JobState.REJECTED, reason=str(exc))
             except (CloudError, AnonymizerError, NodeError, OSError) as exc:
-                job = self.journal.transition(job.id, FAILED, reason=f"{before}: {exc}",
-                                              data={"failed_in": before})
+                job = self.journal.transition(job.id, JobState.FAILED, reason=f"{before}: {exc}",
+                                              data=JobData(failed_in=before))
             if job.state == before:  # pragma: no cover - a step must move the job
                 break
-        if job.state == MERGED and self._on_merged is not None:
+        if job.state == JobState.MERGED and self._on_merged is not None:
             self._on_merged(job)
         return job
 
@@ -150,8 +151,7 @@ class Pipeline:
         folder = self.job_dir(job.id)
         if folder.exists():
             shutil.rmtree(folder)  # a half-finished earlier attempt
-        paths = [job.data["plan"], *([job.data["structure_set"]] if job.data.get("structure_set") else []),
-                 *job.data["ct"]]
+        paths = [job.data.plan, *([job.data.structure_set] if job.data.structure_set else []), *job.data.ct]
         datasets = _load(paths)
         engine = get_engine(self.settings.engine.name)
         engine.check_plan(datasets[0])
@@ -173,16 +173,15 @@ class Pipeline:
         make_bundle(folder / "bundle.sealed", key, job.id, {"inputs": inputs.root, "dicom": anon_dir},
                     {"engine": engine.name, "files": names})
         self._timed(job.id, "seal", start)
-        public = {"warnings": list(inputs.warnings)} if inputs.warnings else {}
-        return self.journal.transition(job.id, SEALED, data={"public": public,
-                                                             "anonymized": names})
+        public = PublicData(warnings=list(inputs.warnings) if inputs.warnings else None)
+        return self.journal.transition(job.id, JobState.SEALED, data=JobData(public=public, anonymized=names))
 
     def _beam_models(self) -> dict[str, Path] | None:
         models = getattr(self.settings.engine, "beam_models", None)
         return dict(models) if models else None
 
     def _start_running(self, job: Job) -> Job:
-        return self.journal.transition(job.id, RUNNING, expect=SEALED)
+        return self.journal.transition(job.id, JobState.RUNNING, expect=JobState.SEALED)
 
     def _compute(self, job: Job) -> Job:
         folder = self.job_dir(job.id)
@@ -191,10 +190,10 @@ class Pipeline:
         sz = cloud.sizing
         cost = CostModel(sz.price_per_ghz_hour, sz.ghz_per_core, sz.cores_per_worker)
         # chosen once per job and recorded before any shard starts, so a resumed job keeps its shard count
-        sizing = job.data.get("public", {}).get("sizing") or plan_job(
+        sizing = job.data.public.sizing or plan_job(
             self.journal.list_jobs(), self.settings.engine.primaries, cloud.shards, cost,
             deadline_s=sz.deadline_seconds, cost_cap=sz.cost_cap, max_shards=sz.max_shards)
-        self.journal.update_job_data(job.id, {"public": {"sizing": sizing}})
+        self.journal.update_job_data(job.id, JobData(public=PublicData(sizing=sizing)))
         tasks = plan_tasks(job.id, int(sizing["shards"]), self.settings.engine.primaries,
                            (folder / "bundle.sealed").as_uri(), (folder / "results").as_uri())
         backend = get_backend(cloud.backend, **cloud.backend_options())
@@ -211,7 +210,7 @@ class Pipeline:
                        rbe=rbe, expected_shards=len(tasks))
         self._timed(job.id, "merge", start)
         start = time.perf_counter()
-        anon = _load([str(folder / "anonymized" / n) for n in job.data["anonymized"]])
+        anon = _load([str(folder / "anonymized" / n) for n in job.data.anonymized])
         plan = next(ds for ds in anon if str(ds.SOPClassUID) in uids.PLAN_CLASSES)
         ct = [ds for ds in anon if str(ds.SOPClassUID) == uids.CT_IMAGE]
         dose = write_rt_dose(merged, ct, plan)
@@ -220,8 +219,7 @@ class Pipeline:
         dose.save_as(out, enforce_file_format=True)
         self._timed(job.id, "write", start)
         summary = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in merged.summary.items()}
-        return self.journal.transition(job.id, MERGED, data={
-            "rtdose": str(out),
-            "public": {"summary": summary, "shards": len(tasks),
-                       "primaries": self.settings.engine.primaries, "sizing": sizing,
-                       "shard_wall_s": [round(t.wall_s, 3) for t in tallies]}})
+        return self.journal.transition(job.id, JobState.MERGED, data=JobData(
+            rtdose=str(out),
+            public=PublicData(summary=summary, shards=len(tasks), primaries=self.settings.engine.primaries,
+                              sizing=sizing, shard_wall_s=[round(t.wall_s, 3) for t in tallies])))

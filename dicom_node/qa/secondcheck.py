@@ -23,7 +23,8 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from dicom_node.errors import NodeError, SendError
-from dicom_node.intake.journal import FAILED, SENT, VERIFIED, Instance, Job, Journal
+from dicom_node.intake.jobrecord import JobData, JobState, PublicData, Report
+from dicom_node.intake.journal import Instance, Job, Journal
 from dicom_node.jobs.queue_worker import QueueWorker
 from dicom_node.net import uids
 from dicom_node.net.scp import Received
@@ -116,7 +117,7 @@ class SecondCheck:
 
     def start(self) -> None:
         self._worker.start()
-        for job in self.journal.jobs_in(SENT, FAILED):
+        for job in self.journal.jobs_in(JobState.SENT, JobState.FAILED):
             self._worker.put(job.id)
 
     def stop(self) -> None:
@@ -141,8 +142,8 @@ class SecondCheck:
 
     def _pick_up_retries(self) -> None:
         """Second checks put back to SENT from outside (`mcnode retry`) are taken up here."""
-        for job in self.journal.jobs_in(SENT):
-            if job.data.get("failed_step") == STEP:
+        for job in self.journal.jobs_in(JobState.SENT):
+            if job.data.failed_step == STEP:
                 self._worker.put(job.id)
 
     # --- one job ---------------------------------------------------------------------------
@@ -151,8 +152,8 @@ class SecondCheck:
         """The newest RT Dose from the TPS that names this plan (not our own MC dose), same patient."""
         plan = self.journal.instance(job.plan_uid)
         mc_uid = None
-        if job.data.get("rtdose"):
-            mc_uid = str(dcmread(job.data["rtdose"], stop_before_pixels=True).SOPInstanceUID)
+        if job.data.rtdose:
+            mc_uid = str(dcmread(job.data.rtdose, stop_before_pixels=True).SOPInstanceUID)
         doses = [d for d in self.journal.referencing(job.plan_uid, "plan")
                  if d.sop_class_uid == uids.RT_DOSE and d.sop_instance_uid != mc_uid
                  and (plan is None or d.patient_key == plan.patient_key)]
@@ -162,12 +163,12 @@ class SecondCheck:
         job = self.journal.job(job_id)
         if not self.policy.enabled:
             return None
-        if job.state == FAILED and job.data.get("failed_step") != STEP:
+        if job.state == JobState.FAILED and job.data.failed_step != STEP:
             return None
-        if job.state not in (SENT, VERIFIED, FAILED):
+        if job.state not in (JobState.SENT, JobState.VERIFIED, JobState.FAILED):
             return None  # the MC dose is not delivered yet; the outbox submits the job at SENT
         dose = self._tps_dose(job)
-        if dose is None or (job.state != SENT and job.data.get("tps_dose_uid") == dose.sop_instance_uid):
+        if dose is None or (job.state != JobState.SENT and job.data.tps_dose_uid == dose.sop_instance_uid):
             return None
         LOGGER.info("job %s: second check against TPS dose %s", job.id, dose.sop_instance_uid)
         start = time.perf_counter()
@@ -178,32 +179,32 @@ class SecondCheck:
         except (ComparisonError, InvalidDicomError, AttributeError, KeyError, ValueError, OSError) as exc:
             reason = f"second check: {exc}"
             LOGGER.warning("job %s: %s", job.id, reason)
-            return self.journal.transition(job.id, FAILED, reason=reason, data={
-                "failed_in": SENT, "failed_step": STEP, "tps_dose_uid": dose.sop_instance_uid})
+            return self.journal.transition(job.id, JobState.FAILED, reason=reason, data=JobData(
+                failed_in=JobState.SENT, failed_step=STEP, tps_dose_uid=dose.sop_instance_uid))
         seconds = round(time.perf_counter() - start, 2)
-        public = {"verdict": result["verdict"],
-                  "gamma_pass_rates": {k: g["pass_rate_percent"] for k, g in result["gamma"].items()},
-                  "secondcheck_seconds": seconds}
-        verified = self.journal.transition(job.id, VERIFIED, reason=None if result["verdict"] == "pass"
-                                           else "; ".join(result["reasons"]), data={
-            "tps_dose_uid": dose.sop_instance_uid, "secondcheck": result, "failed_step": None,
-            "report": {"html": str(html), "pdf": str(pdf)}, "public": public})
+        public = PublicData(verdict=result["verdict"],
+                            gamma_pass_rates={k: g["pass_rate_percent"] for k, g in result["gamma"].items()},
+                            secondcheck_seconds=seconds)
+        verified = self.journal.transition(job.id, JobState.VERIFIED, reason=None if result["verdict"] == "pass"
+                                           else "; ".join(result["reasons"]), data=JobData(
+            tps_dose_uid=dose.sop_instance_uid, secondcheck=result, report=Report(html=str(html), pdf=str(pdf)),
+            public=public), clear=("failed_step",))
         LOGGER.info("job %s: second check %s in %.1f s", job.id, result["verdict"], seconds)
         self._send_report(verified, pdf, plan)
         return verified
 
     def _compare(self, job: Job, dose: Instance) -> tuple[Comparison, dict[str, Any], dict[str, str], Any,
                                                           tuple[float, float, float] | None, Any]:
-        mc_ds = dcmread(job.data["rtdose"])
+        mc_ds = dcmread(job.data.rtdose)
         tps_ds = dcmread(dose.path)
-        plan = dcmread(job.data["plan"], stop_before_pixels=True)
+        plan = dcmread(job.data.plan, stop_before_pixels=True)
         fractions = None
         for fg in plan.get("FractionGroupSequence", []):
             fractions = int(fg.get("NumberOfFractionsPlanned", 0) or 0) or None
             break
-        rtstruct = dcmread(job.data["structure_set"]) if job.data.get("structure_set") else None
+        rtstruct = dcmread(job.data.structure_set) if job.data.structure_set else None
         cmp, result = run_comparison(mc_ds, tps_ds, self.policy, rtstruct, fractions)
-        ct = ct_from_datasets([dcmread(p) for p in job.data["ct"]]) if job.data.get("ct") else None
+        ct = ct_from_datasets([dcmread(p) for p in job.data.ct]) if job.data.ct else None
         iso = None
         beams = plan.get("IonBeamSequence") or plan.get("BeamSequence") or []
         if beams:
@@ -240,5 +241,5 @@ class SecondCheck:
         outcome = (f"sent to {policy.report_ae_title}@{policy.report_host}:{policy.report_port}" if not failures
                    else f"not sent: {failures[0][1]}")
         LOGGER.info("job %s: report PDF %s", job.id, outcome)
-        self.journal.update_job_data(job.id, {"public": {"report_pdf": outcome}})
+        self.journal.update_job_data(job.id, JobData(public=PublicData(report_pdf=outcome)))
 
