@@ -40,11 +40,15 @@ class ShardTask:
     result_uri: str
     threads: int = 0
 
-    def argv(self) -> list[str]:
-        """The worker command line for this task (no secrets on it)."""
+    def argv(self, key_uri: str | None = None) -> list[str]:
+        """The worker's arguments for this task (see `build_parser`); no secrets on it.
+
+        The one builder of the worker command line: local, ssh and aws append it to their command.
+        With `key_uri` the worker reads the KMS-wrapped key there instead of on standard input.
+        """
         return ["--job", self.job_id, "--bundle", self.bundle_uri, "--shard", str(self.index),
                 "--primaries", str(self.primaries), "--seed", str(self.seed), "--result", self.result_uri,
-                "--threads", str(self.threads)]
+                "--threads", str(self.threads), *(["--key-uri", key_uri] if key_uri else [])]
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)

@@ -4,9 +4,9 @@ array job (one child per shard) running ``mcnode worker``.
 Children find their shard, seed and result object from ``AWS_BATCH_JOB_ARRAY_INDEX`` (see
 cloud.worker). Shards of one job differ in primaries by at most one, so they go out as at most two
 array jobs (a Batch array has 2 or more children; a lone shard is a plain job). The backend polls
-until every child has ended, copies the sealed results to the tasks' result URIs, and runs failed
-children again (up to `retries`); a child that reports success but stored no result counts as
-failed. boto errors become DispatchError (Batch, KMS) or StoreError (S3) here. Objects it put in S3
+(base.Backend.run: retries, deadlines, progress) until every child has ended; a finished child's
+sealed result is copied to its task's result URI, and a child that reports success but stored no
+result counts as failed. boto errors become DispatchError (Batch, KMS) or StoreError (S3) here. Objects it put in S3
 are deleted when the run ends.
 
 Not built (yet): starting EC2 instances to use as ssh hosts.
@@ -17,14 +17,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from cloud.backends.base import Backend, ProgressCallback
-from cloud.errors import Cancelled, CloudError, DispatchError
+from cloud.backends.base import Attempt, Backend
+from cloud.errors import CloudError, DispatchError
 from cloud.kms import store_wrapped_key
 from cloud.stores.base import store_for
 from cloud.stores.s3 import aws_client
@@ -36,12 +36,11 @@ TERMINAL = ("SUCCEEDED", "FAILED")
 BATCH_MIN_TIMEOUT_S = 60  # Batch refuses attemptDurationSeconds below 60
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Child:
-    task: ShardTask
+    """One shard as a Batch job (a child of an array job, or a plain job): `Attempt.handle`."""
+
     batch_id: str  # "<array job id>:<index>" or a plain job id
-    attempt: int
-    submitted: float
     remote_result: str
 
 
@@ -63,7 +62,11 @@ class AwsBackend(Backend):
         self.region, self.endpoint_url = region or None, endpoint_url or None
         self.s3_endpoint_url = s3_endpoint_url or self.endpoint_url
         self.command = list(command)
-        self.poll_s = poll_s
+        self.poll_s = poll_s  # Backend.run polls Batch this often
+        self._put: list[str] = []  # objects this run stored in S3, deleted when it ends
+        self._bundle: str | None = None
+        self._key_uri: str | None = None
+        self._results: str | None = None
         self.worker_env = dict(worker_env or {})
         # Called with each submitted Batch job id. Where no Batch compute runs the containers (moto
         # without docker), the tests play the container runtime here.
@@ -81,19 +84,19 @@ class AwsBackend(Backend):
 
     # --- Batch -------------------------------------------------------------------------------
 
-    def _submit(self, group: list[ShardTask], attempt: int, bundle: str, key_uri: str,
-                results: str) -> list[_Child]:
+    def _submit(self, group: list[Attempt]) -> None:
+        """One Batch request for a run of shards (an array job when there are several)."""
         first = group[0]
-        argv = [*self.command, "--job", first.job_id, "--bundle", bundle, "--shard", str(first.index),
-                "--primaries", str(first.primaries), "--seed", str(first.seed), "--result", results,
-                "--threads", str(first.threads), "--key-uri", key_uri]
+        assert self._bundle is not None and self._key_uri is not None and self._results is not None
+        task = replace(first.task, bundle_uri=self._bundle, result_uri=self._results)
+        argv = [*self.command, *task.argv(key_uri=self._key_uri)]
         env = dict(self.worker_env)
         if self.s3_endpoint_url:
             env.setdefault("AWS_ENDPOINT_URL", self.s3_endpoint_url)
         if self.region:
             env.setdefault("AWS_DEFAULT_REGION", self.region)
         request = {
-            "jobName": f"mcnode-{first.job_id}-{first.index}-a{attempt}"[:128],
+            "jobName": f"mcnode-{task.job_id}-{task.index}-a{first.number}"[:128],
             "jobQueue": self.job_queue, "jobDefinition": self.job_definition,
             "containerOverrides": {"command": argv,
                                    "environment": [{"name": k, "value": v} for k, v in sorted(env.items())]},
@@ -104,14 +107,16 @@ class AwsBackend(Backend):
         try:
             batch_id = self._batch.submit_job(**request)["jobId"]
         except (BotoCoreError, ClientError) as exc:
-            raise DispatchError(f"job {first.job_id}: AWS Batch refused the shards: {exc}") from exc
-        LOGGER.info("job %s: submitted shards %d-%d to AWS Batch as %s", first.job_id, first.index,
-                    group[-1].index, batch_id)
+            raise DispatchError(f"job {task.job_id}: AWS Batch refused the shards: {exc}") from exc
+        LOGGER.info("job %s: submitted shards %d-%d to AWS Batch as %s", task.job_id, task.index,
+                    group[-1].task.index, batch_id)
         if self.on_submit is not None:
             self.on_submit(batch_id)
         now = time.monotonic()
-        return [_Child(t, f"{batch_id}:{i}" if len(group) > 1 else batch_id, attempt, now,
-                       results.replace("{shard}", str(t.index))) for i, t in enumerate(group)]
+        for i, a in enumerate(group):
+            a.started = now
+            a.handle = _Child(f"{batch_id}:{i}" if len(group) > 1 else batch_id,
+                              self._results.replace("{shard}", str(a.task.index)))
 
     def _statuses(self, ids: list[str]) -> dict[str, tuple[str, str]]:
         out: dict[str, tuple[str, str]] = {}
@@ -125,80 +130,66 @@ class AwsBackend(Backend):
         return out
 
     def _terminate(self, children: list[_Child], reason: str) -> None:
-        for batch_id in {c.batch_id.split(":")[0] for c in children}:
+        for batch_id in sorted({c.batch_id.split(":")[0] for c in children}):
             try:
                 self._batch.terminate_job(jobId=batch_id, reason=reason)
             except (BotoCoreError, ClientError) as exc:
                 LOGGER.warning("could not terminate AWS Batch job %s: %s", batch_id, exc)
 
-    # --- the run -----------------------------------------------------------------------------
+    # --- what Backend.run calls ------------------------------------------------------------
 
-    def run(self, tasks: list[ShardTask], key: bytes, on_done: ProgressCallback | None = None) -> None:
-        if not tasks:
-            return
+    def _open(self, tasks: list[ShardTask], key: bytes) -> list[ShardTask]:
         job_id = tasks[0].job_id
-        put: list[str] = []
-        children: list[_Child] = []
-        try:
-            bundle = tasks[0].bundle_uri
-            if urlparse(bundle).scheme != "s3":
-                remote = self._uri(job_id, "bundle.sealed")
-                self._store(remote).put_file(Path(urlparse(bundle).path), remote)
-                put.append(remote)
-                bundle = remote
-            key_uri = self._uri(job_id, "data.key.kms")
-            store_wrapped_key(key, key_uri, self.kms_key_id, job_id, region=self.region,
-                              endpoint_url=self.endpoint_url, store_endpoint_url=self.s3_endpoint_url)
-            put.append(key_uri)
-            results = self._uri(job_id, "shard-{shard}.tally")
-            for group in _groups([(t, 0) for t in tasks]):
-                children += self._submit([t for t, _a in group], 0, bundle, key_uri, results)
-            while children:
-                if self.cancelled.wait(self.poll_s):
-                    self._terminate(children, "mcnode is stopping")
-                    raise Cancelled("stopped: the node is shutting down")
-                status = self._statuses([c.batch_id for c in children])
-                retry: list[tuple[ShardTask, int]] = []
-                for child in list(children):
-                    state, reason = status.get(child.batch_id, ("", ""))
-                    why = None
-                    if state == "SUCCEEDED":
-                        why = self._collect(child, put)
-                        if why is None:
-                            children.remove(child)
-                            if on_done:
-                                on_done(child.task)
-                            continue
-                    elif state == "FAILED":
-                        why = f"AWS Batch child failed: {reason or 'no reason given'}"
-                    elif time.monotonic() - child.submitted > self.deadline_s:
-                        self._terminate([child], "shard deadline passed")
-                        why = f"passed its deadline of {self.deadline_s:g} s"
-                    if why is None:
-                        continue
-                    children.remove(child)
-                    LOGGER.warning("job %s shard %d (attempt %d) %s", job_id, child.task.index, child.attempt + 1,
-                                   why)
-                    if child.attempt >= self.retries:
-                        self._terminate(children, "another shard failed")
-                        raise DispatchError(f"shard {child.task.index} failed {child.attempt + 1} time(s); "
-                                            f"last: {why}")
-                    retry.append((child.task, child.attempt + 1))
-                for group in _groups(retry):
-                    children += self._submit([t for t, _a in group], group[0][1], bundle, key_uri, results)
-        finally:
-            for uri in put:
-                try:
-                    self._store(uri).delete(uri)
-                except CloudError as exc:
-                    LOGGER.warning("job %s: could not delete %s: %s", job_id, uri, exc)
+        self._put = []
+        bundle = tasks[0].bundle_uri
+        if urlparse(bundle).scheme != "s3":
+            remote = self._uri(job_id, "bundle.sealed")
+            self._store(remote).put_file(Path(urlparse(bundle).path), remote)
+            self._put.append(remote)
+            bundle = remote
+        key_uri = self._uri(job_id, "data.key.kms")
+        store_wrapped_key(key, key_uri, self.kms_key_id, job_id, region=self.region,
+                          endpoint_url=self.endpoint_url, store_endpoint_url=self.s3_endpoint_url)
+        self._put.append(key_uri)
+        self._bundle, self._key_uri = bundle, key_uri
+        self._results = self._uri(job_id, "shard-{shard}.tally")
+        return tasks
 
-    def _collect(self, child: _Child, put: list[str]) -> str | None:
+    def _start(self, attempts: list[Attempt], room: int, key: bytes) -> list[Attempt]:
+        started = attempts[:room]
+        for group in _groups(started):
+            self._submit(group)
+        return started
+
+    def _poll(self, running: list[Attempt]) -> list[tuple[Attempt, str | None]]:
+        status = self._statuses([a.handle.batch_id for a in running])
+        ended: list[tuple[Attempt, str | None]] = []
+        for a in running:
+            state, reason = status.get(a.handle.batch_id, ("", ""))
+            if state == "SUCCEEDED":
+                ended.append((a, self._collect(a)))
+            elif state == "FAILED":
+                ended.append((a, f"AWS Batch child failed: {reason or 'no reason given'}"))
+        return ended
+
+    def _stop(self, attempts: list[Attempt], reason: str) -> None:
+        self._terminate([a.handle for a in attempts], reason)
+
+    def _close(self) -> None:
+        for uri in self._put:
+            try:
+                self._store(uri).delete(uri)
+            except CloudError as exc:
+                LOGGER.warning("could not delete %s: %s", uri, exc)
+        self._put = []
+
+    def _collect(self, attempt: Attempt) -> str | None:
         """Bring a finished child's sealed result to its task's URI; the reason when it cannot."""
+        child: _Child = attempt.handle
         src = self._store(child.remote_result)
         if not src.exists(child.remote_result):
             return "AWS Batch reported success but the shard stored no result"
-        dst = child.task.result_uri
+        dst = attempt.task.result_uri
         if dst == child.remote_result:
             return None
         if urlparse(dst).scheme in ("", "file"):
@@ -207,19 +198,19 @@ class AwsBackend(Backend):
             src.get_file(child.remote_result, path)
         else:
             store_for(dst).put_bytes(src.get_bytes(child.remote_result), dst)
-        put.append(child.remote_result)
+        self._put.append(child.remote_result)
         return None
 
 
-def _groups(items: list[tuple[ShardTask, int]]) -> list[list[tuple[ShardTask, int]]]:
-    """Runs of tasks one array job can carry: consecutive shards and seeds, same primaries and attempt."""
-    out: list[list[tuple[ShardTask, int]]] = []
-    for task, attempt in sorted(items, key=lambda ta: ta[0].index):
+def _groups(attempts: list[Attempt]) -> list[list[Attempt]]:
+    """Runs of shards one array job can carry: consecutive shards and seeds, same primaries and attempt."""
+    out: list[list[Attempt]] = []
+    for a in sorted(attempts, key=lambda a: a.task.index):
         last = out[-1][-1] if out else None
-        if (last is not None and task.index == last[0].index + 1 and task.seed == last[0].seed + 1
-                and task.primaries == last[0].primaries and attempt == last[1]
-                and task.threads == last[0].threads and task.bundle_uri == last[0].bundle_uri):
-            out[-1].append((task, attempt))
+        if (last is not None and a.task.index == last.task.index + 1 and a.task.seed == last.task.seed + 1
+                and a.task.primaries == last.task.primaries and a.number == last.number
+                and a.task.threads == last.task.threads and a.task.bundle_uri == last.task.bundle_uri):
+            out[-1].append(a)
         else:
-            out.append([(task, attempt)])
+            out.append([a])
     return out

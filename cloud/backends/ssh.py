@@ -3,7 +3,8 @@
 Everything per host happens on all hosts at once (one thread each): connect, stage the sealed
 bundle by SFTP (once per host; a bundle already in S3 is fetched by the worker itself), launch the
 worker, collect the sealed tally by SFTP, and remove the host's work folder. That is what keeps
-the per-node overhead (beta) flat.
+the per-node overhead (beta) flat. Retries, deadlines and progress: base.Backend.run; this module
+starts a shard on a free host slot (each on its own thread: run, then collect) and stops it.
 
 The data key goes to each worker on its channel's standard input; it is never on a command line
 and never in a file. Host keys are checked against a known-hosts file (paramiko's RejectPolicy);
@@ -20,9 +21,8 @@ import shlex
 import stat
 import threading
 import time
-from collections import deque
 from collections.abc import Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,8 +30,8 @@ from urllib.parse import urlparse
 
 import paramiko
 
-from cloud.backends.base import Backend, ProgressCallback
-from cloud.errors import Cancelled, DispatchError
+from cloud.backends.base import Attempt, Backend
+from cloud.errors import DispatchError
 from cloud.worker import ShardTask
 
 LOGGER = logging.getLogger(__name__)
@@ -103,12 +103,13 @@ class _Conn:
         return code, stderr.read().decode(errors="replace").strip()
 
 
-@dataclass
-class _Outcome:
+@dataclass(frozen=True)
+class _Shard:
+    """A shard running on a host's slot, on its own thread."""
+
     conn: _Conn
-    task: ShardTask
-    attempt: int
-    error: str | None = None
+    stop: threading.Event
+    future: Future[str | None]
 
 
 class SshBackend(Backend):
@@ -125,6 +126,10 @@ class SshBackend(Backend):
         self.strict_host_keys = strict_host_keys
         self.connect_timeout_s = connect_timeout_s
         self.last_argv: list[list[str]] = []  # worker argv as launched (no secrets), for audit and tests
+        self.poll_s = POLL_S
+        self._conns: list[_Conn] = []
+        self._free: list[_Conn] = []  # one entry per free slot
+        self._pool: ThreadPoolExecutor | None = None
 
     def workers(self) -> int:
         return sum(h.slots for h in self.hosts)
@@ -167,13 +172,13 @@ class SshBackend(Backend):
                 conn.sftp.put(str(_local_path(uri)), remote, confirm=False)
                 conn.staged[uri] = remote
 
-    def _open(self, job_id: str, bundles: list[str]) -> list[_Conn]:
+    def _connect_all(self, job_id: str, bundles: list[str]) -> list[_Conn]:
         def one(host: SshHost) -> _Conn:
             conn = self._connect(host, job_id)
             try:
                 self._stage(conn, bundles)
             except BaseException:
-                self._close(conn)
+                self._close_conn(conn)
                 raise
             return conn
 
@@ -192,7 +197,7 @@ class SshBackend(Backend):
             raise DispatchError(f"no ssh host could be used ({'; '.join(errors)})")
         return conns
 
-    def _close(self, conn: _Conn) -> None:
+    def _close_conn(self, conn: _Conn) -> None:
         try:
             transport = conn.client.get_transport()
             if conn.sftp is not None and transport is not None and transport.is_active():
@@ -206,7 +211,7 @@ class SshBackend(Backend):
 
     def _close_all(self, conns: list[_Conn]) -> None:
         with ThreadPoolExecutor(max_workers=max(1, len(conns)), thread_name_prefix="ssh-close") as pool:
-            list(pool.map(self._close, conns))
+            list(pool.map(self._close_conn, conns))
 
     # --- one shard ---------------------------------------------------------------------------
 
@@ -221,8 +226,8 @@ class SshBackend(Backend):
             result = f"file://{conn.folder}/shard-{task.index}.tally"
         return replace(task, bundle_uri=f"file://{bundle}" if bundle else task.bundle_uri, result_uri=result)
 
-    def _run_shard(self, conn: _Conn, task: ShardTask, attempt: int, key: bytes, stop: threading.Event) -> _Outcome:
-        outcome = _Outcome(conn, task, attempt)
+    def _run_shard(self, conn: _Conn, task: ShardTask, key: bytes, stop: threading.Event) -> str | None:
+        """Run one shard on a host and collect its result: None, or why it failed (on its own thread)."""
         remote = self._remote_task(conn, task)
         argv = self.worker_argv(conn.host, remote)
         self.last_argv.append(argv)
@@ -241,7 +246,6 @@ class SshBackend(Backend):
             chan.exec_command(command)
             chan.sendall((key.hex() + "\n").encode())
             chan.shutdown_write()
-            started = time.monotonic()
             out, err = b"", b""
             while True:
                 while chan.recv_ready():
@@ -253,13 +257,9 @@ class SshBackend(Backend):
                     pid = out.split(b"\n", 1)[0].decode().strip()
                 if chan.exit_status_ready():
                     break
-                stopping = stop.is_set() or self.cancelled.is_set()
-                overdue = time.monotonic() - started > self.deadline_s
-                if stopping or overdue:
+                if stop.is_set():  # deadline, cancel, or another shard failed: Backend.run decided
                     self._kill(conn, pid)
-                    outcome.error = ("stopped" if stopping else
-                                     f"passed its deadline of {self.deadline_s:g} s")
-                    return outcome
+                    return "stopped"
                 if not transport.is_active():
                     raise paramiko.SSHException("connection lost")
                 chan.status_event.wait(POLL_S)
@@ -269,20 +269,19 @@ class SshBackend(Backend):
             if code != 0:
                 lines = err.decode(errors="replace").strip().splitlines()
                 picked = [ln for ln in lines if ln.startswith("worker:")] or lines
-                outcome.error = f"exited with {code}: {picked[-1][:500] if picked else 'no message'}"
                 LOGGER.debug("worker stderr: %s", err.decode(errors="replace"))
-                return outcome
+                return f"exited with {code}: {picked[-1][:500] if picked else 'no message'}"
             if _is_local(task.result_uri):
                 self._collect(conn, _local_path(remote.result_uri), _local_path(task.result_uri))
+            return None
         except (paramiko.SSHException, OSError, EOFError) as exc:
-            outcome.error = f"lost connection or transfer failed: {type(exc).__name__}: {exc}"
             transport = conn.client.get_transport()
             if transport is None or not transport.is_active():
                 conn.alive = False
+            return f"lost connection or transfer failed: {type(exc).__name__}: {exc}"
         finally:
             if chan is not None:
                 chan.close()
-        return outcome
 
     def _collect(self, conn: _Conn, remote: Path, dst: Path) -> None:
         assert conn.sftp is not None
@@ -304,71 +303,57 @@ class SshBackend(Backend):
         except (paramiko.SSHException, OSError, EOFError) as exc:
             LOGGER.warning("%s: could not stop worker %s: %s", conn.host.label, pid, exc)
 
-    # --- the run -----------------------------------------------------------------------------
+    # --- what Backend.run calls ---------------------------------------------------------------
 
-    def run(self, tasks: list[ShardTask], key: bytes, on_done: ProgressCallback | None = None) -> None:
-        if not tasks:
-            return
-        job_id = tasks[0].job_id
-        bundles = sorted({t.bundle_uri for t in tasks})
+    def _open(self, tasks: list[ShardTask], key: bytes) -> list[ShardTask]:
         self.last_argv = []
-        if self.cancelled.is_set():
-            raise Cancelled("stopped: the node is shutting down")
-        conns = self._open(job_id, bundles)
-        stop = threading.Event()
-        try:
-            self._schedule(conns, tasks, key, on_done, stop)
-        finally:
-            stop.set()
-            self._close_all(conns)
+        self._conns = self._connect_all(tasks[0].job_id, sorted({t.bundle_uri for t in tasks}))
+        self._free = [c for c in self._conns for _ in range(c.host.slots)]
+        self._pool = ThreadPoolExecutor(max_workers=len(self._free), thread_name_prefix="ssh-shard")
+        return tasks
 
-    def _schedule(self, conns: list[_Conn], tasks: list[ShardTask], key: bytes, on_done: ProgressCallback | None,
-                  stop: threading.Event) -> None:
-        slots = [c for c in conns for _ in range(c.host.slots)]
-        free = list(slots)
-        # (task, attempt, hosts it failed on)
-        pending: deque[tuple[ShardTask, int, frozenset[int]]] = deque((t, 0, frozenset()) for t in tasks)
-        running: dict[Future[_Outcome], frozenset[int]] = {}
-        with ThreadPoolExecutor(max_workers=len(slots), thread_name_prefix="ssh-shard") as pool:
-            try:
-                while pending or running:
-                    if self.cancelled.is_set():
-                        raise Cancelled("stopped: the node is shutting down")
-                    alive = [c for c in conns if c.alive]
-                    if not alive:
-                        raise DispatchError("every ssh host was lost")
-                    for _ in range(len(pending)):
-                        task, attempt, failed_on = pending.popleft()
-                        usable = [c for c in free if c.alive]
-                        # another host if there is one; the same one only when every live host failed it
-                        fresh = [c for c in usable if id(c) not in failed_on]
-                        everywhere = all(id(c) in failed_on for c in alive)
-                        choice = fresh[0] if fresh else (usable[0] if usable and everywhere else None)
-                        if choice is None:
-                            pending.append((task, attempt, failed_on))
-                            continue
-                        free.remove(choice)
-                        fut = pool.submit(self._run_shard, choice, task, attempt, key, stop)
-                        running[fut] = failed_on
-                    if not running:
-                        time.sleep(POLL_S)
-                        continue
-                    done, _ = wait(list(running), timeout=0.1, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        failed_on = running.pop(fut)
-                        out = fut.result()
-                        free.append(out.conn)
-                        if out.error is None:
-                            if on_done:
-                                on_done(out.task)
-                            continue
-                        if self.cancelled.is_set():
-                            raise Cancelled("stopped: the node is shutting down")
-                        LOGGER.warning("job %s shard %d (attempt %d) on %s %s", out.task.job_id, out.task.index,
-                                       out.attempt + 1, out.conn.host.label, out.error)
-                        if out.attempt >= self.retries:
-                            raise DispatchError(f"shard {out.task.index} failed {out.attempt + 1} time(s); "
-                                                f"last on {out.conn.host.label}: {out.error}")
-                        pending.append((out.task, out.attempt + 1, failed_on | {id(out.conn)}))
-            finally:
-                stop.set()
+    def _start(self, attempts: list[Attempt], room: int, key: bytes) -> list[Attempt]:
+        alive = [c for c in self._conns if c.alive]
+        if not alive:
+            raise DispatchError("every ssh host was lost")
+        started: list[Attempt] = []
+        for a in attempts:
+            if len(started) >= room:
+                break
+            usable = [c for c in self._free if c.alive]
+            # another host if there is one; the same one only when every live host failed this shard
+            fresh = [c for c in usable if c.host.label not in a.avoid]
+            everywhere = all(c.host.label in a.avoid for c in alive)
+            conn = fresh[0] if fresh else (usable[0] if usable and everywhere else None)
+            if conn is None:
+                continue
+            self._free.remove(conn)
+            stop = threading.Event()
+            a.place, a.started = conn.host.label, time.monotonic()
+            a.handle = _Shard(conn, stop, self._pool.submit(self._run_shard, conn, a.task, key, stop))
+            started.append(a)
+        return started
+
+    def _poll(self, running: list[Attempt]) -> list[tuple[Attempt, str | None]]:
+        ended: list[tuple[Attempt, str | None]] = []
+        for a in running:
+            shard: _Shard = a.handle
+            if shard.future.done():
+                self._free.append(shard.conn)
+                ended.append((a, shard.future.result()))
+        return ended
+
+    def _stop(self, attempts: list[Attempt], reason: str) -> None:
+        shards: list[_Shard] = [a.handle for a in attempts]
+        for shard in shards:
+            shard.stop.set()
+        wait([s.future for s in shards])  # each thread stops its remote worker
+        for shard in shards:
+            self._free.append(shard.conn)
+
+    def _close(self) -> None:
+        pool, conns = getattr(self, "_pool", None), getattr(self, "_conns", [])
+        if pool is not None:
+            pool.shutdown(wait=True)
+        self._close_all(conns)
+        self._pool, self._conns, self._free = None, [], []

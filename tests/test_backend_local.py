@@ -1,0 +1,78 @@
+"""Backend.run's one retry/deadline/cancel loop, driven through the local backend with real processes.
+
+The "python" the local backend starts is a small shell script here, so a shard can fail, hang past
+its deadline or be cancelled without running the engine; the loop under test is the real one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cloud.backends.local import LocalBackend
+from cloud.errors import Cancelled, DispatchError
+from cloud.worker import ShardTask
+from tests.cloud_data import all_cmdlines
+
+
+def _script(folder: Path, name: str, body: str) -> str:
+    path = folder / name
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def _tasks(folder: Path, n: int) -> list[ShardTask]:
+    return [ShardTask("job-loop", i, 10, 1000 + i, (folder / "b.sealed").as_uri(),
+                      (folder / f"shard-{i}.tally").as_uri(), threads=1) for i in range(n)]
+
+
+def test_failed_shard_is_retried_then_reported_with_its_last_reason(tmp_path, caplog):
+    log = tmp_path / "starts.log"
+    worker = _script(tmp_path, "crash", f'echo "$@" >> {log}; echo "worker: engine crashed" >&2; exit 3')
+    backend = LocalBackend(retries=2, python=worker, max_workers=2)
+    done: list[int] = []
+    with pytest.raises(DispatchError, match=r"shard \d failed 3 time\(s\); last: exited with 3: worker: engine"):
+        backend.run(_tasks(tmp_path, 2), b"k" * 32, lambda t: done.append(t.index))
+    assert done == []
+    starts = log.read_text().splitlines()
+    assert len(starts) >= 3 and all("--key-uri" not in s and "6b6b" not in s for s in starts)
+    assert "(attempt 1)" in caplog.text and "(attempt 2)" in caplog.text
+
+
+def test_shard_past_its_deadline_is_killed(tmp_path):
+    marker = f"mcnode-local-deadline-{tmp_path.name}"
+    worker = _script(tmp_path, marker, "sleep 60")
+    backend = LocalBackend(retries=0, deadline_s=0.5, python=worker)
+    start = time.monotonic()
+    with pytest.raises(DispatchError, match="passed its deadline of 0.5 s"):
+        backend.run(_tasks(tmp_path, 1), b"k" * 32)
+    assert time.monotonic() - start < 30
+    assert not [c for c in all_cmdlines() if marker in c]
+
+
+def test_cancel_stops_every_running_shard(tmp_path):
+    marker = f"mcnode-local-cancel-{tmp_path.name}"
+    worker = _script(tmp_path, marker, "sleep 60")
+    backend = LocalBackend(retries=0, python=worker, max_workers=3)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            backend.run(_tasks(tmp_path, 3), b"k" * 32)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while len([c for c in all_cmdlines() if marker in c]) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len([c for c in all_cmdlines() if marker in c]) == 3  # all shards at once
+    backend.cancel()
+    thread.join(30)
+    assert not thread.is_alive() and len(errors) == 1 and isinstance(errors[0], Cancelled)
+    assert not [c for c in all_cmdlines() if marker in c]
