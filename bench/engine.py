@@ -53,13 +53,14 @@ def main() -> int:
     engine = get_engine("mcsquare")
     binary, materials = mcsquare_binary()
     datasets = build_study(SPEC).all()
+    models = {SPEC.machine_name: "generic"}  # the phantom's machine, uncommissioned model
     seed = 1
     bare_runs: list[float] = []
     ours_runs: list[float] = []
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
         root = Path(tmp)
         # Bare: inputs prepared beforehand, only MCsquare itself is timed.
-        bare_inputs = engine.prepare(datasets, root / "bare")
+        bare_inputs = engine.prepare(datasets, root / "bare", beam_models=models)
         # MCsquare's own run time varies by ±20 % on a shared VM: alternate the two and take medians.
         for repeat in range(args.repeats):
             out = root / f"bare-run-{repeat}" / "Outputs"
@@ -71,7 +72,7 @@ def main() -> int:
             bare_runs.append(time.perf_counter() - t0)
             # Ours: from datasets to a merged dose in Gy.
             t0 = time.perf_counter()
-            inputs = engine.prepare(datasets, root / f"ours-{repeat}")
+            inputs = engine.prepare(datasets, root / f"ours-{repeat}", beam_models=models)
             tally = engine.run_shard(inputs, args.primaries, seed, args.threads)
             merged = merge([tally], inputs.protons_per_fraction, inputs.fractions, expected_shards=1)
             ours_runs.append(time.perf_counter() - t0)

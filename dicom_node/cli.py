@@ -14,6 +14,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from anonymizer.errors import McNodeError
 from dicom_node.errors import ConfigError, NodeError
@@ -150,6 +151,24 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _beam_model_args(values: list[str]) -> dict[str, Path | str]:
+    """--beam-model MACHINE=BDL_FILE|generic, as [engine] beam_models entries."""
+    from dicom_node.settings import GENERIC_BEAM_MODEL
+
+    out: dict[str, Path | str] = {}
+    for value in values:
+        machine, sep, target = value.partition("=")
+        if not sep or not machine or not target:
+            raise ConfigError(f"--beam-model: expected MACHINE=BDL_FILE or MACHINE={GENERIC_BEAM_MODEL}, got {value!r}")
+        if target == GENERIC_BEAM_MODEL:
+            out[machine] = target
+        elif Path(target).is_file():
+            out[machine] = Path(target).resolve()
+        else:
+            raise ConfigError(f"--beam-model {machine}: beam model file {target} does not exist")
+    return out
+
+
 def _cmd_compute(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -160,7 +179,10 @@ def _cmd_compute(args: argparse.Namespace) -> int:
     if args.config:
         settings = load_settings(args.config)
         engine, shards = settings.engine, settings.cloud.shards
-    changes = {k: v for k, v in (("threads", args.threads), ("rbe", args.rbe or None)) if v is not None}
+    changes: dict[str, Any] = {k: v for k, v in (("threads", args.threads), ("rbe", args.rbe or None))
+                               if v is not None}
+    if args.beam_model:
+        changes["beam_models"] = {**engine.beam_models, **_beam_model_args(args.beam_model)}
     engine = dataclasses.replace(engine, **changes)
     primaries = args.primaries or engine.primaries
     shards = args.shards or shards
@@ -349,6 +371,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, help="independent shards (default: cloud.shards, or 4)")
     p.add_argument("--threads", type=int, help="threads per shard; 0 = all cores (default: engine.threads)")
     p.add_argument("--rbe", action="store_true", help="RBE-weighted dose (x1.1, DoseType EFFECTIVE)")
+    p.add_argument("--beam-model", action="append", metavar="MACHINE=BDL",
+                   help="beam model of a treatment machine: a BDL file, or 'generic' (uncommissioned); "
+                        "adds to [engine] beam_models; repeatable")
     p.add_argument("-c", "--config", help="config file for [engine] and [cloud] defaults")
     p.add_argument("--json", action="store_true", help="also print the summary as one JSON line")
     p.set_defaults(func=_cmd_compute)

@@ -26,7 +26,7 @@ from dicom_node.jobs.node import Node
 from dicom_node.net.dose_receiver import DoseReceiver
 from dicom_node.net.scu import send_paths
 from dicom_node.phantom import PhantomSpec, build_study, write_study
-from dicom_node.settings import Destination, Settings, init_config_dir, load_settings
+from dicom_node.settings import GENERIC_BEAM_MODEL, Destination, Settings, init_config_dir, load_settings
 
 LOGGER = logging.getLogger(__name__)
 
@@ -38,7 +38,10 @@ def demo_settings(base: Settings, receiver_port: int, primaries: int, shards: in
     return dataclasses.replace(
         base,
         trigger=dataclasses.replace(base.trigger, stable_seconds=2.0),
-        engine=dataclasses.replace(base.engine, primaries=primaries),
+        # The phantom's machine is mapped explicitly to the uncommissioned generic model: its doses are
+        # marked NOT FOR CLINICAL USE, as any site's would be.
+        engine=dataclasses.replace(base.engine, primaries=primaries,
+                                   beam_models={**base.engine.beam_models, DEMO_SPEC.machine_name: GENERIC_BEAM_MODEL}),
         cloud=dataclasses.replace(base.cloud, shards=shards),
         outbox=dataclasses.replace(base.outbox, retry_initial_seconds=1.0),
         destinations=(Destination(calling_ae_title="TPS", ae_title="TPS", host="127.0.0.1", port=receiver_port),),

@@ -54,8 +54,9 @@ def _choice(*allowed: str):
     return check
 
 
-def _meta(check=None, path: bool = False, secret: bool = False) -> dict[str, Any]:
-    return {"check": check, "path": path, "secret": secret}
+def _meta(check=None, path: bool = False, secret: bool = False, literals: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Field metadata: a check, whether it is a path, a secret, and words a path value may be instead."""
+    return {"check": check, "path": path, "secret": secret, "literals": literals}
 
 
 @dataclass(frozen=True)
@@ -99,10 +100,23 @@ class AnonymizerSettings:
     site_key_file: Path = field(default=Path("site.key"), metadata=_meta(path=True, secret=True))
 
 
-def _check_beam_models(path: str, value: dict[str, Path]) -> None:
+GENERIC_BEAM_MODEL = "generic"
+
+
+def _check_beam_models(path: str, value: dict[str, Path | str]) -> None:
     for machine, bdl in value.items():
-        if not bdl.is_file():
-            raise ConfigError(f"{path}.{machine}: beam model file {bdl} does not exist")
+        if isinstance(bdl, Path) and not bdl.is_file():
+            raise ConfigError(f"{path}.{machine}: beam model file {bdl} does not exist "
+                              f'(or write "{GENERIC_BEAM_MODEL}" for the uncommissioned built-in model)')
+
+
+def _check_ct_calibrations(path: str, value: dict[str, tuple[Path, ...]]) -> None:
+    for scanner, tables in value.items():
+        if len(tables) != 2:
+            raise ConfigError(f"{path}.{scanner}: must be two files [HU->density, HU->material], got {len(tables)}")
+        for table in tables:
+            if not table.is_file():
+                raise ConfigError(f"{path}.{scanner}: calibration file {table} does not exist")
 
 
 @dataclass(frozen=True)
@@ -113,9 +127,15 @@ class EngineSettings:
     threads: int = field(default=0, metadata=_meta(_check_non_negative))
     # RBE 1.1 weighting of proton dose: the RT Dose gets DoseType EFFECTIVE instead of PHYSICAL.
     rbe: bool = False
-    # TreatmentMachineName -> MCsquare BDL file. Machines not listed use the built-in generic model,
-    # and the job records a warning (absolute dose is then not commissioned).
-    beam_models: dict[str, Path] = field(default_factory=dict, metadata=_meta(_check_beam_models))
+    # TreatmentMachineName -> MCsquare BDL file, or "generic" (the built-in uncommissioned model, every
+    # dose marked NOT FOR CLINICAL USE). A plan on a machine not listed is REJECTED when it arrives.
+    beam_models: dict[str, Path | str] = field(default_factory=dict, metadata=_meta(
+        _check_beam_models, literals=(GENERIC_BEAM_MODEL,)))
+    # CT scanner -> [HU->density file, HU->material file] (MCsquare's format). The key is the CT's
+    # "Manufacturer/ManufacturerModelName" or its StationName (case-insensitive); a CT that matches
+    # none uses the built-in tables. The job records which was used.
+    ct_calibrations: dict[str, tuple[Path, ...]] = field(default_factory=dict,
+                                                          metadata=_meta(_check_ct_calibrations))
 
 
 @dataclass(frozen=True)
@@ -355,6 +375,8 @@ def _convert(path: str, tp: Any, value: Any, meta: dict[str, Any], base_dir: Pat
     if tp is Path:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{path}: must be a non-empty path string")
+        if value in meta.get("literals", ()):
+            return value
         p = Path(os.path.expanduser(value))
         return p if p.is_absolute() else (base_dir / p).resolve()
     if tp is bool:
@@ -377,7 +399,8 @@ def _convert(path: str, tp: Any, value: Any, meta: dict[str, Any], base_dir: Pat
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: must be a table, got {type(value).__name__}")
         (_k, v_tp) = typing.get_args(tp) or (str, Any)
-        return {k: (v if v_tp is Any else _convert(f"{path}.{k}", v_tp, v, {}, base_dir))
+        item_meta = {"literals": meta.get("literals", ())}
+        return {k: (v if v_tp is Any else _convert(f"{path}.{k}", v_tp, v, item_meta, base_dir))
                 for k, v in value.items()}
     raise ConfigError(f"{path}: unsupported setting type {tp!r}")  # pragma: no cover - schema bug
 
@@ -498,6 +521,9 @@ site_key_file = "site.key"
 [engine]
 name = "mcsquare"
 primaries = 1000000
+# TreatmentMachineName -> commissioned BDL file (see `mcnode commission`), or "generic" for the
+# uncommissioned built-in model (doses marked NOT FOR CLINICAL USE). Plans on other machines are REJECTED.
+beam_models = {{}}
 
 [cloud]
 backend = "local"

@@ -43,7 +43,7 @@ def sealed_job(folder: Path, job_id: str = "job-0001", spec: PhantomSpec = TINY)
     write_study(build_study(spec), study_dir)
     datasets = [dcmread(p) for p in sorted(study_dir.iterdir())]
     engine = get_engine("mcsquare")
-    inputs = engine.prepare(datasets, folder / "inputs")
+    inputs = engine.prepare(datasets, folder / "inputs", beam_models={spec.machine_name: "generic"})
     key = new_data_key()
     bundle = make_bundle(folder / "bundle.sealed", key, job_id, {"inputs": inputs.root, "dicom": study_dir},
                          {"engine": engine.name})

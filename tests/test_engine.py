@@ -11,7 +11,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 from cloud.engines import get_engine
-from cloud.engines.base import ShardInputs, Tally
+from cloud.engines.base import UNCOMMISSIONED, ShardInputs, Tally
 from cloud.engines.mcsquare.adapter import generic_beam_model_path
 from cloud.engines.mcsquare.bdl import generic_bdl_text, read_bdl
 from cloud.errors import EngineError, MergeError, UnsupportedPlan
@@ -23,6 +23,9 @@ from dicom_node.phantom import PhantomSpec, Spot, build_study, write_study
 TINY = PhantomSpec(size_mm=(60.0, 60.0, 40.0), spacing_mm=(5.0, 5.0, 5.0), water_box_mm=(40.0, 40.0, 30.0),
                    bone_slab_thickness_mm=0.0, target_radius_mm=10.0, fractions=5, machine_name="GANTRY_X",
                    spots=(Spot(0.0, 0.0, 80.0, 2.0),))
+
+
+GENERIC = {"GANTRY_X": "generic"}  # TINY's machine, mapped explicitly to the uncommissioned model
 
 
 def tallies(shape=(2, 3, 4), n=4, primaries=100, seed0=0):
@@ -57,16 +60,23 @@ def test_shipped_generic_beam_model_is_what_the_derivation_generates():
     assert np.all(np.diff(model.protons_per_mu) > 0)
 
 
-def test_prepare_writes_a_self_contained_folder_and_records_the_fallback(tmp_path):
+def test_prepare_writes_a_self_contained_folder_and_marks_the_generic_model(tmp_path):
     study = build_study(TINY)
-    inputs = get_engine("mcsquare").prepare(study.all(), tmp_path / "in")
+    inputs = get_engine("mcsquare").prepare(study.all(), tmp_path / "in", beam_models=GENERIC)
     names = {p.name for p in (tmp_path / "in").iterdir()}
     assert {"CT.mhd", "CT.raw", "BDL.txt", "PlanPencil.txt", "HU_Density_Conversion.txt",
             "HU_Material_Conversion.txt", "inputs.json"} <= names
     loaded = ShardInputs.load(tmp_path / "in")
     assert loaded.grid == inputs.grid and loaded.fractions == 5
     assert loaded.protons_per_fraction == pytest.approx(2.0 * np.interp(80.0, *_ppmu()))
-    assert any("beam model fallback for machine 'GANTRY_X'" in w for w in loaded.warnings)
+    assert any(w.startswith(UNCOMMISSIONED) and "'GANTRY_X'" in w for w in loaded.warnings)
+    assert loaded.commissioned is False and loaded.ct_calibration == "built-in"
+
+
+def test_prepare_refuses_an_unmapped_machine(tmp_path):
+    with pytest.raises(UnsupportedPlan, match="treatment machine 'GANTRY_X' has no beam model"):
+        get_engine("mcsquare").prepare(build_study(TINY).all(), tmp_path / "in")
+    assert not (tmp_path / "in" / "CT.mhd").exists()
 
 
 def _ppmu():
@@ -146,13 +156,18 @@ def test_compute_cli_rejects_a_photon_plan(tmp_path, capsys):
 @pytest.mark.slow
 def test_compute_cli_writes_one_rt_dose(tmp_path, capsys):
     write_study(build_study(TINY), tmp_path / "in")
-    rc = main(["compute", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--primaries", "4000",
-               "--shards", "2", "--threads", "2"])
-    assert rc == 0
+    args = ["compute", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--primaries", "4000", "--shards", "2",
+            "--threads", "2"]
+    assert main(args) != 0  # GANTRY_X is mapped to no beam model
+    assert "treatment machine 'GANTRY_X' has no beam model" in capsys.readouterr().err
+    assert main([*args, "--beam-model", "GANTRY_X=generic"]) == 0
     files = list((tmp_path / "out").iterdir())
-    assert len(files) == 1 and dcmread(files[0]).Modality == "RTDOSE"
+    rd = dcmread(files[0])
+    assert len(files) == 1 and rd.Modality == "RTDOSE"
+    assert rd.SeriesDescription.startswith(UNCOMMISSIONED) and rd.DoseComment.startswith(UNCOMMISSIONED)
+    assert rd.ImageComments.startswith(UNCOMMISSIONED) and "CT calibration built-in tables" in rd.ImageComments
     out = capsys.readouterr().out
-    assert "max dose" in out and "beam model fallback" in out
+    assert "max dose" in out and UNCOMMISSIONED in out
 
 
 @pytest.mark.slow
@@ -160,7 +175,7 @@ def test_shard_runs_when_inputs_live_under_a_long_path(tmp_path):
     """MCsquare writes no dose for paths past ~100 characters; run_shard must not depend on where inputs are."""
     deep = tmp_path / ("a-rather-long-folder-name-for-a-clinic-data-disk" * 2) / ("jobs-" + "x" * 60)
     engine = get_engine("mcsquare")
-    inputs = engine.prepare(build_study(TINY).all(), deep / "inputs")
+    inputs = engine.prepare(build_study(TINY).all(), deep / "inputs", beam_models=GENERIC)
     assert len(str(inputs.root / "CT.mhd")) > 150
     tally = engine.run_shard(inputs, 2000, seed=3, threads=1)
     assert tally.dose_per_primary.max() > 0

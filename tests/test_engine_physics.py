@@ -35,7 +35,7 @@ def prepare(spec: PhantomSpec, work: Path, iso: tuple[float, float, float] | Non
     study = build_study(spec)
     if iso is not None:
         study.plan.IonBeamSequence[0].IonControlPointSequence[0].IsocenterPosition = list(iso)
-    return ENGINE.prepare(study.all(), work)
+    return ENGINE.prepare(study.all(), work, beam_models={spec.machine_name: "generic"})
 
 
 def dose(inputs: ShardInputs, primaries: int, seed: int = 1, threads: int = THREADS) -> np.ndarray:

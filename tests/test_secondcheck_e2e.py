@@ -14,6 +14,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from cloud.engines.base import UNCOMMISSIONED
 from cloud.merge import MergedDose
 from dicom_node.cli import main
 from dicom_node.intake.jobrecord import JobState
@@ -78,6 +79,10 @@ def test_tps_dose_with_the_plan_and_later_ends_verified_with_a_report(config_dir
     # 2. later, the TPS sends a dose equal to the MC dose it received (a new instance): compared again, 100 %
     mc_files = wait_for(lambda: [p for p in tps_dir.iterdir() if p.name.startswith("RD")])
     mc = dcmread(mc_files[0])
+    # the phantom machine is mapped to the generic model: the dose says so, and so does the job
+    assert mc.SeriesDescription.startswith(UNCOMMISSIONED) and mc.DoseComment == UNCOMMISSIONED
+    assert first.data.public.commissioned is False
+    assert first.data.public.ct_calibration == "built-in tables" and "CT calibration built-in" in mc.ImageComments
     mc.SOPInstanceUID = mc.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     mc.Manufacturer = "FakeTPS"
     mc.save_as(tmp_path / "RD_same.dcm", enforce_file_format=True)
@@ -102,6 +107,7 @@ def test_tps_dose_with_the_plan_and_later_ends_verified_with_a_report(config_dir
     assert html in out and pdf in out and "verdict pass" in out
     text = Path(html).read_text(encoding="utf-8")
     assert "SECOND CHECK: PASS" in text and "data:image/png;base64," in text and "<img src='http" not in text
+    assert text.count(UNCOMMISSIONED) >= 2  # the banner under the verdict, and the warning
     assert study.plan.PatientID in text  # the report is for the clinic
     # the PDF opens: poppler renders its first page
     exe = shutil.which("pdftoppm")

@@ -29,6 +29,11 @@ if TYPE_CHECKING:  # pydicom costs ~0.5 s to import; a worker only needs it for 
 
 INPUTS_JSON = "inputs.json"
 FORMAT_VERSION = 1
+# What every dose computed with a beam model nobody commissioned says about itself (RT Dose
+# SeriesDescription and DoseComment, the second-check report, the job's warnings).
+UNCOMMISSIONED = "UNCOMMISSIONED BEAM MODEL - NOT FOR CLINICAL USE"
+# engine.beam_models value that chooses an engine's built-in, uncommissioned model explicitly.
+GENERIC_MODEL = "generic"
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,10 @@ class ShardInputs:
     machines: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+    # False when the absolute dose rests on an uncommissioned beam model (see UNCOMMISSIONED).
+    commissioned: bool = True
+    # Which HU->density/material calibration converted the CT ("built-in" or the scanner's key).
+    ct_calibration: str = "built-in"
 
     def save(self) -> Path:
         data = {
@@ -98,6 +107,8 @@ class ShardInputs:
             "machines": list(self.machines),
             "warnings": list(self.warnings),
             "extra": self.extra,
+            "commissioned": self.commissioned,
+            "ct_calibration": self.ct_calibration,
         }
         path = self.root / INPUTS_JSON
         path.write_text(json.dumps(data, indent=2) + "\n")
@@ -117,7 +128,8 @@ class ShardInputs:
                    protons_per_fraction=float(data["protons_per_fraction"]), fractions=int(data["fractions"]),
                    plan_uid=data.get("plan_uid", ""), frame_of_reference_uid=data.get("frame_of_reference_uid", ""),
                    machines=tuple(data.get("machines", ())), warnings=tuple(data.get("warnings", ())),
-                   extra=dict(data.get("extra", {})))
+                   extra=dict(data.get("extra", {})), commissioned=bool(data.get("commissioned", True)),
+                   ct_calibration=str(data.get("ct_calibration", "built-in")))
 
 
 @dataclass
@@ -162,13 +174,29 @@ class Engine(ABC):
     name: str = ""
 
     @abstractmethod
-    def check_plan(self, plan: Dataset) -> None:
-        """Raise UnsupportedPlan (with the reason users see) if this engine can never compute it."""
+    def check_plan(self, plan: Dataset, *, beam_models: Mapping[str, Path | str] | None = None) -> tuple[str, ...]:
+        """Can this engine compute this plan? Cheap (the plan alone, no CT): called when the plan arrives.
+
+        Raise UnsupportedPlan with the reason users see if it never can: wrong modality or delivery,
+        a malformed plan, a machine with no entry in ``beam_models`` (TreatmentMachineName -> model
+        file, or GENERIC_MODEL), an energy or accessory the machine's model does not have. Return
+        the warnings a computed dose would carry (an uncommissioned model says UNCOMMISSIONED).
+        """
+
+    def check_ct(self, slices: list[Dataset]) -> None:
+        """Raise UnsupportedPlan if this CT series (headers suffice) cannot be computed on: tilt, gaps."""
+        from cloud.engines.ct import ct_grid
+
+        ct_grid(slices)
 
     @abstractmethod
     def prepare(self, datasets: list[Dataset], work_dir: Path, *,
-                beam_models: Mapping[str, Path] | None = None) -> ShardInputs:
-        """Write every input the engine needs into ``work_dir`` from plan + CT (+ structure set)."""
+                beam_models: Mapping[str, Path | str] | None = None,
+                ct_calibration: tuple[str, Path, Path] | None = None) -> ShardInputs:
+        """Write every input the engine needs into ``work_dir`` from plan + CT (+ structure set).
+
+        ``ct_calibration`` is (name, HU->density file, HU->material file); None = the built-in tables.
+        """
 
     @abstractmethod
     def run_shard(self, inputs: ShardInputs, primaries: int, seed: int, threads: int = 0) -> Tally:

@@ -29,33 +29,61 @@ def ct_slices(datasets: list[Dataset], frame_of_reference_uid: str = "") -> list
     return sorted(cts, key=lambda ds: float(ds.ImagePositionPatient[2]))
 
 
-def ct_volume(slices: list[Dataset]) -> tuple[np.ndarray, Grid]:
-    """HU volume (int16, [z, y, x]) and its grid; UnsupportedPlan if the geometry is not handled."""
+def ct_grid(slices: list[Dataset]) -> Grid:
+    """The grid of a CT series from its headers (no pixels); UnsupportedPlan names what is not handled.
+
+    Handled: axial slices (orientation the identity: no gantry tilt, no oblique reconstruction),
+    patient position HFS, one size and in-plane position, equal spacing along z with no gap.
+    """
+    if not slices:
+        raise UnsupportedPlan("no CT images")
+    slices = sorted(slices, key=lambda ds: float(ds.ImagePositionPatient[2]))
     first = slices[0]
-    orientation = [float(v) for v in first.ImageOrientationPatient]
-    if not np.allclose(orientation, [1, 0, 0, 0, 1, 0], atol=1e-4):
-        raise UnsupportedPlan(f"CT orientation {orientation} is not supported (axial, identity only)")
+    for ds in slices:
+        orientation = [float(v) for v in ds.get("ImageOrientationPatient", [])]
+        if len(orientation) != 6:
+            raise UnsupportedPlan("CT slice without ImageOrientationPatient")
+        if not np.allclose(orientation, [1, 0, 0, 0, 1, 0], atol=1e-4):
+            raise UnsupportedPlan(f"CT is tilted or oblique (ImageOrientationPatient {orientation}); only axial "
+                                  "slices with the identity orientation are supported")
+        tilt = float(ds.get("GantryDetectorTilt", 0) or 0)
+        if abs(tilt) > 1e-3:
+            raise UnsupportedPlan(f"CT acquired with gantry tilt {tilt:g} degrees; only untilted CT is supported")
     position = str(first.get("PatientPosition", "HFS") or "HFS")
     if position != "HFS":
         raise UnsupportedPlan(f"patient position {position} is not supported yet (HFS only)")
     rows, cols = int(first.Rows), int(first.Columns)
     dy, dx = (float(v) for v in first.PixelSpacing)
     zs = np.array([float(ds.ImagePositionPatient[2]) for ds in slices])
-    if len(slices) > 1:
-        steps = np.diff(zs)
-        if steps.min() <= 0 or steps.max() - steps.min() > _TOL_MM * 10:
-            raise UnsupportedPlan("CT slices are not equally spaced (or two share a position)")
-        dz = float(steps.mean())
-    else:
-        dz = float(first.get("SliceThickness", 1.0) or 1.0)
     x0, y0 = (float(v) for v in first.ImagePositionPatient[:2])
-    volume = np.empty((len(slices), rows, cols), dtype=np.int16)
-    for k, ds in enumerate(slices):
+    for ds in slices:
         if (int(ds.Rows), int(ds.Columns)) != (rows, cols) or any(
                 abs(float(a) - float(b)) > _TOL_MM for a, b in zip(ds.ImagePositionPatient[:2], (x0, y0), strict=True)):
             raise UnsupportedPlan("CT slices differ in size or in-plane position")
+    if len(slices) > 1:
+        steps = np.diff(zs)
+        if steps.min() <= _TOL_MM:
+            k = int(np.argmin(steps))
+            raise UnsupportedPlan(f"two CT slices share the position z = {zs[k]:g} mm")
+        dz = float(np.median(steps))
+        if steps.max() - steps.min() > _TOL_MM * 10:
+            k = int(np.argmax(np.abs(steps - dz)))
+            raise UnsupportedPlan(f"CT has a gap or uneven spacing: {steps[k]:g} mm between slices at z = "
+                                  f"{zs[k]:g} and {zs[k + 1]:g} mm, {dz:g} mm elsewhere "
+                                  f"({len(slices)} slices)")
+        dz = float(steps.mean())
+    else:
+        dz = float(first.get("SliceThickness", 1.0) or 1.0)
+    return Grid(shape=(len(slices), rows, cols), origin=(x0, y0, float(zs[0])), spacing=(dx, dy, dz))
+
+
+def ct_volume(slices: list[Dataset]) -> tuple[np.ndarray, Grid]:
+    """HU volume (int16, [z, y, x]) and its grid; UnsupportedPlan if the geometry is not handled."""
+    grid = ct_grid(slices)
+    slices = sorted(slices, key=lambda ds: float(ds.ImagePositionPatient[2]))
+    volume = np.empty(grid.shape, dtype=np.int16)
+    for k, ds in enumerate(slices):
         hu = ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1) or 1) + float(
             ds.get("RescaleIntercept", 0) or 0)
         volume[k] = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
-    grid = Grid(shape=(len(slices), rows, cols), origin=(x0, y0, float(zs[0])), spacing=(dx, dy, dz))
     return volume, grid

@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from cloud.errors import UnsupportedPlan
+from dicom_node.intake.checks import InputCheck
 from dicom_node.intake.jobrecord import JobData, JobState, PublicData
 from dicom_node.intake.journal import Instance, Job, Journal
 from dicom_node.jobs.queue_worker import QueueWorker
@@ -31,10 +33,13 @@ LOGGER = logging.getLogger(__name__)
 
 
 class Assembler:
+    """``check`` (when given) asks the engine about each plan on arrival and each CT once assembled."""
+
     def __init__(self, journal: Journal, trigger: TriggerSettings,
-                 on_ready: Callable[[Job], None] | None = None) -> None:
+                 on_ready: Callable[[Job], None] | None = None, check: InputCheck | None = None) -> None:
         self.journal = journal
         self.trigger = trigger
+        self.check = check
         self._on_ready = [on_ready] if on_ready else []
         self._worker = QueueWorker("assembler", self._handle)
         self._scheduler = BackgroundScheduler(timezone="UTC")
@@ -81,6 +86,8 @@ class Assembler:
         inst = received.instance
         if inst.sop_class_uid in uids.PLAN_CLASSES:
             job = self.journal.create_job(inst.sop_instance_uid, inst.calling_ae)
+            if job.state == JobState.RECEIVING and self._plan_refused(job, inst):
+                return
             if job.state == JobState.RECEIVING:
                 self._schedule_timeout(job)
                 self._evaluate(job, from_timer=False)
@@ -92,6 +99,24 @@ class Assembler:
                 continue
             if plan.study_uid == inst.study_uid or (plan.for_uid and plan.for_uid == inst.for_uid):
                 self._evaluate(job, from_timer=False)
+
+    def _plan_refused(self, job: Job, plan: Instance) -> bool:
+        """Ask the engine about the plan now: REJECTED at once with the reason, before any CT is awaited."""
+        if self.check is None:
+            return False
+        try:
+            warnings = self.check.plan(plan.path)
+        except UnsupportedPlan as exc:
+            self._reject(job.id, str(exc))
+            return True
+        if warnings:
+            self.journal.update_job_data(job.id, JobData(public=PublicData(warnings=list(warnings))))
+        return False
+
+    def _reject(self, job_id: str, reason: str) -> None:
+        self._cancel_timers(job_id)
+        self.journal.transition(job_id, JobState.REJECTED, reason=reason, expect=JobState.RECEIVING)
+        LOGGER.warning("job %s REJECTED: %s", job_id, reason)
 
     def _schedule(self, kind: str, job_id: str, when: float) -> None:
         run_date = datetime.fromtimestamp(max(when, time.time()), tz=UTC)
@@ -120,17 +145,40 @@ class Assembler:
             ct, note = self._ct_by_frame_of_reference(plan, job)
         if ct is None:
             return
-        structure_sets = self.journal.refs(plan.sop_instance_uid, "structure_set")
-        present = self.journal.present(structure_sets)
-        received_ss = [self.journal.instance(u) for u in structure_sets if u in present]
-        ss_paths = [i.path for i in received_ss if i is not None]
-        data = JobData(plan=plan.path, structure_set=next(iter(ss_paths), None), ct=[i.path for i in ct],
+        if self.check is not None:
+            try:
+                self.check.ct([i.path for i in ct])
+            except UnsupportedPlan as exc:
+                self._reject(job.id, str(exc))
+                return
+        data = JobData(plan=plan.path, structure_set=self._structure_set(plan, ct), ct=[i.path for i in ct],
                        public=PublicData(ct_slices=len(ct), assembly=note))
         self._cancel_timers(job.id)
         ready = self.journal.transition(job.id, JobState.READY, data=data, expect=JobState.RECEIVING)
         LOGGER.info("job %s READY: %d CT slices (%s)", job.id, len(ct), note)
         for callback in self._on_ready:
             callback(ready)
+
+    def _structure_set(self, plan: Instance, ct: list[Instance]) -> str | None:
+        """The plan's structure set when received; else (fallback assembly) the one drawn on this CT series.
+
+        A plan that names a structure set we never got (a common export mix-up) still has its body
+        contour and structures in the structure set whose contours reference this CT: keep that one.
+        """
+        named = self.journal.refs(plan.sop_instance_uid, "structure_set")
+        for uid in named:
+            inst = self.journal.instance(uid)
+            if inst is not None and inst.patient_key == plan.patient_key:
+                return inst.path
+        ct_uids = {i.sop_instance_uid for i in ct}
+        best: tuple[int, float, str] | None = None
+        for ss in self.journal.instances_where(for_uid=plan.for_uid, sop_class_uid=uids.RT_STRUCTURE_SET):
+            if ss.patient_key != plan.patient_key:
+                continue
+            shared = len(ct_uids.intersection(self.journal.refs(ss.sop_instance_uid, "image")))
+            if shared and (best is None or (shared, ss.received) > best[:2]):
+                best = (shared, ss.received, ss.path)
+        return best[2] if best else None
 
     def _ct_by_structure_set(self, plan: Instance) -> tuple[list[Instance] | None, str, bool]:
         """The CT the received structure set names; (None, '', True) while some of it is missing."""

@@ -64,7 +64,10 @@ class PublicData:
     ct_slices: int | None = None
     assembly: str | None = None                   # how the CT was found
     # pipeline (SEALED, RUNNING, MERGED)
-    warnings: list[str] | None = None             # engine warnings, e.g. a beam model fallback
+    warnings: list[str] | None = None             # engine warnings, e.g. an UNCOMMISSIONED beam model
+    beam_model: str | None = None                 # the BDL file the machine is mapped to
+    commissioned: bool | None = None              # False: generic model, dose marked NOT FOR CLINICAL USE
+    ct_calibration: str | None = None             # HU tables used: "built-in tables" or the scanner key
     sizing: dict[str, Any] | None = None          # cloud.sizing.plan_job / finish_job
     summary: dict[str, Any] | None = None         # merged dose summary (cloud.merge)
     shards: int | None = None

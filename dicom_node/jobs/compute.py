@@ -22,6 +22,7 @@ from cloud.engines.base import Tally
 from cloud.errors import DispatchError, EngineError, MergeError, UnsupportedPlan
 from cloud.merge import MergedDose, merge
 from dicom_node.errors import NodeError, PlanRejected
+from dicom_node.jobs.ctcal import choose_ct_calibration
 from dicom_node.jobs.rtdose import write_rt_dose
 from dicom_node.net import uids
 from dicom_node.settings import EngineSettings
@@ -63,10 +64,13 @@ def compute_folder(in_dir: Path, out_dir: Path, *, primaries: int, shards: int,
     plan = plans[0]
     engine = get_engine(settings.name)
     try:
-        engine.check_plan(plan)
+        engine.check_plan(plan, beam_models=settings.beam_models)
         counts = split_primaries(primaries, shards)
+        cts = [ds for ds in datasets if str(ds.get("SOPClassUID", "")) == uids.CT_IMAGE]
+        calibration = choose_ct_calibration(cts, settings.ct_calibrations)
         with tempfile.TemporaryDirectory(prefix="mcnode-compute-") as tmp:
-            inputs = engine.prepare(datasets, Path(tmp) / "inputs", beam_models=settings.beam_models)
+            inputs = engine.prepare(datasets, Path(tmp) / "inputs", beam_models=settings.beam_models,
+                                    ct_calibration=calibration.for_engine())
             for warning in inputs.warnings:
                 LOGGER.warning("%s", warning)
             tallies = []
@@ -82,7 +86,9 @@ def compute_folder(in_dir: Path, out_dir: Path, *, primaries: int, shards: int,
         raise ComputeError(f"dose computation failed: {exc}") from exc
     cts = [ds for ds in datasets if str(ds.get("SOPClassUID", "")) == uids.CT_IMAGE
            and ds.get("FrameOfReferenceUID") == plan.get("FrameOfReferenceUID")]
-    rd = write_rt_dose(merged, cts, plan)
+    rd = write_rt_dose(merged, cts, plan, notes=[f"beam model {inputs.extra.get('beam_model', '?')}",
+                                                 f"CT calibration {calibration.description}"],
+                       uncommissioned=not inputs.commissioned)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"RD_{plan.SOPInstanceUID}.dcm"

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dicom_node.intake.assembler import Assembler
+from dicom_node.intake.checks import InputCheck
 from dicom_node.intake.journal import Job, Journal
 from dicom_node.intake.spool import Spool
 from dicom_node.jobs.outbox import Outbox
@@ -35,7 +36,8 @@ class Node:
         data_dir = settings.node.data_dir
         self.journal = Journal.open(data_dir)
         self.spool = Spool(data_dir / "spool", fsync=settings.node.fsync)
-        self.assembler = Assembler(self.journal, settings.trigger, on_ready)
+        # Plans are checked against the engine (and its beam models) on arrival, CT when assembled.
+        self.assembler = Assembler(self.journal, settings.trigger, on_ready, check=InputCheck(settings.engine))
         self.pipeline: Pipeline | None = None
         self.outbox: Outbox | None = None
         self.secondcheck: SecondCheck | None = None

@@ -41,6 +41,7 @@ from cloud.sizing import CostModel, finish_job, plan_job
 from dicom_node.errors import NodeError
 from dicom_node.intake.jobrecord import JobData, JobState, PublicData
 from dicom_node.intake.journal import Job, Journal
+from dicom_node.jobs.ctcal import choose_ct_calibration
 from dicom_node.jobs.queue_worker import QueueWorker
 from dicom_node.jobs.rtdose import write_rt_dose
 from dicom_node.net import uids
@@ -154,7 +155,10 @@ class Pipeline:
         paths = [job.data.plan, *([job.data.structure_set] if job.data.structure_set else []), *job.data.ct]
         datasets = _load(paths)
         engine = get_engine(self.settings.engine.name)
-        engine.check_plan(datasets[0])
+        engine.check_plan(datasets[0], beam_models=self._beam_models())
+        # Chosen on the original CT: the scanner's name does not survive de-identification.
+        calibration = choose_ct_calibration([ds for ds in datasets if str(ds.SOPClassUID) == uids.CT_IMAGE],
+                                            self.settings.engine.ct_calibrations)
         anonymized, record = deidentify_job(datasets, self.site_key, job.id)
         self.vault.store(job.id, record)
         anon_dir = folder / "anonymized"
@@ -165,7 +169,8 @@ class Pipeline:
             name = f"{i:05d}_{kind}.dcm"
             ds.save_as(anon_dir / name, enforce_file_format=True)
             names.append(name)
-        inputs = engine.prepare(anonymized, folder / "inputs", beam_models=self._beam_models())
+        inputs = engine.prepare(anonymized, folder / "inputs", beam_models=self._beam_models(),
+                                ct_calibration=calibration.for_engine())
         self._timed(job.id, "anonymize_prepare", start)
         start = time.perf_counter()
         key = new_data_key()
@@ -173,12 +178,13 @@ class Pipeline:
         make_bundle(folder / "bundle.sealed", key, job.id, {"inputs": inputs.root, "dicom": anon_dir},
                     {"engine": engine.name, "files": names})
         self._timed(job.id, "seal", start)
-        public = PublicData(warnings=list(inputs.warnings) if inputs.warnings else None)
+        public = PublicData(warnings=list(inputs.warnings) if inputs.warnings else None,
+                            beam_model=str(inputs.extra.get("beam_model", "")), commissioned=inputs.commissioned,
+                            ct_calibration=calibration.description)
         return self.journal.transition(job.id, JobState.SEALED, data=JobData(public=public, anonymized=names))
 
-    def _beam_models(self) -> dict[str, Path] | None:
-        models = getattr(self.settings.engine, "beam_models", None)
-        return dict(models) if models else None
+    def _beam_models(self) -> dict[str, Path | str]:
+        return dict(self.settings.engine.beam_models)
 
     def _start_running(self, job: Job) -> Job:
         return self.journal.transition(job.id, JobState.RUNNING, expect=JobState.SEALED)
@@ -213,7 +219,10 @@ class Pipeline:
         anon = _load([str(folder / "anonymized" / n) for n in job.data.anonymized])
         plan = next(ds for ds in anon if str(ds.SOPClassUID) in uids.PLAN_CLASSES)
         ct = [ds for ds in anon if str(ds.SOPClassUID) == uids.CT_IMAGE]
-        dose = write_rt_dose(merged, ct, plan)
+        public = job.data.public
+        notes = [f"beam model {public.beam_model or inputs.extra.get('beam_model', '?')}",
+                 f"CT calibration {public.ct_calibration or inputs.ct_calibration}"]
+        dose = write_rt_dose(merged, ct, plan, notes=notes, uncommissioned=not inputs.commissioned)
         dose = reidentify(dose, self.vault.load(job.id))
         out = folder / "RD.dcm"
         dose.save_as(out, enforce_file_format=True)

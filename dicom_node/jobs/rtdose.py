@@ -9,6 +9,7 @@ ImageOrientationPatient, PixelSpacing, and GridFrameOffsetVector relative to the
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
 from datetime import datetime
 
 import numpy as np
@@ -16,6 +17,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
+from cloud.engines.base import UNCOMMISSIONED
 from cloud.merge import MergedDose
 from dicom_node.net import uids
 
@@ -50,8 +52,15 @@ def new_instance(sop_class: str, source: Dataset, series_number: int = 900) -> D
 
 
 def write_rt_dose(merged: MergedDose, ct_datasets: list[Dataset], plan_ds: Dataset, *, plan_total: bool = True,
-                  series_description: str = "Monte Carlo dose (MCsquare)") -> Dataset:
-    """An RT Dose dataset (not yet saved) for the plan total, or per fraction when plan_total is False."""
+                  series_description: str = "Monte Carlo dose (MCsquare)", notes: Seq[str] = (),
+                  uncommissioned: bool = False) -> Dataset:
+    """An RT Dose dataset (not yet saved) for the plan total, or per fraction when plan_total is False.
+
+    ``notes`` (beam model, CT calibration) go into ImageComments after the run's summary.
+    ``uncommissioned`` marks a dose whose beam model nobody commissioned: SeriesDescription,
+    DoseComment and ImageComments then begin with UNCOMMISSIONED ("... NOT FOR CLINICAL USE"), so
+    the TPS shows it wherever it shows the dose.
+    """
     cts = sorted((ds for ds in ct_datasets if str(ds.get("SOPClassUID", "")) == uids.CT_IMAGE),
                  key=lambda ds: float(ds.ImagePositionPatient[2]))
     if not cts:
@@ -78,8 +87,14 @@ def write_rt_dose(merged: MergedDose, ct_datasets: list[Dataset], plan_ds: Datas
     ds.DoseUnits = "GY"
     ds.DoseType = merged.dose_type
     ds.DoseSummationType = "PLAN" if plan_total else "FRACTION"
-    ds.DoseComment = (f"MC {merged.primaries} primaries in {merged.shards} shards; "
-                      f"{'plan total' if plan_total else 'per fraction'}, {merged.fractions} fractions")[:10240]
+    summary = (f"MC {merged.primaries} primaries in {merged.shards} shards; "
+               f"{'plan total' if plan_total else 'per fraction'}, {merged.fractions} fractions")
+    if uncommissioned:
+        ds.SeriesDescription = f"{UNCOMMISSIONED} (MC)"[:64]
+    # DoseComment is LO (64 characters): the warning alone when there is one; the whole story in
+    # ImageComments (LT, General Image module), which TPS dose properties also show.
+    ds.DoseComment = (UNCOMMISSIONED if uncommissioned else summary)[:64]
+    ds.ImageComments = "; ".join([*([UNCOMMISSIONED] if uncommissioned else []), summary, *notes])[:10240]
 
     ds.ImagePositionPatient = [float(v) for v in first.ImagePositionPatient]
     ds.ImageOrientationPatient = [float(v) for v in first.ImageOrientationPatient]

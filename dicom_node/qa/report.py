@@ -26,6 +26,7 @@ from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 
+from cloud.engines.base import UNCOMMISSIONED  # noqa: E402
 from dicom_node.jobs.rtdose import new_instance  # noqa: E402
 from dicom_node.qa.compare import Comparison, Grid, cumulative_dvh, resample  # noqa: E402
 
@@ -140,6 +141,7 @@ def _fmt(v: Any) -> str:
 def summary_lines(result: dict[str, Any], header: dict[str, str]) -> list[str]:
     """The numbers as plain text lines (the PDF's first page, and a readable log of the report)."""
     lines = [f"SECOND CHECK: {result['verdict'].upper()}", ""]
+    lines += [w.split(":")[0] for w in result.get("warnings", []) if w.startswith(UNCOMMISSIONED)][:1]
     lines += [f"{k}: {v}" for k, v in header.items()]
     lines += ["", "Why: " + ("; ".join(result["reasons"]) if result["reasons"] else "every criterion met"), ""]
     lines.append(f"{'gamma':<10} {'pass %':>8} {'required':>9} {'mean':>7} {'p95':>7} {'voxels':>9}")
@@ -205,6 +207,8 @@ def _html(result: dict[str, Any], header: dict[str, str], images: list[tuple[str
         f".verdict{{font-size:2em;font-weight:bold;color:white;background:{colour};padding:.4em .8em}}",
         "img{max-width:100%}</style></head><body>",
         f"<div class='verdict'>SECOND CHECK: {verdict.upper()}</div>",
+        *[f"<div class='verdict' style='background:#b00020'>{html.escape(UNCOMMISSIONED)}</div>"
+          for w in result.get("warnings", [])[:1] if w.startswith(UNCOMMISSIONED)],
         "<p><b>Why:</b> " + html.escape("; ".join(result["reasons"]) or "every criterion met") + "</p>",
         _table([[k, v] for k, v in header.items()], ["", ""]),
         "<h2>Gamma (global)</h2>",

@@ -22,6 +22,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
+from cloud.engines.base import UNCOMMISSIONED
 from dicom_node.errors import NodeError, SendError
 from dicom_node.intake.jobrecord import JobData, JobState, PublicData, Report
 from dicom_node.intake.journal import Instance, Job, Journal
@@ -84,6 +85,11 @@ def run_comparison(mc_ds: Any, tps_ds: Any, policy: SecondCheckSettings, rtstruc
                    fractions: int | None = None) -> tuple[Comparison, dict[str, Any]]:
     """Compare two RT Dose data sets under the policy; the result dict is what the journal stores."""
     warnings = []
+    marks = f"{mc_ds.get('SeriesDescription', '')} {mc_ds.get('DoseComment', '')}"
+    if UNCOMMISSIONED in marks:  # the MC dose says so itself; the report says it first
+        warnings.append(f"{UNCOMMISSIONED}: the MC dose was computed with a beam model nobody commissioned "
+                        "(engine.beam_models maps the machine to the generic model); its absolute dose is not "
+                        "calibrated")
     for_mc, for_tps = mc_ds.get("FrameOfReferenceUID"), tps_ds.get("FrameOfReferenceUID")
     if for_mc and for_tps and for_mc != for_tps:
         raise ComparisonError("the TPS dose and the MC dose are in different frames of reference")
@@ -219,6 +225,7 @@ class SecondCheck:
             "TPS dose": f"{tps_ds.get('Manufacturer', '')} {tps_ds.get('SeriesDescription', '')} "
                         f"({tps_ds.SOPInstanceUID}), {tps_ds.get('DoseType', '')}",
             "MC dose": f"{mc_ds.get('DoseComment', '')} ({mc_ds.SOPInstanceUID}), {mc_ds.get('DoseType', '')}",
+            "MC inputs": str(mc_ds.get("ImageComments", "")),
             "Compared": datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
             "Policy": f"{', '.join(result['verdict_criteria'])} >= {self.policy.min_pass_rate_percent:g} %"
                       + (f"; structure tolerances {self.policy.structure_tolerances} on "

@@ -42,10 +42,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cloud.engines.base import Engine, Grid, ShardInputs, Tally
+from cloud.engines.base import GENERIC_MODEL, UNCOMMISSIONED, Engine, Grid, ShardInputs, Tally
 from cloud.engines.ct import ct_slices, ct_volume
-from cloud.engines.mcsquare.bdl import GENERIC_MACHINE, BeamModel, read_bdl
-from cloud.engines.mcsquare.ionplan import IonPlan, check_proton_pbs, read_ion_plan
+from cloud.engines.mcsquare.bdl import BeamModel, read_bdl
+from cloud.engines.mcsquare.ionplan import IonPlan, read_ion_plan
 from cloud.errors import EngineError, EngineUnavailable, UnsupportedPlan
 
 if TYPE_CHECKING:  # pydicom costs ~0.5 s to import; a worker only needs it for type hints
@@ -296,53 +296,86 @@ def write_config(inputs_root: Path, out_dir: Path, primaries: int, seed: int, th
 # --- the engine --------------------------------------------------------------------------------
 
 
+def beam_model_for(plan: IonPlan, beam_models: Mapping[str, Path | str] | None) -> tuple[BeamModel, bool]:
+    """(the machine's beam model, whether it is commissioned); UnsupportedPlan if the plan cannot use it.
+
+    A machine must be listed in ``beam_models``: a BDL file (commissioned), or GENERIC_MODEL (the
+    built-in model, uncommissioned). Every energy must lie in the model's table, and every range
+    shifter must be one of the model's (the generic model has none: it models any range shifter as
+    PMMA of the water-equivalent thickness the plan states, see ``_write_bdl``).
+    """
+    machines = plan.machines
+    if len(machines) > 1:
+        raise UnsupportedPlan(f"beams on more than one treatment machine ({', '.join(machines)})")
+    machine = machines[0]
+    models = dict(beam_models or {})
+    if machine not in models:
+        known = ", ".join(sorted(models)) or "none"
+        raise UnsupportedPlan(f"treatment machine {machine or '(no TreatmentMachineName)'!r} has no beam model: "
+                              f"add it to [engine] beam_models (a commissioned BDL file, or \"{GENERIC_MODEL}\" "
+                              f"for the uncommissioned model; machines mapped: {known})")
+    choice = models[machine]
+    commissioned = not (isinstance(choice, str) and choice == GENERIC_MODEL)
+    model = read_bdl(Path(choice) if commissioned else generic_beam_model_path())
+    lo, hi = model.energies[0], model.energies[-1]
+    for beam in plan.beams:
+        for layer in beam.layers:
+            if not lo - 1e-6 <= layer.energy_mev <= hi + 1e-6:
+                raise UnsupportedPlan(f"beam {beam.name}: energy {layer.energy_mev:g} MeV outside the beam model "
+                                      f"of machine {machine!r} ({model.path.name}: {lo:g}-{hi:g} MeV)")
+            rs = layer.range_shifter
+            if commissioned and rs is not None and rs.rs_id not in model.range_shifters:
+                known_rs = ", ".join(sorted(model.range_shifters)) or "none"
+                raise UnsupportedPlan(f"beam {beam.name}: range shifter {rs.rs_id!r} is not in the beam model of "
+                                      f"machine {machine!r} ({model.path.name}; its range shifters: {known_rs})")
+    return model, commissioned
+
+
+def uncommissioned_warning(machine: str) -> str:
+    return (f"{UNCOMMISSIONED}: machine {machine!r} is mapped to the generic beam model; absolute dose rests on "
+            "its protons-per-MU anchor, not on commissioning")
+
+
 class MCsquareEngine(Engine):
     name = NAME
 
-    def check_plan(self, plan: Dataset) -> None:
-        check_proton_pbs(plan)
+    def check_plan(self, plan: Dataset, *, beam_models: Mapping[str, Path | str] | None = None) -> tuple[str, ...]:
+        ion = read_ion_plan(plan)
+        _model, commissioned = beam_model_for(ion, beam_models)
+        return () if commissioned else (uncommissioned_warning(ion.machines[0]),)
 
     def prepare(self, datasets: list[Dataset], work_dir: Path, *,
-                beam_models: Mapping[str, Path] | None = None) -> ShardInputs:
+                beam_models: Mapping[str, Path | str] | None = None,
+                ct_calibration: tuple[str, Path, Path] | None = None) -> ShardInputs:
         plans = [ds for ds in datasets if "IonBeamSequence" in ds or "BeamSequence" in ds]
         if len(plans) != 1:
             raise UnsupportedPlan(f"expected one RT (Ion) Plan among the inputs, found {len(plans)}")
         plan = read_ion_plan(plans[0])
+        model, commissioned = beam_model_for(plan, beam_models)
         volume, grid = ct_volume(ct_slices(datasets, plan.frame_of_reference_uid))
         work_dir.mkdir(parents=True, exist_ok=True)
         warnings: list[str] = []
-        machines = plan.machines
-        models = dict(beam_models or {})
-        if len(machines) > 1:
-            raise UnsupportedPlan(f"beams on more than one treatment machine ({', '.join(machines)})")
-        machine = machines[0]
-        if machine in models:
-            model_path = Path(models[machine])
-        else:
-            model_path = generic_beam_model_path()
-            if machine != GENERIC_MACHINE:
-                warnings.append(f"beam model fallback for machine {machine!r}: no entry in engine.beam_models, "
-                                "used the generic model (absolute dose not commissioned)")
-                LOGGER.warning("no beam model for machine %r; using the generic model", machine)
-        model = read_bdl(model_path)
-        for beam in plan.beams:
-            for layer in beam.layers:
-                if not model.energies[0] - 1e-6 <= layer.energy_mev <= model.energies[-1] + 1e-6:
-                    raise UnsupportedPlan(f"beam {beam.name}: energy {layer.energy_mev:g} MeV outside the beam "
-                                          f"model ({model.energies[0]:g}-{model.energies[-1]:g} MeV)")
+        if not commissioned:
+            warnings.append(uncommissioned_warning(plan.machines[0]))
+            LOGGER.warning("machine %r computed with the generic (uncommissioned) beam model", plan.machines[0])
         protons = sum(float(np.sum(np.interp(layer.energy_mev, model.energies, model.protons_per_mu) * layer.mu))
                       for beam in plan.beams for layer in beam.layers)
         write_mhd(work_dir / CT_FILE, volume, grid.spacing)
-        shutil.copyfile(_data_file("hu_density.txt"), work_dir / HU_DENSITY_FILE)
-        shutil.copyfile(_data_file("hu_material.txt"), work_dir / HU_MATERIAL_FILE)
+        calibration = "built-in"
+        density, material = _data_file("hu_density.txt"), _data_file("hu_material.txt")
+        if ct_calibration is not None:
+            calibration, density, material = ct_calibration
+        shutil.copyfile(density, work_dir / HU_DENSITY_FILE)
+        shutil.copyfile(material, work_dir / HU_MATERIAL_FILE)
         _write_bdl(model, plan, work_dir / BDL_FILE)
         _write_plan(plan, grid, work_dir / PLAN_FILE)
         inputs = ShardInputs(root=work_dir, engine=NAME, grid=grid, protons_per_fraction=protons,
                              fractions=plan.fractions, plan_uid=plan.sop_instance_uid,
-                             frame_of_reference_uid=plan.frame_of_reference_uid, machines=machines,
+                             frame_of_reference_uid=plan.frame_of_reference_uid, machines=plan.machines,
                              warnings=tuple(warnings),
-                             extra={"beam_model": model_path.name, "beams": len(plan.beams),
-                                    "total_mu": sum(b.mu for b in plan.beams)})
+                             extra={"beam_model": model.path.name, "beams": len(plan.beams),
+                                    "total_mu": sum(b.mu for b in plan.beams)},
+                             commissioned=commissioned, ct_calibration=calibration)
         inputs.save()
         return inputs
 

@@ -76,8 +76,10 @@ def check_proton_pbs(plan: Dataset) -> None:
         kinds = ", ".join(_radiation_types(plan)) or "no beams"
         raise UnsupportedPlan(f"RT Plan with {kinds} beams: this engine computes proton pencil-beam-scanning "
                               "(RT Ion Plan) only")
-    if sop != RT_ION_PLAN or "IonBeamSequence" not in plan:
+    if sop != RT_ION_PLAN:
         raise UnsupportedPlan(f"not an RT Ion Plan (SOP class {sop or 'missing'})")
+    if not plan.get("IonBeamSequence"):
+        raise UnsupportedPlan("RT Ion Plan has no beams (IonBeamSequence missing or empty)")
     for beam in plan.IonBeamSequence:
         name = beam.get("BeamName", beam.get("BeamNumber", "?"))
         if beam.get("TreatmentDeliveryType", "TREATMENT") != "TREATMENT":
@@ -95,8 +97,19 @@ def check_proton_pbs(plan: Dataset) -> None:
 
 
 def read_ion_plan(plan: Dataset) -> IonPlan:
-    """The plan's treatment beams with their spots in MU; UnsupportedPlan for anything else."""
+    """The plan's treatment beams with their spots in MU; UnsupportedPlan for anything else.
+
+    A malformed plan (a required attribute missing, a value that is not a number) is UnsupportedPlan
+    naming the attribute, never an internal error.
+    """
     check_proton_pbs(plan)
+    try:
+        return _read_ion_plan(plan)
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
+        raise UnsupportedPlan(f"malformed RT Ion Plan: {type(exc).__name__}: {exc}") from exc
+
+
+def _read_ion_plan(plan: Dataset) -> IonPlan:
     try:
         fg = plan.FractionGroupSequence[0]
     except (AttributeError, IndexError):
@@ -158,9 +171,15 @@ def _read_beam(ds: Dataset, beam_mu: float) -> Beam:
             continue
         if energy is None:
             raise UnsupportedPlan(f"beam {name}: control point without NominalBeamEnergy")
-        positions = np.asarray(cp.ScanSpotPositionMap, dtype=float).reshape(-1, 2)
+        where = f"beam {name}, control point {cp.get('ControlPointIndex', '?')}"
+        flat = np.asarray(cp.get("ScanSpotPositionMap", []), dtype=float).ravel()
+        if flat.size % 2:
+            raise UnsupportedPlan(f"{where}: ScanSpotPositionMap has {flat.size} values, an odd number "
+                                  "(it must hold x, y pairs)")
+        positions = flat.reshape(-1, 2)
         if positions.shape[0] != weights.size:
-            raise UnsupportedPlan(f"beam {name}: ScanSpotPositionMap and ScanSpotMetersetWeights differ in length")
+            raise UnsupportedPlan(f"{where}: ScanSpotPositionMap has {positions.shape[0]} spots but "
+                                  f"ScanSpotMetersetWeights {weights.size}")
         keep = weights > 0
         beam.layers.append(Layer(energy_mev=energy, positions_mm=positions[keep], mu=weights[keep] * scale,
                                  range_shifter=rs))

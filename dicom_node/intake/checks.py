@@ -1,0 +1,46 @@
+"""Can the engine compute what arrived? Asked by the assembler, so a plan that can never be computed
+is REJECTED the moment it arrives (not after the CT timeout), and a CT that cannot be used is
+REJECTED when it is assembled, each with the reason.
+
+The checks read headers only (no pixel data) and ask the engine (``Engine.check_plan`` with the
+configured beam models, ``Engine.check_ct``). Anything unreadable is a rejection with its reason,
+never an internal error.
+"""
+
+from __future__ import annotations
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from cloud.engines import get_engine
+from cloud.errors import EngineError, UnsupportedPlan
+from dicom_node.settings import EngineSettings
+
+
+class InputCheck:
+    def __init__(self, engine: EngineSettings) -> None:
+        self.settings = engine
+        self.engine = get_engine(engine.name)
+
+    def plan(self, path: str) -> tuple[str, ...]:
+        """The warnings a dose would carry; UnsupportedPlan with the reason if it can never be computed."""
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError) as exc:
+            raise UnsupportedPlan(f"plan cannot be read: {exc}") from exc
+        try:
+            return self.engine.check_plan(ds, beam_models=self.settings.beam_models)
+        except UnsupportedPlan:
+            raise
+        except EngineError as exc:  # e.g. a beam model file that cannot be parsed
+            raise UnsupportedPlan(f"plan cannot be checked: {exc}") from exc
+
+    def ct(self, paths: list[str]) -> None:
+        """UnsupportedPlan with the reason if the engine cannot compute on this CT series (tilt, gaps)."""
+        try:
+            headers = [dcmread(p, stop_before_pixels=True) for p in paths]
+            self.engine.check_ct(headers)
+        except UnsupportedPlan:
+            raise
+        except (InvalidDicomError, OSError, AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
+            raise UnsupportedPlan(f"CT cannot be used: {type(exc).__name__}: {exc}") from exc
