@@ -13,11 +13,11 @@ from pydicom.uid import generate_uid
 
 from cloud.engines.mcsquare.adapter import generic_beam_model_path
 from dicom_node.intake.jobrecord import JobState
-
-READY, RECEIVING, REJECTED = JobState.READY, JobState.RECEIVING, JobState.REJECTED
 from dicom_node.phantom import write_study
 from tests.conftest import SMALL, settings_for, storescu, wait_for
 from tests.plan_edits import with_energy, with_machine, with_odd_spot_map, with_range_shifter, without_beams
+
+READY, RECEIVING, REJECTED = JobState.READY, JobState.RECEIVING, JobState.REJECTED
 
 
 def _site_bdl(folder):
