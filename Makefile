@@ -15,7 +15,7 @@ $(BIN)/activate:
 	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,photon]'
 	$(BIN)/pip install -q --no-deps '$(OPENTPS)'
 	touch $@
 

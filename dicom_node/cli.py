@@ -205,6 +205,16 @@ def _cmd_compute(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_depth_dose(args: argparse.Namespace) -> int:
+    from dicom_node.jobs.depth_dose import CSV_NAME, PNG_NAME, run_depth_dose
+
+    dd = run_depth_dose(args.beam, Path(args.out), field_cm=args.field, ssd_cm=args.ssd, histories=args.histories,
+                        shards=args.shards)
+    print(f"wrote {Path(args.out) / CSV_NAME} and {Path(args.out) / PNG_NAME}")
+    print(dd.describe())
+    return EXIT_OK
+
+
 def _cmd_retry(args: argparse.Namespace) -> int:
     from dicom_node.intake.journal import Journal
     from dicom_node.settings import load_settings
@@ -377,6 +387,15 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", help="config file for [engine] and [cloud] defaults")
     p.add_argument("--json", action="store_true", help="also print the summary as one JSON line")
     p.set_defaults(func=_cmd_compute)
+
+    p = sub.add_parser("depth-dose", help="central-axis depth dose of one beam in water (co60, e10, x6, p150)")
+    p.add_argument("beam", help="co60 | e<MeV> (electrons) | x<MV> (photons) | p<MeV> (protons)")
+    p.add_argument("-o", "--out", required=True, help="folder for depth_dose.csv and depth_dose.png")
+    p.add_argument("--field", type=float, help="square field side at the surface, cm (default 10)")
+    p.add_argument("--ssd", type=float, help="source-surface distance, cm (default 80 for co60, else 100)")
+    p.add_argument("--histories", type=int, help="histories over all shards (default depends on the beam)")
+    p.add_argument("--shards", type=int, default=4, help="independent shards, at least 2 (default 4)")
+    p.set_defaults(func=_cmd_depth_dose)
 
     p = sub.add_parser("retry", help="put a FAILED job back into the state it failed in")
     p.add_argument("job")

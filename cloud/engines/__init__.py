@@ -1,7 +1,8 @@
 """Monte Carlo engines behind one small abstract class, looked up by name.
 
-``get_engine("mcsquare")`` returns the MCsquare adapter (proton PBS). A second engine (photons, or
-another proton code) registers itself with ``register_engine`` and needs no change elsewhere.
+``get_engine("mcsquare")`` returns the MCsquare adapter (proton PBS), ``get_engine("ompmc")`` the
+ompMC adapter (photons and electrons; its GPL-3.0 library is imported only when it runs). A further
+engine registers itself with ``register_engine`` and needs no change elsewhere.
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ def _mcsquare() -> Engine:
     return MCsquareEngine()
 
 
+def _ompmc() -> Engine:
+    # ompmc (GPL-3.0, optional extra "photon") is imported by the adapter only when a shard runs
+    from cloud.engines.ompmc.adapter import OmpmcEngine
+
+    return OmpmcEngine()
+
+
 register_engine("mcsquare", _mcsquare)
+register_engine("ompmc", _ompmc)
 
 __all__ = ["Engine", "Grid", "ShardInputs", "Tally", "get_engine", "register_engine", "engine_names"]
