@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from cloud.engines import get_engine
-from cloud.engines.base import ShardInputs, Tally
+from cloud.engines.base import GENERIC_MODEL, ShardInputs, Tally
 from dicom_node.phantom import PhantomSpec, Spot, build_study
 
 SPOT_SPACING_MM = 5.0
@@ -37,7 +37,8 @@ def prepare_proton_phantom(energy_mev: float, field_cm: float, depth_cm: float,
                        water_box_mm=(lateral, water, lateral), bone_slab_thickness_mm=0.0, spots=spots,
                        fractions=1, plan_label="DEPTH_DOSE")
     study = build_study(spec)
-    inputs = get_engine("mcsquare").prepare(study.all(), work_dir)
+    # the generic beam model: a depth dose is relative, so no commissioned output is needed
+    inputs = get_engine("mcsquare").prepare(study.all(), work_dir, beam_models={spec.machine_name: GENERIC_MODEL})
     setup = {"engine": "mcsquare", "energy_mev": energy_mev, "spots": len(spots),
              "surface_y_mm": -water / 2.0, "column_mm": min(30.0, field_mm / 3.0)}
     return inputs, setup

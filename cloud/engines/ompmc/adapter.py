@@ -155,12 +155,13 @@ def run_water_phantom(beam: WaterPhantomBeam, histories: int, seed: int) -> tupl
 class OmpmcEngine(Engine):
     name = NAME
 
-    def check_plan(self, plan: Dataset) -> None:
+    def check_plan(self, plan: Dataset, *, beam_models: Mapping[str, Path | str] | None = None) -> tuple[str, ...]:
         raise UnsupportedPlan("the ompmc engine does not compute RT Plans yet (it runs water-phantom depth "
                               "doses: mcnode depth-dose); photon and electron plans are refused")
 
     def prepare(self, datasets: list[Dataset], work_dir: Path, *,
-                beam_models: Mapping[str, Path] | None = None) -> ShardInputs:
+                beam_models: Mapping[str, Path | str] | None = None,
+                ct_calibration: tuple[str, Path, Path] | None = None) -> ShardInputs:
         plans = [ds for ds in datasets if "BeamSequence" in ds or "IonBeamSequence" in ds]
         self.check_plan(plans[0] if plans else datasets[0])
         raise AssertionError("unreachable")  # pragma: no cover
