@@ -151,6 +151,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_commission(args: argparse.Namespace) -> int:
+    from dicom_node.commission import commission
+    from dicom_node.settings import load_settings
+
+    calibrations = load_settings(args.config).engine.ct_calibrations if args.config else {}
+    if args.primaries <= 0 or args.groups <= 0:
+        raise ConfigError("--primaries and --groups must be positive")
+    commission([Path(d) for d in args.reference or []], Path(args.out), base=Path(args.base) if args.base else None,
+               measured=Path(args.measured) if args.measured else None, primaries=args.primaries,
+               groups=args.groups, threads=args.threads, ct_calibrations=calibrations)
+    return EXIT_OK
+
+
 def _beam_model_args(values: list[str]) -> dict[str, Path | str]:
     """--beam-model MACHINE=BDL_FILE|generic, as [engine] beam_models entries."""
     from dicom_node.settings import GENERIC_BEAM_MODEL
@@ -396,6 +409,20 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--histories", type=int, help="histories over all shards (default depends on the beam)")
     p.add_argument("--shards", type=int, default=4, help="independent shards, at least 2 (default 4)")
     p.set_defaults(func=_cmd_depth_dose)
+
+    p = sub.add_parser("commission", help="fit a machine's protons per MU to trusted doses; write a BDL")
+    p.add_argument("--reference", action="append", metavar="DIR",
+                   help="folder with one plan, its CT and the RT Dose the clinic trusts for it; repeatable")
+    p.add_argument("--measured", metavar="CSV",
+                   help="measured IDD per MU at 2 cm depth in water: columns energy_MeV,idd_2cm_Gy_mm2_per_MU")
+    p.add_argument("--base", metavar="BDL", help="beam model whose shape is kept (default: the generic model)")
+    p.add_argument("-o", "--out", required=True, metavar="OUT_BDL", help="the commissioned BDL to write")
+    p.add_argument("--primaries", type=int, default=200_000, help="primaries per reference (and per energy)")
+    p.add_argument("--groups", type=int, default=1,
+                   help="energy bands fitted separately per reference (1: one factor per reference)")
+    p.add_argument("--threads", type=int, default=0, help="engine threads; 0 = all cores")
+    p.add_argument("-c", "--config", help="config file whose [engine] ct_calibrations convert the references' CT")
+    p.set_defaults(func=_cmd_commission)
 
     p = sub.add_parser("retry", help="put a FAILED job back into the state it failed in")
     p.add_argument("job")

@@ -1,0 +1,128 @@
+"""Real RayStation 12 exports (tests/data/realdata/raystation12_tr3, see its README) and the phantom CT
+they lack, rebuilt from the structure set: the External contour filled, the CT UIDs the structure set
+references, the plan's frame of reference."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+from matplotlib.path import Path as Polygon
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicom_node.net import uids
+
+RAYSTATION = Path(__file__).parent / "data" / "realdata" / "raystation12_tr3"
+PHANTOM_SCANNER = ("dicom-mc-node", "RayStation phantom rebuilt from its External ROI")
+PHANTOM_HU = 0  # inside the External contour
+AIR_HU = -1000
+
+
+def phantom_calibration(folder: Path) -> tuple[Path, Path]:
+    """HU tables for the rebuilt CT: air, and inside the External the material RayStation assigned it.
+
+    The structure set overrides the External ROI's material (ROIPhysicalProperties: REL_MASS_DENSITY
+    1.19, MEAN_EXCI_ENERGY 74 eV, effective Z 5.85: PMMA), and RayStation's doses are computed in
+    it; HU 0 is therefore PMMA of 1.19 g/cm3 (MCsquare material 64).
+    """
+    density = folder / "phantom_hu_density.txt"
+    material = folder / "phantom_hu_material.txt"
+    density.write_text("# HU density g/cm3\n-1050\t0.0012\n-1000\t0.0012\n-500\t1.19\n3000\t1.19\n")
+    material.write_text("# HU material (MCsquare Materials/list.dat)\n-1050\t39\n-500\t64\n")
+    return density, material
+
+
+def _slice_positions(rs: Dataset) -> dict[str, float]:
+    """z of every CT image the structure set references: from its contours where one lies on it; the
+    rest (outside every contour) continue the slice spacing below and above, in the listed order."""
+    series = rs.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    listed = [str(i.ReferencedSOPInstanceUID) for i in series.ContourImageSequence]
+    known: dict[str, float] = {}
+    for roi in rs.ROIContourSequence:
+        for contour in roi.get("ContourSequence", []):
+            for image in contour.get("ContourImageSequence", []):
+                known[str(image.ReferencedSOPInstanceUID)] = round(float(contour.ContourData[2]), 3)
+    zs = sorted(set(known.values()))
+    step = float(np.median(np.diff(zs)))
+    first_known = min(i for i, u in enumerate(listed) if u in known)
+    below = [u for u in listed[:first_known] if u not in known]
+    above = [u for u in listed[first_known:] if u not in known]
+    out = dict(known)
+    for n, u in enumerate(reversed(below), start=1):
+        out[u] = zs[0] - n * step
+    for n, u in enumerate(above, start=1):
+        out[u] = zs[-1] + n * step
+    return out
+
+
+def phantom_ct(rs: Dataset, plan: Dataset, out_dir: Path, spacing_mm: float = 2.0,
+               margin_mm: float = 20.0) -> list[Path]:
+    """CT slices (one file each) of the External ROI filled with PHANTOM_HU in air."""
+    names = {int(r.ROINumber): str(r.ROIName) for r in rs.StructureSetROISequence}
+    external = next(roi for roi in rs.ROIContourSequence if names[int(roi.ReferencedROINumber)] == "External")
+    polygons: dict[float, list[np.ndarray]] = {}
+    for contour in external.ContourSequence:
+        pts = np.asarray(contour.ContourData, dtype=float).reshape(-1, 3)
+        polygons.setdefault(round(float(pts[0, 2]), 3), []).append(pts[:, :2])
+    allpts = np.concatenate([p for ps in polygons.values() for p in ps])
+    lo = np.floor((allpts.min(axis=0) - margin_mm) / spacing_mm) * spacing_mm
+    hi = np.ceil((allpts.max(axis=0) + margin_mm) / spacing_mm) * spacing_mm
+    cols, rows = (int(round(v)) + 1 for v in (hi - lo) / spacing_mm)
+    xs = lo[0] + spacing_mm * np.arange(cols)
+    ys = lo[1] + spacing_mm * np.arange(rows)
+    xx, yy = np.meshgrid(xs, ys)
+    centres = np.column_stack([xx.ravel(), yy.ravel()])
+    positions = _slice_positions(rs)
+    series = rs.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    zs = sorted(set(positions.values()))
+    thickness = float(np.median(np.diff(zs)))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for n, (uid, z) in enumerate(sorted(positions.items(), key=lambda kv: kv[1]), start=1):
+        inside = np.zeros(rows * cols, dtype=bool)
+        for poly in polygons.get(round(z, 3), []):
+            inside ^= Polygon(poly).contains_points(centres)
+        hu = np.where(inside.reshape(rows, cols), PHANTOM_HU, AIR_HU).astype(np.int16)
+        ds = Dataset()
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = uids.CT_IMAGE
+        meta.MediaStorageSOPInstanceUID = uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = uids.CT_IMAGE, uid, "CT"
+        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
+                        "StudyDate", "StudyTime", "StudyID"):
+            if keyword in rs:
+                setattr(ds, keyword, rs.data_element(keyword).value)
+        ds.SeriesInstanceUID = series.SeriesInstanceUID
+        ds.FrameOfReferenceUID = plan.FrameOfReferenceUID
+        ds.Manufacturer, ds.ManufacturerModelName = PHANTOM_SCANNER
+        ds.PatientPosition = "HFS"
+        ds.InstanceNumber = n
+        ds.ImagePositionPatient = [float(lo[0]), float(lo[1]), float(z)]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.PixelSpacing = [spacing_mm, spacing_mm]
+        ds.SliceThickness = thickness
+        ds.Rows, ds.Columns = rows, cols
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "HU"
+        ds.PixelData = hu.tobytes()
+        path = out_dir / f"CT{uid}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def reference_folder(name: str, out: Path) -> Path:
+    """A copy of one RayStation export (plan, structure set, RT Dose) with its rebuilt phantom CT."""
+    src = RAYSTATION / name
+    folder = out / name
+    shutil.copytree(src, folder, ignore=shutil.ignore_patterns("*.md"))
+    plan = dcmread(next(folder.glob("RP*.dcm")), stop_before_pixels=True)
+    rs = dcmread(next(folder.glob("RS*.dcm")))
+    phantom_ct(rs, plan, folder)
+    return folder

@@ -1,0 +1,83 @@
+"""Commissioning a machine: fit on one real RayStation plan, reproduce a different plan of the same
+machine (tests/data/realdata/raystation12_tr3, see its README)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from cloud.engines import get_engine
+from cloud.engines.mcsquare.adapter import generic_beam_model_path
+from cloud.engines.mcsquare.bdl import read_bdl
+from cloud.errors import UnsupportedPlan
+from dicom_node.cli import main
+from dicom_node.commission import check_reference, commissioned_bdl_text, factor_curve, load_reference
+from tests.plan_edits import with_energy
+from tests.realdata import PHANTOM_SCANNER, phantom_calibration, reference_folder
+
+PRIMARIES = 50_000  # per plan: the sum over ~1e5 high-dose voxels is stable to a few 0.1 %
+
+
+@pytest.mark.slow
+def test_fit_on_one_raystation_plan_reproduces_the_other(tmp_path, capsys):
+    fit_on = reference_folder("reference", tmp_path)  # Cube101010: 26 layers, 83.8-164.5 MeV
+    other = reference_folder("ramp_10cm", tmp_path)  # a different plan, 24 layers, 86.5-160.8 MeV
+    density, material = phantom_calibration(tmp_path)
+    config = tmp_path / "mcnode.toml"
+    config.write_text(f'[engine]\nct_calibrations = {{"{"/".join(PHANTOM_SCANNER)}" = ["{density}", "{material}"]}}\n')
+    out = tmp_path / "tr3.txt"
+    assert main(["commission", "--reference", str(fit_on), "-o", str(out), "--primaries", str(PRIMARIES),
+                 "-c", str(config)]) == 0
+    printed = capsys.readouterr().out
+    # the residual per reference is printed; the uncalibrated model was ~x0.35 for RayStation's MU
+    m = re.search(r"reference: MC/reference over \d+ voxels > 50 % of max: base ([\d.]+), fitted ([\d.]+) "
+                  r"\(residual ([+-][\d.]+) %", printed)
+    assert m, printed
+    assert 0.3 < float(m.group(1)) < 0.4 and abs(float(m.group(3))) < 0.5
+
+    model = read_bdl(out)
+    generic = read_bdl(generic_beam_model_path())
+    k = model.protons_per_mu / np.interp(model.energies, generic.energies, generic.protons_per_mu)
+    assert np.allclose(k, k[0]) and 2.5 < k[0] < 3.2  # one factor over the reference's energy range
+    assert model.energies[0] == 80 and model.energies[-1] == 165  # only the energies the reference spans
+    header = out.read_text()
+    assert "Commissioned by mcnode commission on" in header and "sha256" in header
+    assert "RP1.2.752.243.1.1.20221206151952575.9000.63363.dcm sha256" in header  # what it was fitted from
+    assert "residual" in header
+
+    # a different plan of the same machine: MC with the commissioned model against RayStation's dose
+    calibrations = {"/".join(PHANTOM_SCANNER): (density, material)}
+    ratio, rms, voxels = check_reference(load_reference(other), out, tmp_path / "check", PRIMARIES, threads=0,
+                                         ct_calibrations=calibrations)
+    print(f"ramp_10cm with the model fitted on reference: MC/RayStation = {ratio:.4f} over {voxels} voxels "
+          f"(voxel RMS {rms:.1f} %, MC noise included)")
+    assert abs(ratio - 1) < 0.03
+
+    # the commissioned model refuses energies it was not fitted for
+    plan = with_energy(load_reference(other).plan, 200.0)
+    with pytest.raises(UnsupportedPlan, match="energy 200 MeV outside the beam model of machine 'TR3'"):
+        get_engine("mcsquare").check_plan(plan, beam_models={"TR3": out})
+
+
+def test_the_factor_curve_is_linear_between_knots_and_flat_beyond(tmp_path):
+    base = read_bdl(generic_beam_model_path())
+    knots = factor_curve([(150.0, 2.0), (100.0, 1.0), (100.2, 1.2)])  # close knots are averaged
+    assert list(knots[0]) == pytest.approx([100.1, 150.0]) and list(knots[1]) == pytest.approx([1.1, 2.0])
+    text = commissioned_bdl_text(base, knots, (92.0, 151.0), ["fitted from nothing (a unit test)"])
+    path = tmp_path / "m.txt"
+    path.write_text(text)
+    model = read_bdl(path)
+    assert model.energies[0] == 90 and model.energies[-1] == 155 and "# fitted from nothing" in text
+    ratio = model.protons_per_mu / np.interp(model.energies, base.energies, base.protons_per_mu)
+    expected = np.interp(model.energies, [100.1, 150.0], [1.1, 2.0])
+    np.testing.assert_allclose(ratio, expected, rtol=1e-3)
+
+
+def test_commission_without_references_says_so(capsys, tmp_path):
+    assert main(["commission", "-o", str(tmp_path / "x.txt")]) != 0
+    assert "at least one --reference DIR or --measured CSV" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["commission", "--reference", str(tmp_path / "empty"), "-o", str(tmp_path / "x.txt")]) != 0
+    assert "expected one plan, one RT Dose and a CT" in capsys.readouterr().err
