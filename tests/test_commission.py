@@ -81,3 +81,41 @@ def test_commission_without_references_says_so(capsys, tmp_path):
     (tmp_path / "empty").mkdir()
     assert main(["commission", "--reference", str(tmp_path / "empty"), "-o", str(tmp_path / "x.txt")]) != 0
     assert "expected one plan, one RT Dose and a CT" in capsys.readouterr().err
+
+
+def _bethe_water_mev_cm2_per_g(energy_mev: float) -> float:
+    """Electronic mass stopping power of water (Bethe, I = 75 eV, Z/A = 0.5551), no shell/density terms."""
+    mp, me = 938.272088, 0.51099895
+    gamma = 1 + energy_mev / mp
+    beta2 = 1 - 1 / gamma**2
+    r = me / mp
+    tmax = 2 * me * beta2 * gamma**2 / (1 + 2 * gamma * r + r * r)
+    return 0.307075 * 0.5551 / beta2 * (0.5 * np.log(2 * me * beta2 * gamma**2 * tmax / 75e-6**2) - beta2)
+
+
+def test_a_measured_idd_table_sets_protons_per_mu(tmp_path, capsys):
+    """A chamber's IDD per MU at 2 cm, made here from the physics (stopping power of water at the energy
+    left at 2 cm depth) for a machine delivering twice the generic model's protons per MU: the fit must
+    come out near x2. Primary protons alone deposit S/rho; the MC adds secondaries (nuclear
+    interactions), 4-9 % at 100-200 MeV, so the fitted factor lies a little below 2."""
+    from dicom_node.phantom import csda_range_cm, energy_for_range
+
+    generic = read_bdl(generic_beam_model_path())
+    rows = ["# a chamber measurement", "energy_MeV,idd_2cm_Gy_mm2_per_MU"]
+    for e in (100.0, 150.0):
+        e_at_2cm = energy_for_range(csda_range_cm(e) - 2.0)
+        per_proton = _bethe_water_mev_cm2_per_g(e_at_2cm) * 1.602176634e-8  # Gy mm2 per proton
+        rows.append(f"{e},{per_proton * 2 * np.interp(e, generic.energies, generic.protons_per_mu):.6g}")
+    csv = tmp_path / "idd.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "m.txt"
+    assert main(["commission", "--measured", str(csv), "-o", str(out), "--primaries", "10000"]) == 0
+    assert "protons/MU" in capsys.readouterr().out
+    model = read_bdl(out)
+    assert model.energies[0] == 100 and model.energies[-1] == 150
+    k = model.protons_per_mu / np.interp(model.energies, generic.energies, generic.protons_per_mu)
+    assert np.all((k > 2 / 1.12) & (k < 2.0)), k
+    assert "idd.csv sha256" in out.read_text()
+    csv.write_text("energy,idd\n100,1\n")
+    assert main(["commission", "--measured", str(csv), "-o", str(out)]) != 0
+    assert "missing column(s) energy_MeV, idd_2cm_Gy_mm2_per_MU" in capsys.readouterr().err
