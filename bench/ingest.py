@@ -4,9 +4,9 @@ Both receivers run as their own processes on loopback and write every file to di
 fsyncs each file and records it in the journal before answering (node.fsync = true, the default).
 Each receiver gets the same series `--rounds` times; the median is reported.
 
-    .venv/bin/python bench/ingest.py [--slices 300] [--rounds 3] [--receiver lean|pynetdicom]
+    .venv/bin/python bench/ingest.py [--slices 300] [--rounds 3]
 
-Last line: {"receiver": ..., "ours_images_per_s": ..., "dcmtk_images_per_s": ..., "ratio": ...}
+Last line: {"receiver": "pynetdicom", "ours_images_per_s": ..., "dcmtk_images_per_s": ..., "ratio": ...}
 """
 
 from __future__ import annotations
@@ -42,8 +42,6 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--receiver", choices=["lean", "pynetdicom"], default=None,
-                    help="node.receiver for our node (default: the setting's default)")
     ap.add_argument("--no-fsync", action="store_true",
                     help="node.fsync = false: what the receive path costs without the disk's flushes")
     args = ap.parse_args()
@@ -63,8 +61,7 @@ def main() -> int:
 
         ours_port, dcmtk_port = free_port(), free_port()
         cfg = init_config_dir(work / "node", port=ours_port)
-        node_keys = f'receiver = "{args.receiver}"\n' if args.receiver else ""
-        node_keys += "fsync = false\n" if args.no_fsync else ""
+        node_keys = "fsync = false\n" if args.no_fsync else ""
         cfg.write_text(cfg.read_text().replace("[node]\n", "[node]\n" + node_keys, 1))
         procs.append(subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "-c", str(cfg)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -81,7 +78,7 @@ def main() -> int:
         ours_rate = len(files) / statistics.median(ours)
         dcmtk_rate = len(files) / statistics.median(theirs)
         print(f"date {today()}", file=sys.stderr)
-        print(json.dumps({"receiver": args.receiver or "default", "fsync": not args.no_fsync,
+        print(json.dumps({"receiver": "pynetdicom", "fsync": not args.no_fsync,
                           "ours_images_per_s": round(ours_rate, 1), "dcmtk_images_per_s": round(dcmtk_rate, 1),
                           "ratio": round(ours_rate / dcmtk_rate, 3)}))
         return 0

@@ -84,8 +84,13 @@ class NodeSettings:
     max_pdu: int = field(default=262144, metadata=_meta(_check_non_negative))
     # Call fsync on every spooled file before answering success (durability over speed).
     fsync: bool = True
-    # Which DICOM receiver runs: our lean storage-only acceptor or pynetdicom's server.
-    receiver: str = field(default="lean", metadata=_meta(_choice("lean", "pynetdicom")))
+    # A connection whose association is not established this long after it opened is closed (ARTIM).
+    association_setup_seconds: float = field(default=10.0, metadata=_meta(_check_positive))
+    # An established association with nothing received or sent for this long is closed.
+    idle_timeout_seconds: float = field(default=60.0, metadata=_meta(_check_positive))
+    # Connections at once, in all and from one address; the per-address cap must leave room for others.
+    max_associations: int = field(default=32, metadata=_meta(_check_positive))
+    max_associations_per_peer: int = field(default=8, metadata=_meta(_check_positive))
     tls: TlsSettings = field(default_factory=TlsSettings)
 
 
@@ -435,7 +440,15 @@ def settings_from_dict(table: dict[str, Any], base_dir: Path | str = ".") -> Set
     settings = dataclasses.replace(settings, base_dir=base)
     _check_destinations(settings)
     _check_cloud(settings.cloud)
+    _check_node(settings.node)
     return settings
+
+
+def _check_node(node: NodeSettings) -> None:
+    if node.max_associations_per_peer >= node.max_associations:
+        raise ConfigError(f"node.max_associations_per_peer: must be less than node.max_associations "
+                          f"({node.max_associations}) so one address cannot take every connection, "
+                          f"got {node.max_associations_per_peer}")
 
 
 def _check_cloud(cloud: CloudSettings) -> None:

@@ -75,23 +75,14 @@ def make_study() -> Callable[..., Study]:
 
 
 @pytest.fixture
-def receiver() -> str | None:
-    """node.receiver for config_dir; None = the default. Receive tests override this to run on both."""
-    return None
-
-
-@pytest.fixture
-def config_dir(tmp_path: Path, receiver: str | None) -> Path:
+def config_dir(tmp_path: Path) -> Path:
     directory = tmp_path / "node"
     path = init_config_dir(directory, port=0)
     text = path.read_text().replace("stable_seconds = 10", "stable_seconds = 1")
     # The phantom's machine, mapped explicitly to the uncommissioned generic beam model.
     text = text.replace("beam_models = {}", f'beam_models = {{"{SMALL.machine_name}" = "generic"}}')
     assert "generic" in text
-    callers = 'allowed_callers = ["TPS", "TPS2"]'
-    if receiver is not None:
-        callers += f'\nreceiver = "{receiver}"'
-    text = text.replace('allowed_callers = ["TPS"]', callers)
+    text = text.replace('allowed_callers = ["TPS"]', 'allowed_callers = ["TPS", "TPS2"]')
     path.write_text(text)
     return directory
 

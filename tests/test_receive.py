@@ -22,12 +22,6 @@ from dicom_node.phantom import FakeIdentity, write_study
 from tests.conftest import run_dcmtk, settings_for, storescu, wait_for
 
 
-@pytest.fixture(params=["pynetdicom", "lean"])
-def receiver(request: pytest.FixtureRequest) -> str:
-    """Every test here runs against both receivers."""
-    return request.param
-
-
 def _ready_jobs(node):
     return node.journal.jobs_in(JobState.READY)
 

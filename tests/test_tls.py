@@ -5,19 +5,12 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.conftest import run_dcmtk, settings_for
-
-
-@pytest.fixture(params=["pynetdicom", "lean"])
-def receiver(request: pytest.FixtureRequest) -> str:
-    """Every test here runs against both receivers."""
-    return request.param
 
 
 def _key_and_cert(name: str, issuer: tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None, ca: bool,

@@ -6,12 +6,10 @@ that stops cleanly on SIGTERM or SIGINT.
 
 from __future__ import annotations
 
-import functools
 import logging
 import signal
 import threading
 from collections.abc import Callable
-from typing import Any
 
 from dicom_node.intake.assembler import Assembler
 from dicom_node.intake.checks import InputCheck
@@ -19,8 +17,8 @@ from dicom_node.intake.journal import Job, Journal
 from dicom_node.intake.spool import Spool
 from dicom_node.jobs.outbox import Outbox
 from dicom_node.jobs.pipeline import Pipeline
-from dicom_node.net.lean_scp import LeanServer
-from dicom_node.net.scp import Received, build_ae, server_ssl_context, store_handlers, store_instance
+from dicom_node.net.guard import GuardedServer, start_guarded_server
+from dicom_node.net.scp import Received, build_ae, guard_limits, server_ssl_context, store_handlers
 from dicom_node.qa.secondcheck import SecondCheck
 from dicom_node.settings import Settings
 
@@ -49,7 +47,7 @@ class Node:
                                  on_sent=self.secondcheck.submit if self.secondcheck is not None else None)
             self.pipeline = Pipeline(settings, self.journal, on_merged=self.outbox.submit)
             self.assembler.add_ready_listener(self.pipeline.submit)
-        self._server: Any = None  # pynetdicom's server or a LeanServer: both have server_address, shutdown()
+        self._server: GuardedServer | None = None
         self.port: int | None = None
 
     def start(self) -> int:
@@ -64,18 +62,12 @@ class Node:
         if self.secondcheck is not None:
             self.secondcheck.start()
         self.assembler.start()
-        if node.receiver == "lean":
-            store = functools.partial(store_instance, self.spool, self.journal, self._notify)
-            self._server = LeanServer(node, store, server_ssl_context(node)).start()
-        else:
-            self._server = build_ae(node).start_server(
-                (node.host, node.port), block=False,
-                evt_handlers=store_handlers(self.spool, self.journal, self._notify),
-                ssl_context=server_ssl_context(node),
-            )
+        self._server = start_guarded_server(
+            build_ae(node), (node.host, node.port), guard_limits(node), server_ssl_context(node),
+            store_handlers(self.spool, self.journal, self._notify))
         self.port = int(self._server.server_address[1])
-        LOGGER.info("%s listening on %s:%d%s (%s receiver)", node.ae_title, node.host, self.port,
-                    " (TLS)" if node.tls.enabled else "", node.receiver)
+        LOGGER.info("%s listening on %s:%d%s", node.ae_title, node.host, self.port,
+                    " (TLS)" if node.tls.enabled else "")
         return self.port
 
     def _notify(self, received: Received) -> None:

@@ -31,6 +31,7 @@ from dicom_node.errors import JournalError, SpoolError
 from dicom_node.intake.journal import Instance, Journal
 from dicom_node.intake.spool import Spool
 from dicom_node.net import status, uids
+from dicom_node.net.guard import GuardLimits
 from dicom_node.settings import NodeSettings
 
 LOGGER = logging.getLogger(__name__)
@@ -181,8 +182,7 @@ def store_instance(spool: Spool, journal: Journal, notify: Callable[[Received], 
                    sop_class: str, sop_uid: str, transfer_syntax: UID, raw: bytes) -> int:
     """The whole C-STORE: decode what filing needs, spool, journal, notify; return the reply's status.
 
-    Both receivers call this with plain values: pynetdicom's handler (`handle_store`) and the lean
-    acceptor (`dicom_node.net.lean_scp`), so what a C-STORE does never depends on the transport.
+    Called by pynetdicom's handler (`handle_store`) with plain values, so it can be used without it.
     """
     kind = uids.SHORT_NAMES.get(sop_class, sop_class)
     ref = uid_ref(sop_uid)
@@ -260,13 +260,22 @@ def build_ae(settings: NodeSettings) -> AE:
         ae.add_supported_context(sop_class, list(syntaxes))
     ae.add_supported_context(uids.VERIFICATION)
     ae.maximum_pdu_size = settings.max_pdu
-    ae.maximum_associations = 32
-    ae.network_timeout = 60
-    ae.dimse_timeout = 60
-    ae.acse_timeout = 30
+    # The guard (dicom_node.net.guard) closes connections over the caps before pynetdicom sees them and
+    # enforces both deadlines with a log line naming the setting; pynetdicom's own limit and timers
+    # are a second line behind it (its idle timer a little later, so the guard's line comes first).
+    ae.maximum_associations = settings.max_associations
+    ae.network_timeout = 2 * settings.idle_timeout_seconds
+    ae.dimse_timeout = 2 * settings.idle_timeout_seconds
+    ae.acse_timeout = settings.association_setup_seconds
     if settings.allowed_callers:
         ae.require_calling_aet = list(settings.allowed_callers)
     return ae
+
+
+def guard_limits(settings: NodeSettings) -> GuardLimits:
+    return GuardLimits(max_associations=settings.max_associations, max_per_peer=settings.max_associations_per_peer,
+                       setup_seconds=settings.association_setup_seconds, idle_seconds=settings.idle_timeout_seconds,
+                       max_pdu=settings.max_pdu)
 
 
 def server_ssl_context(settings: NodeSettings) -> ssl.SSLContext | None:

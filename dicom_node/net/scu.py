@@ -9,10 +9,11 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE, _config, evt
+from pynetdicom import _config, evt
 
 from dicom_node.errors import SendError
 from dicom_node.net import status
+from dicom_node.net.guard import PollingAE
 from dicom_node.net.scp import set_nodelay
 
 LOGGER = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def send_paths(paths: list[Path], host: str, port: int, called_ae: str, calling_
             failures.append((f, f"not a DICOM file: {exc}"))
     if not contexts:
         return failures
-    ae = AE(ae_title=calling_ae)
+    ae = PollingAE(ae_title=calling_ae)  # poll(), not select(): works with descriptors >= 1024
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     wanted: dict[str, set[str]] = {}
     for sop_class, syntax in contexts.values():
