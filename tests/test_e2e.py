@@ -187,8 +187,8 @@ def test_failed_job_reports_reason_and_retry_completes_it(config_dir, node_facto
     monkeypatch.delenv("MCSQUARE_HOME")
     capsys.readouterr()
     assert main(["retry", job.id, "-c", str(config_dir / "mcnode.toml")]) == 0
-    assert "SEALED again" in capsys.readouterr().out
+    assert "READY again" in capsys.readouterr().out  # sealed afresh from the originals
     wait_for(lambda: node.journal.jobs_in(JobState.SENT), timeout=120)
     assert len(wait_for(lambda: _doses(tps_dir))) == 1
     states = [s for s, _r, _t in node.journal.history(job.id)]
-    assert states[-5:] == ["FAILED", "SEALED", "RUNNING", "MERGED", "SENT"]
+    assert states[-6:] == ["FAILED", "READY", "SEALED", "RUNNING", "MERGED", "SENT"]

@@ -115,11 +115,14 @@ class ShardInputs:
         return path
 
     @classmethod
-    def load(cls, root: Path | str) -> ShardInputs:
-        """Open a prepared folder (for instance after unpacking a bundle on a worker)."""
+    def load(cls, root: Path | str, text: bytes | str | None = None) -> ShardInputs:
+        """Open a prepared folder (for instance after unpacking a bundle on a worker).
+
+        `text`: the content of its inputs.json when the caller has already read (and checked) it.
+        """
         root = Path(root)
         try:
-            data = json.loads((root / INPUTS_JSON).read_text())
+            data = json.loads(text if text is not None else (root / INPUTS_JSON).read_text())
         except (OSError, ValueError) as exc:
             raise EngineError(f"{root}: not a prepared engine input folder ({exc})") from exc
         if data.get("format") != FORMAT_VERSION:

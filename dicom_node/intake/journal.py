@@ -99,6 +99,12 @@ class Job:
     data: JobData
 
 
+def _one_line(text: str, limit: int = 300) -> str:
+    """A reason as shown in `mcnode jobs`: one line, bounded (the full text goes to the log)."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -312,14 +318,19 @@ class Journal:
                          (done, total, time.time(), job_id))
 
     def retry(self, job_id: str) -> Job:
-        """Put a FAILED job back into the state it failed in (the running node takes it up)."""
+        """Put a FAILED job back where the running node takes it up again.
+
+        A job that failed on its way to the dose starts again at READY: it is sealed afresh from the
+        received originals, so a corrupt or changed bundle or job file is never reused. A failed
+        second check (failed in SENT) goes back to SENT.
+        """
         job = self.job(job_id)
         if job.state != JobState.FAILED:
             raise JournalError(f"job {job_id} is {job.state}; only FAILED jobs can be retried")
-        back_to = job.data.failed_in or JobState.READY
-        if back_to == JobState.RUNNING:
-            back_to = JobState.SEALED  # RUNNING is entered again through SEALED: shards already done are kept
-        return self.transition(job_id, back_to, reason=f"retry after: {job.reason}", expect=JobState.FAILED)
+        failed_in = job.data.failed_in or JobState.READY
+        back_to = failed_in if failed_in in (JobState.SENT, JobState.VERIFIED) else JobState.READY
+        reason = _one_line(f"retry after: {job.reason}")
+        return self.transition(job_id, back_to, reason=reason, expect=JobState.FAILED)
 
     def history(self, job_id: str) -> list[tuple[JobState, str | None, float]]:
         rows = self._query("SELECT state, reason, at FROM transitions WHERE job_id=? ORDER BY seq", (job_id,))

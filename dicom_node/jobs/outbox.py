@@ -16,11 +16,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from anonymizer.errors import AnonymizerError
+from anonymizer.seal import unwrap_key
 from dicom_node.errors import SendError
 from dicom_node.intake.jobrecord import JobData, JobState, PublicData
 from dicom_node.intake.journal import Job, Journal
+from dicom_node.jobs.integrity import JobFiles, TamperedFile
 from dicom_node.net.scu import send_paths
-from dicom_node.settings import Settings
+from dicom_node.settings import Settings, read_site_key
 
 LOGGER = logging.getLogger(__name__)
 
@@ -30,6 +33,7 @@ class Outbox:
         self.settings = settings
         self.journal = journal
         self._on_sent = on_sent
+        self._site_key = read_site_key(settings)
         self._due: list[tuple[float, str, int]] = []  # (when, job id, attempt)
         self._cond = threading.Condition()
         self._stopping = False
@@ -69,6 +73,12 @@ class Outbox:
             except Exception:  # noqa: BLE001 - the outbox thread must survive
                 LOGGER.exception("outbox failed on job %s", job_id)
 
+    def _check(self, job: Job, rtdose: Path) -> None:
+        """The RT Dose must still be the file the pipeline wrote (jobs/integrity.py)."""
+        folder = rtdose.parent
+        key = unwrap_key(self._site_key, (folder / "data.key").read_bytes(), job.id)
+        JobFiles(folder, key, job.id).read(rtdose.name)
+
     def _backoff(self, attempt: int) -> float:
         out = self.settings.outbox
         return min(out.retry_max_seconds, out.retry_initial_seconds * (2 ** attempt))
@@ -83,8 +93,16 @@ class Outbox:
             self.journal.transition(job.id, JobState.MERGED, reason=reason)
             LOGGER.error("job %s: %s", job.id, reason)
             return
+        rtdose = Path(job.data.rtdose)
         try:
-            failures = send_paths([Path(job.data.rtdose)], dest.host, dest.port, dest.ae_title,
+            self._check(job, rtdose)
+        except (TamperedFile, AnonymizerError, OSError) as exc:
+            reason = f"MERGED: {exc}"
+            self.journal.transition(job.id, JobState.FAILED, reason=reason, expect=JobState.MERGED,
+                                    data=JobData(failed_in=JobState.MERGED))
+            return
+        try:
+            failures = send_paths([rtdose], dest.host, dest.port, dest.ae_title,
                                   self.settings.node.ae_title)
         except SendError as exc:
             failures = [(Path(job.data.rtdose), str(exc))]

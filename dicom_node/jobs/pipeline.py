@@ -19,6 +19,7 @@ import logging
 import shutil
 import threading
 import time
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from cloud.backends.base import Backend
 from cloud.bundle import make_bundle
 from cloud.dispatch import dispatch, plan_tasks
 from cloud.engines import get_engine
-from cloud.engines.base import ShardInputs, Tally
+from cloud.engines.base import INPUTS_JSON, ShardInputs, Tally
 from cloud.errors import Cancelled, CloudError, UnsupportedPlan
 from cloud.merge import merge
 from cloud.sizing import CostModel, finish_job, plan_job
@@ -42,6 +43,7 @@ from dicom_node.errors import NodeError
 from dicom_node.intake.jobrecord import JobData, JobState, PublicData
 from dicom_node.intake.journal import Job, Journal
 from dicom_node.jobs.ctcal import choose_ct_calibration
+from dicom_node.jobs.integrity import JobFiles
 from dicom_node.jobs.queue_worker import QueueWorker
 from dicom_node.jobs.rtdose import write_rt_dose
 from dicom_node.net import uids
@@ -119,11 +121,11 @@ class Pipeline:
 
     # --- steps --------------------------------------------------------------------------
 
-    def process(self, job_id: str) -> Job:
-        """Advance one job as far as the pipeline takes it."""
+    def process(self, job_id: str, until: str | None = None) -> Job:
+        """Advance one job as far as the pipeline takes it (or until it reaches state `until`)."""
         job = self.journal.job(job_id)
         steps = {JobState.READY: self._seal, JobState.SEALED: self._start_running, JobState.RUNNING: self._compute}
-        while job.state in steps:
+        while job.state in steps and job.state != until:
             before = job.state
             try:
                 job = steps[job.state](job)
@@ -175,6 +177,8 @@ class Pipeline:
         start = time.perf_counter()
         key = new_data_key()
         (folder / "data.key").write_bytes(wrap_key(self.site_key, key, job.id))
+        # what the merge and the RT Dose writer read back later is authenticated (jobs/integrity.py)
+        JobFiles(folder, key, job.id).record(f"inputs/{INPUTS_JSON}", *(f"anonymized/{n}" for n in names))
         make_bundle(folder / "bundle.sealed", key, job.id, {"inputs": inputs.root, "dicom": anon_dir},
                     {"engine": engine.name, "files": names})
         self._timed(job.id, "seal", start)
@@ -192,6 +196,10 @@ class Pipeline:
     def _compute(self, job: Job) -> Job:
         folder = self.job_dir(job.id)
         key = unwrap_key(self.site_key, (folder / "data.key").read_bytes(), job.id)
+        # read (and authenticate) what the merge and the RT Dose writer need before any shard runs
+        files = JobFiles(folder, key, job.id)
+        inputs = ShardInputs.load(folder / "inputs", files.read(f"inputs/{INPUTS_JSON}"))
+        anon = [dcmread(BytesIO(files.read(f"anonymized/{n}"))) for n in job.data.anonymized]
         cloud = self.settings.cloud
         sz = cloud.sizing
         cost = CostModel(sz.price_per_ghz_hour, sz.ghz_per_core, sz.cores_per_worker)
@@ -209,14 +217,12 @@ class Pipeline:
         self._timed(job.id, "compute", start)
         sizing = finish_job(sizing, self.timings[job.id]["compute"], cost)
         start = time.perf_counter()
-        inputs = ShardInputs.load(folder / "inputs")
         tallies = [Tally.from_bytes(b) for b in results]
         rbe = bool(getattr(self.settings.engine, "rbe", False))
         merged = merge(tallies, protons_per_fraction=inputs.protons_per_fraction, fractions=inputs.fractions,
                        rbe=rbe, expected_shards=len(tasks))
         self._timed(job.id, "merge", start)
         start = time.perf_counter()
-        anon = _load([str(folder / "anonymized" / n) for n in job.data.anonymized])
         plan = next(ds for ds in anon if str(ds.SOPClassUID) in uids.PLAN_CLASSES)
         ct = [ds for ds in anon if str(ds.SOPClassUID) == uids.CT_IMAGE]
         public = job.data.public
@@ -226,6 +232,7 @@ class Pipeline:
         dose = reidentify(dose, self.vault.load(job.id))
         out = folder / "RD.dcm"
         dose.save_as(out, enforce_file_format=True)
+        files.record(out.name)  # the outbox sends it only if it is still these bytes
         self._timed(job.id, "write", start)
         summary = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in merged.summary.items()}
         return self.journal.transition(job.id, JobState.MERGED, data=JobData(

@@ -1,0 +1,72 @@
+"""Job files read back after sealing are authenticated: a changed file fails the job, no dose is sent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dicom_node.cli import main
+from dicom_node.intake.journal import FAILED, MERGED, READY, SEALED
+from dicom_node.jobs.outbox import Outbox
+from dicom_node.jobs.pipeline import Pipeline
+from tests.conftest import settings_for, storescu, wait_for
+
+
+def _sealed_job(config_dir, node_factory, phantom_dir, tps_port: int = 11113, **sections):
+    settings = settings_for(config_dir, engine={"primaries": 4000}, cloud={"shards": 2},
+                            destinations=[{"calling_ae_title": "TPS", "ae_title": "TPS", "host": "127.0.0.1",
+                                           "port": tps_port}], **sections)
+    node = node_factory(settings)  # receives only; the test drives the pipeline
+    assert storescu(node.port, sorted(phantom_dir.iterdir())).returncode == 0
+    job = wait_for(lambda: node.journal.jobs_in(READY))[0]
+    pipeline = Pipeline(settings, node.journal)
+    assert pipeline.process(job.id, until=SEALED).state == SEALED
+    return settings, node, pipeline, job
+
+
+def test_changed_inputs_json_fails_the_job_naming_the_file(config_dir, node_factory, phantom_dir):
+    settings, node, pipeline, job = _sealed_job(config_dir, node_factory, phantom_dir)
+    inputs = pipeline.job_dir(job.id) / "inputs" / "inputs.json"
+    data = json.loads(inputs.read_text())
+    data["fractions"] = data["fractions"] + 50  # e.g. 30 -> 80: the dose would be scaled up silently
+    inputs.write_text(json.dumps(data))
+    done = pipeline.process(job.id)
+    assert done.state == FAILED
+    assert f"jobs/{job.id}/inputs/inputs.json was changed after it was written" in done.reason
+    assert not (pipeline.job_dir(job.id) / "RD.dcm").exists()
+    assert node.journal.job(job.id).data.failed_in == "RUNNING"
+
+
+def test_missing_integrity_record_fails_the_job(config_dir, node_factory, phantom_dir):
+    settings, node, pipeline, job = _sealed_job(config_dir, node_factory, phantom_dir)
+    (pipeline.job_dir(job.id) / "integrity.json").unlink()
+    done = pipeline.process(job.id)
+    assert done.state == FAILED and "has no integrity record" in done.reason
+
+
+@pytest.mark.slow
+def test_changed_rt_dose_is_not_sent_and_retry_reseals(config_dir, node_factory, phantom_dir, storescp, capsys):
+    tps_port, tps_dir = storescp(aet="TPS")
+    settings, node, pipeline, job = _sealed_job(config_dir, node_factory, phantom_dir, tps_port)
+    merged = pipeline.process(job.id)
+    assert merged.state == MERGED
+    rd = Path(merged.data.rtdose)
+    raw = bytearray(rd.read_bytes())
+    raw[-1] ^= 0xFF  # one dose voxel
+    rd.write_bytes(bytes(raw))
+    outbox = Outbox(settings, node.journal)
+    outbox.start()
+    try:
+        outbox.submit(merged)
+        failed = wait_for(lambda: node.journal.job(job.id).state == FAILED and node.journal.job(job.id))
+    finally:
+        outbox.stop()
+    assert f"jobs/{job.id}/RD.dcm was changed after it was written" in failed.reason
+    assert not list(tps_dir.iterdir())
+    # retry seals again from the received originals: a fresh job folder, a dose that verifies
+    capsys.readouterr()
+    assert main(["retry", job.id, "-c", str(config_dir / "mcnode.toml")]) == 0
+    assert "READY again" in capsys.readouterr().out
+    assert pipeline.process(job.id).state == MERGED
