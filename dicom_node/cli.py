@@ -124,7 +124,7 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
 
 def _job_note(row: dict[str, object]) -> str:
     """The last column of `mcnode jobs`: the reason, or the second-check verdict with its pass rates."""
-    parts = [str(row["reason"])] if row.get("reason") else []
+    parts = [" ".join(str(row["reason"]).split())] if row.get("reason") else []  # one line per job
     if row.get("verdict"):
         rates = row.get("gamma_pass_rates") or {}
         shown = ", ".join(f"{k} {float(v):.1f} %" for k, v in rates.items())  # type: ignore[union-attr]

@@ -172,11 +172,20 @@ class Journal:
                 yield self._conn
                 self._conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                self._conn.execute("ROLLBACK")
+                self._rollback()
                 raise JournalError(f"journal write failed: {exc}") from exc
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._rollback()
                 raise
+
+    def _rollback(self) -> None:
+        # SQLite has already rolled back on some errors (a full disk during COMMIT); a ROLLBACK then
+        # would raise "no transaction is active" over the error that matters.
+        if self._conn.in_transaction:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                LOGGER.warning("journal: rollback failed: %s", exc)
 
     def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -296,10 +305,11 @@ class Journal:
             if state != current and state not in TRANSITIONS[current]:
                 raise JournalError(f"job {job_id}: {current} → {state} is not a valid transition")
             merged = _merge_data(row["data"], data, clear)
+            shown = _one_line(reason) if reason else reason  # the full text goes to the log below
             conn.execute("UPDATE jobs SET state=?, reason=?, updated=?, data=? WHERE id=?",
-                         (state, reason, now, merged, job_id))
+                         (state, shown, now, merged, job_id))
             conn.execute("INSERT INTO transitions (job_id, state, reason, at) VALUES (?,?,?,?)",
-                         (job_id, state, reason, now))
+                         (job_id, state, shown, now))
             row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         LOGGER.info("job %s → %s%s", job_id, state, f" ({reason})" if reason else "")
         return _job(row)

@@ -61,5 +61,7 @@ class Spool:
                 tmp.unlink(missing_ok=True)
             except OSError:
                 pass
-            raise SpoolError(f"cannot write {final.name}: {exc.strerror or exc}") from exc
+            # the file name is the SOP Instance UID: logs get its hash only
+            ref = "uid#" + hashlib.sha256(sop_instance_uid.encode()).hexdigest()[:12]
+            raise SpoolError(f"cannot write instance {ref}: {exc.strerror or exc}") from exc
         return final

@@ -15,6 +15,7 @@ reason, anything else FAILED with the reason (a retry starts from the state it f
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 import threading
@@ -39,7 +40,7 @@ from cloud.engines.base import INPUTS_JSON, ShardInputs, Tally
 from cloud.errors import Cancelled, CloudError, UnsupportedPlan
 from cloud.merge import merge
 from cloud.sizing import CostModel, finish_job, plan_job
-from dicom_node.errors import NodeError
+from dicom_node.errors import JournalError, NodeError
 from dicom_node.intake.jobrecord import JobData, JobState, PublicData
 from dicom_node.intake.journal import Job, Journal
 from dicom_node.jobs.ctcal import choose_ct_calibration
@@ -53,6 +54,28 @@ LOGGER = logging.getLogger(__name__)
 
 # How often an idle pipeline looks for jobs put back by `mcnode retry` from another process.
 RETRY_SCAN_SECONDS = 5.0
+# A job whose failure could not even be written to the journal (disk full) waits this long.
+PARK_SECONDS = 60.0
+
+
+def describe_error(exc: BaseException, data_dir: Path) -> str:
+    """One line for a job's reason: an OSError by its meaning and the file inside data_dir, no traceback."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            text = f"disk full ({exc.strerror})"
+        if exc.filename:
+            name = Path(str(exc.filename))
+            try:
+                name = name.resolve().relative_to(Path(data_dir).resolve())
+            except ValueError:
+                name = Path(name.name)
+            text += f" writing {name}" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else f": {name}"
+        return text
+    text = str(exc) or type(exc).__name__
+    if not isinstance(exc, (CloudError, AnonymizerError, NodeError)):
+        text = f"internal error {type(exc).__name__}: {text}"
+    return " ".join(text.split())
 
 
 def _load(paths: list[str]) -> list[Dataset]:
@@ -74,6 +97,7 @@ class Pipeline:
         self._backend: Backend | None = None
         self._lock = threading.Lock()
         self._queued: set[str] = set()
+        self._parked: dict[str, float] = {}  # job id -> when to try again (its failure could not be recorded)
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -96,7 +120,12 @@ class Pipeline:
 
     def _pick_up_retries(self) -> None:
         """Jobs put back into a pipeline state from outside (`mcnode retry`) are taken up here."""
+        now = time.monotonic()
         for job in self.journal.jobs_in(JobState.READY, JobState.SEALED, JobState.RUNNING):
+            with self._lock:
+                if self._parked.get(job.id, 0) > now:
+                    continue
+                self._parked.pop(job.id, None)
             self.submit(job)
 
     def wait_idle(self, timeout: float = 600) -> bool:
@@ -114,10 +143,9 @@ class Pipeline:
         try:
             job = self.journal.job(job_id)
             if job.state in (JobState.READY, JobState.SEALED, JobState.RUNNING):
-                self.journal.transition(job_id, JobState.FAILED, reason=f"{job.state}: internal error "
-                                        f"{type(exc).__name__}: {exc}", data=JobData(failed_in=job.state))
-        except Exception:  # noqa: BLE001 - nothing more to do than the log line already written
-            LOGGER.exception("could not record the failure of job %s", job_id)
+                self._fail(job, job.state, exc)
+        except Exception as again:  # noqa: BLE001 - nothing more to do than the log line already written
+            LOGGER.error("could not record the failure of job %s: %s", job_id, again)
 
     # --- steps --------------------------------------------------------------------------
 
@@ -135,13 +163,32 @@ class Pipeline:
             except UnsupportedPlan as exc:
                 job = self.journal.transition(job.id, JobState.REJECTED, reason=str(exc))
             except (CloudError, AnonymizerError, NodeError, OSError) as exc:
-                job = self.journal.transition(job.id, JobState.FAILED, reason=f"{before}: {exc}",
-                                              data=JobData(failed_in=before))
+                job = self._fail(job, before, exc)
+                if job.state == before:
+                    return job  # not even the failure could be recorded: parked, tried again later
             if job.state == before:  # pragma: no cover - a step must move the job
                 break
         if job.state == JobState.MERGED and self._on_merged is not None:
             self._on_merged(job)
         return job
+
+    def _fail(self, job: Job, step: JobState, exc: Exception) -> Job:
+        """FAILED with a one-line reason; when the journal cannot record even that (full disk), park the job."""
+        if step == JobState.READY:
+            # a half-written job folder is useless (sealing starts afresh) and may be what filled the disk
+            shutil.rmtree(self.job_dir(job.id), ignore_errors=True)
+        reason = f"{step}: {describe_error(exc, self.settings.node.data_dir)}"
+        try:
+            failed = self.journal.transition(job.id, JobState.FAILED, reason=reason, data=JobData(failed_in=step))
+        except JournalError as journal_exc:
+            with self._lock:
+                self._parked[job.id] = time.monotonic() + PARK_SECONDS
+            LOGGER.error("job %s: %s; and the failure cannot be recorded (%s); trying the job again in %.0f s",
+                         job.id, reason, journal_exc, PARK_SECONDS)
+            return job
+        if isinstance(exc, OSError) or not isinstance(exc, (CloudError, AnonymizerError, NodeError)):
+            LOGGER.debug("job %s: %s", job.id, reason, exc_info=exc)
+        return failed
 
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id

@@ -28,7 +28,7 @@ from dicom_node.intake.jobrecord import JobData, JobState, PublicData, Report
 from dicom_node.intake.journal import Instance, Job, Journal
 from dicom_node.jobs.queue_worker import QueueWorker
 from dicom_node.net import uids
-from dicom_node.net.scp import Received
+from dicom_node.net.scp import Received, uid_ref
 from dicom_node.net.scu import send_paths
 from dicom_node.qa.compare import (
     Comparison,
@@ -176,7 +176,7 @@ class SecondCheck:
         dose = self._tps_dose(job)
         if dose is None or (job.state != JobState.SENT and job.data.tps_dose_uid == dose.sop_instance_uid):
             return None
-        LOGGER.info("job %s: second check against TPS dose %s", job.id, dose.sop_instance_uid)
+        LOGGER.info("job %s: second check against TPS dose %s", job.id, uid_ref(dose.sop_instance_uid))
         start = time.perf_counter()
         try:
             cmp, result, header, ct, iso, plan = self._compare(job, dose)
