@@ -274,7 +274,7 @@ def test_serve_stops_cleanly_on_sigterm(config_dir, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: run_dcmtk("echoscu", "-aet", "TPS", "-aec", "MCNODE", "127.0.0.1", str(port),
-                                   timeout=5).returncode == 0)
+                                   timeout=5).returncode == 0, timeout=60)  # start-up on a busy machine
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=15)
         assert proc.returncode == 0
