@@ -284,3 +284,16 @@ def test_serve_stops_cleanly_on_sigterm(config_dir, tmp_path):
             proc.communicate()
     assert "node stopped" in out
     assert "Lindqvist" not in out
+
+
+def test_plan_resent_after_its_job_ended_starts_a_new_job(node_factory, phantom_dir, caplog):
+    node = node_factory()
+    assert storescu(node.port, sorted(phantom_dir.iterdir())).returncode == 0
+    first = wait_for(lambda: _ready_jobs(node))[0]
+    node.journal.transition(first.id, JobState.REJECTED, reason="ended for this test")
+    with caplog.at_level(logging.INFO, logger="dicom_node.intake.journal"):
+        assert storescu(node.port, [phantom_dir / "RP.dcm"]).returncode == 0  # the physicist asks again
+        second = wait_for(lambda: _ready_jobs(node))[0]
+    assert second.id != first.id and second.plan_uid == first.plan_uid
+    assert node.journal.job(first.id).state == JobState.REJECTED
+    assert f"its plan was sent again after job {first.id} ended" in caplog.text

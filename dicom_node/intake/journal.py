@@ -28,6 +28,24 @@ from dicom_node.intake.jobrecord import FIELDS, TRANSITIONS, JobData, JobState
 
 LOGGER = logging.getLogger(__name__)
 
+# A job in one of these states has ended: a plan sent again then starts a new job.
+FINAL_STATES = (JobState.SENT, JobState.VERIFIED, JobState.REJECTED)
+
+_JOBS_TABLE = """
+CREATE TABLE IF NOT EXISTS {name} (
+    id           TEXT PRIMARY KEY,
+    plan_uid     TEXT NOT NULL,          -- a plan resent after its job ended gets a new job
+    state        TEXT NOT NULL,
+    reason       TEXT,
+    calling_ae   TEXT,
+    created      REAL NOT NULL,
+    updated      REAL NOT NULL,
+    shards_done  INTEGER NOT NULL DEFAULT 0,
+    shards_total INTEGER NOT NULL DEFAULT 0,
+    data         TEXT NOT NULL DEFAULT '{}'
+);
+"""
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
     sop_instance_uid TEXT PRIMARY KEY,
@@ -49,18 +67,7 @@ CREATE TABLE IF NOT EXISTS refs (
     PRIMARY KEY (sop_instance_uid, kind, ref_uid)
 );
 CREATE INDEX IF NOT EXISTS refs_ref ON refs(ref_uid);
-CREATE TABLE IF NOT EXISTS jobs (
-    id           TEXT PRIMARY KEY,
-    plan_uid     TEXT NOT NULL UNIQUE,
-    state        TEXT NOT NULL,
-    reason       TEXT,
-    calling_ae   TEXT,
-    created      REAL NOT NULL,
-    updated      REAL NOT NULL,
-    shards_done  INTEGER NOT NULL DEFAULT 0,
-    shards_total INTEGER NOT NULL DEFAULT 0,
-    data         TEXT NOT NULL DEFAULT '{}'
-);
+{jobs_table}
 CREATE TABLE IF NOT EXISTS transitions (
     seq      INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id   TEXT NOT NULL REFERENCES jobs(id),
@@ -70,6 +77,10 @@ CREATE TABLE IF NOT EXISTS transitions (
 );
 CREATE INDEX IF NOT EXISTS transitions_job ON transitions(job_id);
 """
+SCHEMA = SCHEMA.replace("{jobs_table}", _JOBS_TABLE.replace("{name}", "jobs").strip())
+# PRAGMA user_version of a journal with the schema above; older journals are migrated at open.
+SCHEMA_VERSION = 1
+_JOBS_COLUMNS = "id, plan_uid, state, reason, calling_ae, created, updated, shards_done, shards_total, data"
 
 
 @dataclass(frozen=True)
@@ -144,11 +155,41 @@ class Journal:
             self._conn.row_factory = sqlite3.Row
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._conn.executescript(SCHEMA)
+            self._conn.execute("CREATE INDEX IF NOT EXISTS jobs_plan ON jobs(plan_uid)")
+            self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             raise JournalError(f"cannot open journal {path}: {exc}") from exc
         self._lock = threading.RLock()
+
+    def _migrate(self) -> None:
+        """Version 0 -> 1: jobs.plan_uid loses UNIQUE (one plan, several jobs over time).
+
+        SQLite cannot drop a constraint, so the table is rebuilt in one transaction, with foreign
+        keys off while the old table goes (SQLite's documented procedure) and checked before COMMIT.
+        """
+        conn = self._conn
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        row = conn.execute("SELECT sql FROM sqlite_master WHERE type='table' AND name='jobs'").fetchone()
+        if version >= SCHEMA_VERSION or row is None or "UNIQUE" not in row[0].upper():
+            return
+        conn.execute("PRAGMA foreign_keys=OFF")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(_JOBS_TABLE.replace("{name}", "jobs_new"))
+            conn.execute(f"INSERT INTO jobs_new ({_JOBS_COLUMNS}) SELECT {_JOBS_COLUMNS} FROM jobs")
+            conn.execute("DROP TABLE jobs")
+            conn.execute("ALTER TABLE jobs_new RENAME TO jobs")
+            if conn.execute("PRAGMA foreign_key_check").fetchall():
+                raise sqlite3.IntegrityError("foreign key check failed after rebuilding jobs")
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        LOGGER.info("journal migrated to schema version %d (a resent plan may start a new job)", SCHEMA_VERSION)
 
     @classmethod
     def open(cls, data_dir: Path) -> Journal:
@@ -247,12 +288,18 @@ class Journal:
     # --- jobs ---------------------------------------------------------------------------
 
     def create_job(self, plan_uid: str, calling_ae: str | None, data: JobData | None = None) -> Job:
-        """Create the job for a plan in RECEIVING, or return the existing one (idempotent)."""
+        """Create a job for a plan in RECEIVING, or return the plan's job while that has not ended.
+
+        A plan sent again after its job ended (SENT, VERIFIED, REJECTED) is a new request: a new
+        job; the old one stays in the journal as it was.
+        """
         now = time.time()
         with self._tx() as conn:
-            row = conn.execute("SELECT * FROM jobs WHERE plan_uid=?", (plan_uid,)).fetchone()
-            if row is not None:
+            row = conn.execute("SELECT * FROM jobs WHERE plan_uid=? ORDER BY created DESC, rowid DESC LIMIT 1",
+                               (plan_uid,)).fetchone()
+            if row is not None and row["state"] not in FINAL_STATES:
                 return _job(row)
+            previous = _job(row) if row is not None else None
             job_id = secrets.token_hex(6)
             conn.execute(
                 "INSERT INTO jobs (id, plan_uid, state, reason, calling_ae, created, updated, data) "
@@ -263,7 +310,11 @@ class Journal:
             conn.execute("INSERT INTO transitions (job_id, state, reason, at) VALUES (?,?,?,?)",
                          (job_id, JobState.RECEIVING, None, now))
             row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
-        LOGGER.info("job %s created (RECEIVING)", job_id)
+        if previous is not None:
+            LOGGER.info("job %s created (RECEIVING): its plan was sent again after job %s ended (%s)", job_id,
+                        previous.id, previous.state)
+        else:
+            LOGGER.info("job %s created (RECEIVING)", job_id)
         return _job(row)
 
     def job(self, job_id: str) -> Job:
@@ -273,7 +324,9 @@ class Journal:
         return _job(rows[0])
 
     def job_for_plan(self, plan_uid: str) -> Job | None:
-        rows = self._query("SELECT * FROM jobs WHERE plan_uid=?", (plan_uid,))
+        """The newest job of a plan."""
+        rows = self._query("SELECT * FROM jobs WHERE plan_uid=? ORDER BY created DESC, rowid DESC LIMIT 1",
+                           (plan_uid,))
         return _job(rows[0]) if rows else None
 
     def jobs_in(self, *states: JobState) -> list[Job]:
