@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from dicom_node.cli import main
-from dicom_node.intake.journal import FAILED, READY, SENT, Journal
+from dicom_node.intake.jobrecord import JobData, JobState, PublicData
+from dicom_node.intake.journal import Journal
 from tests.conftest import settings_for, storescu, wait_for
 
 
@@ -50,24 +51,25 @@ def test_full_disk_fails_the_job_with_the_reason_and_retry_completes_it(config_d
     config.write_text(config.read_text().replace('data_dir = "data"', f'data_dir = "{small_disk}"'))
     receiver = node_factory(settings)  # receive only, then stop: the computing node starts on a full disk
     assert storescu(receiver.port, sorted(phantom_dir.iterdir())).returncode == 0
-    job = wait_for(lambda: receiver.journal.jobs_in(READY))[0]
+    job = wait_for(lambda: receiver.journal.jobs_in(JobState.READY))[0]
     receiver.stop()
     filler = _fill(small_disk, leave=256 * 1024)  # room for the journal, not for sealing the job
     with caplog.at_level(logging.INFO):
         node = node_factory(settings, compute=True)
-        failed = wait_for(lambda: node.journal.job(job.id).state == FAILED and node.journal.job(job.id), timeout=60)
+        failed = wait_for(lambda: node.journal.job(job.id).state == JobState.FAILED and node.journal.job(job.id),
+                          timeout=60)
         assert failed.reason.startswith("READY: disk full (No space left on device)"), failed.reason
         # the job stays FAILED: no retry loop, no traceback, no rollback error
         node.pipeline._pick_up_retries()
         node.pipeline.wait_idle(30)
-        assert [s for s, _r, _t in node.journal.history(job.id)].count(FAILED) == 1
+        assert [s for s, _r, _t in node.journal.history(job.id)].count(JobState.FAILED) == 1
         assert "Traceback" not in caplog.text and "cannot rollback" not in caplog.text
         assert not (small_disk / "jobs" / job.id).exists()  # the half-written job folder is gone
         filler.unlink()
         capsys.readouterr()
         assert main(["retry", job.id, "-c", str(config)]) == 0
         assert "READY again" in capsys.readouterr().out
-        wait_for(lambda: node.journal.job(job.id).state == SENT, timeout=120)
+        wait_for(lambda: node.journal.job(job.id).state == JobState.SENT, timeout=120)
     assert len([p for p in tps_dir.iterdir() if p.name.startswith("RD")]) == 1
 
 
@@ -80,7 +82,7 @@ def test_journal_survives_a_full_disk_during_commit(small_disk):
         _fill(small_disk, leave=0)
         with pytest.raises(JournalError, match="full"):
             for i in range(10_000):
-                journal.update_job_data(job.id, {"public": {f"k{i}": "x" * 4000}})
+                journal.update_job_data(job.id, JobData(public=PublicData(extra={f"k{i}": "x" * 4000})))
         (small_disk / "filler").unlink()
-        journal.transition(job.id, FAILED, reason="RECEIVING: test")
-        assert journal.job(job.id).state == FAILED
+        journal.transition(job.id, JobState.FAILED, reason="RECEIVING: test")
+        assert journal.job(job.id).state == JobState.FAILED

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.cli import main
-from dicom_node.intake.journal import FAILED, MERGED, READY, SEALED
+from dicom_node.intake.jobrecord import JobState
 from dicom_node.jobs.outbox import Outbox
 from dicom_node.jobs.pipeline import Pipeline
 from tests.conftest import settings_for, storescu, wait_for
@@ -20,9 +20,9 @@ def _sealed_job(config_dir, node_factory, phantom_dir, tps_port: int = 11113, **
                                            "port": tps_port}], **sections)
     node = node_factory(settings)  # receives only; the test drives the pipeline
     assert storescu(node.port, sorted(phantom_dir.iterdir())).returncode == 0
-    job = wait_for(lambda: node.journal.jobs_in(READY))[0]
+    job = wait_for(lambda: node.journal.jobs_in(JobState.READY))[0]
     pipeline = Pipeline(settings, node.journal)
-    assert pipeline.process(job.id, until=SEALED).state == SEALED
+    assert pipeline.process(job.id, until=JobState.SEALED).state == JobState.SEALED
     return settings, node, pipeline, job
 
 
@@ -33,7 +33,7 @@ def test_changed_inputs_json_fails_the_job_naming_the_file(config_dir, node_fact
     data["fractions"] = data["fractions"] + 50  # e.g. 30 -> 80: the dose would be scaled up silently
     inputs.write_text(json.dumps(data))
     done = pipeline.process(job.id)
-    assert done.state == FAILED
+    assert done.state == JobState.FAILED
     assert f"jobs/{job.id}/inputs/inputs.json was changed after it was written" in done.reason
     assert not (pipeline.job_dir(job.id) / "RD.dcm").exists()
     assert node.journal.job(job.id).data.failed_in == "RUNNING"
@@ -43,7 +43,7 @@ def test_missing_integrity_record_fails_the_job(config_dir, node_factory, phanto
     settings, node, pipeline, job = _sealed_job(config_dir, node_factory, phantom_dir)
     (pipeline.job_dir(job.id) / "integrity.json").unlink()
     done = pipeline.process(job.id)
-    assert done.state == FAILED and "has no integrity record" in done.reason
+    assert done.state == JobState.FAILED and "has no integrity record" in done.reason
 
 
 @pytest.mark.slow
@@ -51,7 +51,7 @@ def test_changed_rt_dose_is_not_sent_and_retry_reseals(config_dir, node_factory,
     tps_port, tps_dir = storescp(aet="TPS")
     settings, node, pipeline, job = _sealed_job(config_dir, node_factory, phantom_dir, tps_port)
     merged = pipeline.process(job.id)
-    assert merged.state == MERGED
+    assert merged.state == JobState.MERGED
     rd = Path(merged.data.rtdose)
     raw = bytearray(rd.read_bytes())
     raw[-1] ^= 0xFF  # one dose voxel
@@ -60,7 +60,7 @@ def test_changed_rt_dose_is_not_sent_and_retry_reseals(config_dir, node_factory,
     outbox.start()
     try:
         outbox.submit(merged)
-        failed = wait_for(lambda: node.journal.job(job.id).state == FAILED and node.journal.job(job.id))
+        failed = wait_for(lambda: node.journal.job(job.id).state == JobState.FAILED and node.journal.job(job.id))
     finally:
         outbox.stop()
     assert f"jobs/{job.id}/RD.dcm was changed after it was written" in failed.reason
@@ -69,4 +69,4 @@ def test_changed_rt_dose_is_not_sent_and_retry_reseals(config_dir, node_factory,
     capsys.readouterr()
     assert main(["retry", job.id, "-c", str(config_dir / "mcnode.toml")]) == 0
     assert "READY again" in capsys.readouterr().out
-    assert pipeline.process(job.id).state == MERGED
+    assert pipeline.process(job.id).state == JobState.MERGED
