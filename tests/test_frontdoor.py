@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
+from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, JPEGBaseline8Bit
 from pynetdicom import AE, build_context
 from pynetdicom.pdu_primitives import AsynchronousOperationsWindowNegotiation, SCP_SCU_RoleSelectionNegotiation
 
@@ -172,7 +172,8 @@ def test_unsupported_contexts_rejected_others_work(node_factory, phantom_dir):
     ae = AE(ae_title="TPS")
     ae.requested_contexts = [
         build_context(MR_IMAGE),                          # not a class we store
-        build_context(uids.CT_IMAGE, JPEG2000Lossless),   # a class we store, a syntax we do not decode
+        build_context(uids.CT_IMAGE, JPEGBaseline8Bit),   # a class we store, lossy: refused
+        build_context(uids.CT_IMAGE, JPEG2000),           # lossy (or lossless) JPEG 2000: refused
         build_context(uids.CT_IMAGE, ExplicitVRLittleEndian),
         build_context(uids.VERIFICATION),
     ]
@@ -182,7 +183,10 @@ def test_unsupported_contexts_rejected_others_work(node_factory, phantom_dir):
     window.maximum_number_operations_invoked = window.maximum_number_operations_performed = 1
     assoc = ae.associate("127.0.0.1", node.port, ae_title="MCNODE", ext_neg=[role, window])
     assert assoc.is_established
-    assert {cx.abstract_syntax for cx in assoc.rejected_contexts} >= {MR_IMAGE}
+    results = {(cx.abstract_syntax, tuple(cx.transfer_syntax)): cx.result for cx in assoc.rejected_contexts}
+    assert results[(MR_IMAGE, tuple(build_context(MR_IMAGE).transfer_syntax[:1]))] == 3  # abstract syntax
+    assert results[(uids.CT_IMAGE, (JPEGBaseline8Bit,))] == 4  # transfer syntax not supported
+    assert results[(uids.CT_IMAGE, (JPEG2000,))] == 4
     assert [cx.abstract_syntax for cx in assoc.accepted_contexts][-2:] == [uids.CT_IMAGE, uids.VERIFICATION]
     assert assoc.send_c_echo().Status == status.SUCCESS
     rsp = assoc.send_c_store(phantom_dir / "CT_0001.dcm")

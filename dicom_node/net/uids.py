@@ -5,7 +5,10 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLossless,
     JPEGLosslessSV1,
+    JPEGLSLossless,
     RLELossless,
 )
 
@@ -25,8 +28,12 @@ UNCOMPRESSED_SYNTAXES = (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
 )
+# Compressed CT we can decode (pydicom with pylibjpeg and its plugins), lossless only: lossy
+# compression changes HU values, and a dose computed on them is not one we can stand behind.
+# Any other syntax is refused at association negotiation, so it is never accepted and then stuck.
+CT_COMPRESSED_SYNTAXES = (JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEG2000Lossless, RLELossless)
 STORAGE_CONTEXTS: dict[str, tuple[str, ...]] = {
-    CT_IMAGE: UNCOMPRESSED_SYNTAXES + (JPEGLosslessSV1, RLELossless),
+    CT_IMAGE: UNCOMPRESSED_SYNTAXES + CT_COMPRESSED_SYNTAXES,
     RT_PLAN: UNCOMPRESSED_SYNTAXES,
     RT_ION_PLAN: UNCOMPRESSED_SYNTAXES,
     RT_STRUCTURE_SET: UNCOMPRESSED_SYNTAXES,
