@@ -58,12 +58,19 @@ def result_part(index: int) -> str:
     return f"shard-{index}"
 
 
-def run_task(task: ShardTask, key: bytes) -> float:
-    """Run one shard end to end; return the engine's wall seconds."""
+def run_task(task: ShardTask, key: bytes, work_dir: Path | None = None) -> float:
+    """Run one shard end to end; return the engine's wall seconds.
+
+    The opened bundle lives in a temporary folder under `work_dir` (the system's temporary folder
+    when None), removed when the shard ends; a worker killed outright cannot remove it, so the
+    local backend gives each worker a folder of its own and removes that after the process ends.
+    """
     from cloud.engines import get_engine  # engines pull in numpy etc.; keep `--help` fast
     from cloud.engines.base import ShardInputs
 
-    with tempfile.TemporaryDirectory(prefix=f"mcnode-{task.job_id}-{task.index}-") as tmp:
+    if work_dir is not None:
+        work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"mcnode-{task.job_id}-{task.index}-", dir=work_dir) as tmp:
         work = Path(tmp)
         sealed = work / "bundle.sealed"
         store_for(task.bundle_uri).get_file(task.bundle_uri, sealed)
@@ -108,6 +115,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--result", required=True, help="URI to store the sealed tally at")
     p.add_argument("--threads", type=int, default=0, help="engine threads; 0 = all cores")
     p.add_argument("--key-uri", default=None, help="KMS-wrapped data key (AWS); default: hex on stdin")
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="folder for the opened bundle (default: the system's temporary folder)")
     return p
 
 
@@ -126,7 +135,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     task = ShardTask(args.job, shard, args.primaries, args.seed + (shard - args.shard), args.bundle, result,
                      args.threads)
     start = time.perf_counter()
-    wall = run_task(task, _read_key(args))
+    wall = run_task(task, _read_key(args), args.work_dir)
     LOGGER.info("job %s shard %d: %d primaries in %.1f s (engine %.1f s)", task.job_id, shard, task.primaries,
                 time.perf_counter() - start, wall)
     return 0

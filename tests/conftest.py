@@ -138,3 +138,19 @@ def storescp(tmp_path: Path) -> Iterator[Callable[..., tuple[int, Path]]]:
     yield start
     for proc in procs:
         stop_process(proc)
+
+
+def seal_a_job(config_dir, node_factory, phantom_dir, tps_port: int = 11113, **sections):
+    """Receive the phantom study, then drive the pipeline to SEALED: (settings, node, pipeline, job)."""
+    from dicom_node.intake.jobrecord import JobState
+    from dicom_node.jobs.pipeline import Pipeline
+
+    settings = settings_for(config_dir, engine={"primaries": 4000}, cloud={"shards": 2},
+                            destinations=[{"calling_ae_title": "TPS", "ae_title": "TPS", "host": "127.0.0.1",
+                                           "port": tps_port}], **sections)
+    node = node_factory(settings)  # receives only; the test drives the pipeline
+    assert storescu(node.port, sorted(phantom_dir.iterdir())).returncode == 0
+    job = wait_for(lambda: node.journal.jobs_in(JobState.READY))[0]
+    pipeline = Pipeline(settings, node.journal)
+    assert pipeline.process(job.id, until=JobState.SEALED).state == JobState.SEALED
+    return settings, node, pipeline, job

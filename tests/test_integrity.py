@@ -10,24 +10,11 @@ import pytest
 from dicom_node.cli import main
 from dicom_node.intake.jobrecord import JobState
 from dicom_node.jobs.outbox import Outbox
-from dicom_node.jobs.pipeline import Pipeline
-from tests.conftest import settings_for, storescu, wait_for
-
-
-def _sealed_job(config_dir, node_factory, phantom_dir, tps_port: int = 11113, **sections):
-    settings = settings_for(config_dir, engine={"primaries": 4000}, cloud={"shards": 2},
-                            destinations=[{"calling_ae_title": "TPS", "ae_title": "TPS", "host": "127.0.0.1",
-                                           "port": tps_port}], **sections)
-    node = node_factory(settings)  # receives only; the test drives the pipeline
-    assert storescu(node.port, sorted(phantom_dir.iterdir())).returncode == 0
-    job = wait_for(lambda: node.journal.jobs_in(JobState.READY))[0]
-    pipeline = Pipeline(settings, node.journal)
-    assert pipeline.process(job.id, until=JobState.SEALED).state == JobState.SEALED
-    return settings, node, pipeline, job
+from tests.conftest import seal_a_job, wait_for
 
 
 def test_changed_inputs_json_fails_the_job_naming_the_file(config_dir, node_factory, phantom_dir):
-    settings, node, pipeline, job = _sealed_job(config_dir, node_factory, phantom_dir)
+    settings, node, pipeline, job = seal_a_job(config_dir, node_factory, phantom_dir)
     inputs = pipeline.job_dir(job.id) / "inputs" / "inputs.json"
     data = json.loads(inputs.read_text())
     data["fractions"] = data["fractions"] + 50  # e.g. 30 -> 80: the dose would be scaled up silently
@@ -40,7 +27,7 @@ def test_changed_inputs_json_fails_the_job_naming_the_file(config_dir, node_fact
 
 
 def test_missing_integrity_record_fails_the_job(config_dir, node_factory, phantom_dir):
-    settings, node, pipeline, job = _sealed_job(config_dir, node_factory, phantom_dir)
+    settings, node, pipeline, job = seal_a_job(config_dir, node_factory, phantom_dir)
     (pipeline.job_dir(job.id) / "integrity.json").unlink()
     done = pipeline.process(job.id)
     assert done.state == JobState.FAILED and "has no integrity record" in done.reason
@@ -49,7 +36,7 @@ def test_missing_integrity_record_fails_the_job(config_dir, node_factory, phanto
 @pytest.mark.slow
 def test_changed_rt_dose_is_not_sent_and_retry_reseals(config_dir, node_factory, phantom_dir, storescp, capsys):
     tps_port, tps_dir = storescp(aet="TPS")
-    settings, node, pipeline, job = _sealed_job(config_dir, node_factory, phantom_dir, tps_port)
+    settings, node, pipeline, job = seal_a_job(config_dir, node_factory, phantom_dir, tps_port)
     merged = pipeline.process(job.id)
     assert merged.state == JobState.MERGED
     rd = Path(merged.data.rtdose)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from cloud.backends.base import Attempt, Backend
 from cloud.worker import ShardTask
@@ -24,10 +26,23 @@ class LocalBackend(Backend):
     name = "local"
 
     def __init__(self, retries: int = 2, deadline_s: float = 3600.0, max_workers: int | None = None,
-                 python: str | None = None) -> None:
+                 python: str | None = None, work_dir: Path | str | None = None) -> None:
         super().__init__(retries, deadline_s)
         self.max_workers = max_workers or os.cpu_count() or 1
         self.python = python or sys.executable
+        # Each worker opens the bundle in a folder of its own under work_dir, removed by us after the
+        # process ends however it ended (a SIGKILLed worker cannot clean up after itself).
+        self.work_dir = Path(work_dir) if work_dir is not None else None
+
+    def _folder(self, a: Attempt) -> Path | None:
+        if self.work_dir is None:
+            return None
+        return self.work_dir / f"{a.task.job_id}-shard{a.task.index}-try{a.number}"
+
+    def _clean(self, a: Attempt) -> None:
+        folder = self._folder(a)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def workers(self) -> int:
         return self.max_workers
@@ -39,7 +54,9 @@ class LocalBackend(Backend):
 
     def _start(self, attempts: list[Attempt], room: int, key: bytes) -> list[Attempt]:
         for a in attempts[:room]:
-            proc = subprocess.Popen([self.python, "-m", "cloud.worker", *a.task.argv()], stdin=subprocess.PIPE,
+            folder = self._folder(a)
+            extra = ["--work-dir", str(folder)] if folder is not None else []
+            proc = subprocess.Popen([self.python, "-m", "cloud.worker", *a.task.argv(), *extra], stdin=subprocess.PIPE,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             a.handle, a.started = proc, time.monotonic()
             assert proc.stdin is not None
@@ -60,6 +77,7 @@ class LocalBackend(Backend):
             err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr and code else ""
             if proc.stderr:
                 proc.stderr.close()
+            self._clean(a)
             ended.append((a, None if code == 0 else
                           f"exited with {code}: {err.splitlines()[-1] if err else 'no message'}"))
         return ended
@@ -71,3 +89,4 @@ class LocalBackend(Backend):
             proc.wait()
             if proc.stderr:
                 proc.stderr.close()
+            self._clean(a)

@@ -90,6 +90,8 @@ class Pipeline:
         data_dir = settings.node.data_dir
         self.vault = Vault(data_dir / "vault", self.site_key)
         self.jobs_dir = data_dir / "jobs"
+        # local workers open bundles here (one folder each); emptied at start: nothing in it survives a restart
+        self.work_dir = data_dir / "work"
         self._on_merged = on_merged
         self._worker = QueueWorker("pipeline", self._handle, on_error=self._fail_unexpected,
                                    on_idle=self._pick_up_retries, idle_seconds=RETRY_SCAN_SECONDS)
@@ -102,9 +104,22 @@ class Pipeline:
     # --- life cycle ---------------------------------------------------------------------
 
     def start(self) -> None:
+        self._clean_work_dir()
         self._worker.start()
         for job in self.journal.jobs_in(JobState.READY, JobState.SEALED, JobState.RUNNING, JobState.MERGED):
             self.submit(job)
+
+    def _clean_work_dir(self) -> None:
+        """Remove what workers of an earlier run left (a node or worker killed outright)."""
+        if self.work_dir.is_dir():
+            for entry in self.work_dir.iterdir():
+                LOGGER.info("removing %s left by an earlier run", entry.relative_to(self.work_dir.parent))
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+        self.work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.work_dir.chmod(0o700)  # opened bundles: readable by the node's user only
 
     def stop(self) -> None:
         if self._backend is not None:
@@ -257,7 +272,10 @@ class Pipeline:
         self.journal.update_job_data(job.id, JobData(public=PublicData(sizing=sizing)))
         tasks = plan_tasks(job.id, int(sizing["shards"]), self.settings.engine.primaries,
                            (folder / "bundle.sealed").as_uri(), (folder / "results").as_uri())
-        backend = get_backend(cloud.backend, **cloud.backend_options())
+        options = cloud.backend_options()
+        if cloud.backend == "local":
+            options["work_dir"] = self.work_dir
+        backend = get_backend(cloud.backend, **options)
         self._backend = backend
         start = time.perf_counter()
         results = dispatch(tasks, key, backend, on_progress=lambda d, t: self.journal.set_progress(job.id, d, t))
