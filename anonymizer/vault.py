@@ -120,6 +120,34 @@ class Vault:
             raise VaultError(f"cannot write the vault record of job {job_id}: {exc.strerror}") from exc
         return path
 
+    def destroy(self, job_id: str) -> bool:
+        """Remove a job's record for good: overwritten with random bytes and flushed, then unlinked.
+
+        Returns False when there was none. (The record is encrypted; overwriting it means that not
+        even a copy of the site key recovers it from the disk blocks it used.)
+        """
+        path = self.path_for(job_id)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return False
+        try:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, secrets.token_bytes(size))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            path.unlink()
+            dir_fd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise VaultError(f"cannot remove the vault record of job {job_id}: {exc.strerror}") from exc
+        return True
+
     def load(self, job_id: str) -> IdentityRecord:
         path = self.path_for(job_id)
         try:

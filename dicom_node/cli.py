@@ -239,6 +239,25 @@ def _cmd_retry(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_purge(args: argparse.Namespace) -> int:
+    from dicom_node.intake.journal import Journal
+    from dicom_node.jobs.retention import purge
+    from dicom_node.settings import load_settings
+
+    settings = load_settings(args.config)
+    if settings.retention.days <= 0:
+        print("retention.days is 0: nothing is ever removed")
+        return EXIT_OK
+    with Journal.open(settings.node.data_dir) as journal:
+        items = purge(settings, journal, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for item in items:
+        print(f"{verb} {item.describe()}")
+    total = sum(i.bytes for i in items) / 1e6
+    print(f"{len(items)} job(s) past {settings.retention.days:g} days after they ended; {verb} {total:.1f} MB")
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dicom_node.demo import run_demo
 
@@ -424,10 +443,17 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", help="config file whose [engine] ct_calibrations convert the references' CT")
     p.set_defaults(func=_cmd_commission)
 
-    p = sub.add_parser("retry", help="put a FAILED job back into the state it failed in")
+    p = sub.add_parser("retry", help="put a FAILED job back (sealed afresh from the originals; a failed "
+                                     "second check: SENT)")
     p.add_argument("job")
     p.add_argument("-c", "--config", required=True)
     p.set_defaults(func=_cmd_retry)
+
+    p = sub.add_parser("purge", help="remove what ended jobs past [retention] days used (originals, job folder, "
+                                     "reports, vault entry)")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    p.set_defaults(func=_cmd_purge)
 
     p = sub.add_parser("demo", help="phantom -> node -> result, end to end on this machine")
     p.add_argument("--out", default="demo-out")

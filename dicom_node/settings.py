@@ -321,6 +321,17 @@ class SecondCheckSettings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    """How long what a job used stays on the node after the job ended (SENT, VERIFIED, REJECTED)."""
+
+    # Days after the job ended; then its received originals, job folder, reports and vault entry go.
+    # 0 = keep everything (nothing is ever removed).
+    days: float = field(default=30.0, metadata=_meta(_check_non_negative))
+    # How often the running node looks for jobs past retention (`mcnode purge` does it at once).
+    check_every_minutes: float = field(default=60.0, metadata=_meta(_check_positive))
+
+
+@dataclass(frozen=True)
 class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
     trigger: TriggerSettings = field(default_factory=TriggerSettings)
@@ -329,6 +340,7 @@ class Settings:
     cloud: CloudSettings = field(default_factory=CloudSettings)
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
     secondcheck: SecondCheckSettings = field(default_factory=SecondCheckSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     destinations: tuple[Destination, ...] = ()
     # Folder the file was read from; relative paths in the file are resolved against it.
     base_dir: Path = field(default=Path("."), metadata={"internal": True})

@@ -81,6 +81,8 @@ class PublicData:
     gamma_pass_rates: dict[str, float] | None = None
     secondcheck_seconds: float | None = None
     report_pdf: str | None = None                 # where the report PDF went
+    # retention (dicom_node.jobs.retention): when the job's files were removed
+    purged: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)   # keys this version does not know
 
     def to_json(self) -> dict[str, Any]:

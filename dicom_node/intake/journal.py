@@ -329,6 +329,21 @@ class Journal:
                            (plan_uid,))
         return _job(rows[0]) if rows else None
 
+    def all_jobs(self) -> list[Job]:
+        return [_job(r) for r in self._query("SELECT * FROM jobs ORDER BY created")]
+
+    def instances_at(self, paths: set[str]) -> list[Instance]:
+        """The instances stored at these spool paths."""
+        rows = self._query("SELECT * FROM instances")
+        return [Instance(**dict(r)) for r in rows if r["path"] in paths]
+
+    def remove_instances(self, sop_instance_uids: list[str]) -> None:
+        """Forget instances whose files were removed (retention)."""
+        with self._tx() as conn:
+            for uid in sop_instance_uids:
+                conn.execute("DELETE FROM refs WHERE sop_instance_uid=?", (uid,))
+                conn.execute("DELETE FROM instances WHERE sop_instance_uid=?", (uid,))
+
     def jobs_in(self, *states: JobState) -> list[Job]:
         marks = ",".join("?" * len(states))
         rows = self._query(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY created", states)

@@ -17,6 +17,7 @@ from dicom_node.intake.journal import Job, Journal
 from dicom_node.intake.spool import Spool
 from dicom_node.jobs.outbox import Outbox
 from dicom_node.jobs.pipeline import Pipeline
+from dicom_node.jobs.retention import RetentionWorker
 from dicom_node.net.guard import GuardedServer, start_guarded_server
 from dicom_node.net.scp import Received, build_ae, guard_limits, server_ssl_context, store_handlers
 from dicom_node.qa.secondcheck import SecondCheck
@@ -39,6 +40,7 @@ class Node:
         self.pipeline: Pipeline | None = None
         self.outbox: Outbox | None = None
         self.secondcheck: SecondCheck | None = None
+        self.retention: RetentionWorker | None = None
         if compute:
             # The second check runs after the MC dose is delivered (SENT), or when a TPS dose arrives later.
             if settings.secondcheck.enabled:
@@ -47,6 +49,7 @@ class Node:
                                  on_sent=self.secondcheck.submit if self.secondcheck is not None else None)
             self.pipeline = Pipeline(settings, self.journal, on_merged=self.outbox.submit)
             self.assembler.add_ready_listener(self.pipeline.submit)
+            self.retention = RetentionWorker(settings, self.journal)
         self._server: GuardedServer | None = None
         self.port: int | None = None
 
@@ -62,6 +65,8 @@ class Node:
         if self.secondcheck is not None:
             self.secondcheck.start()
         self.assembler.start()
+        if self.retention is not None:
+            self.retention.start()
         self._server = start_guarded_server(
             build_ae(node), (node.host, node.port), guard_limits(node), server_ssl_context(node),
             store_handlers(self.spool, self.journal, self._notify))
@@ -80,6 +85,8 @@ class Node:
             self._server.shutdown()
             self._server = None
         self.assembler.stop()
+        if self.retention is not None:
+            self.retention.stop()
         if self.pipeline is not None and self.outbox is not None:
             self.pipeline.stop()
             self.outbox.stop()
