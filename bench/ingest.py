@@ -1,18 +1,26 @@
-"""Ingest speed: a 300-slice 512x512 CT sent by dcmtk's storescu into our node and into dcmtk's storescp.
+"""Ingest speed: a 300-slice 512x512 CT sent by dcmtk's storescu into our node, Orthanc and dcmtk's storescp.
 
-Both receivers run as their own processes on loopback and write every file to disk; ours also
-fsyncs each file and records it in the journal before answering (node.fsync = true, the default).
-Each receiver gets the same series `--rounds` times; the median is reported.
+All three receivers run as their own processes on loopback, in the same run, and write every file
+to disk. Ours fsyncs each file and records it in the journal before answering (node.fsync = true,
+the default); Orthanc syncs its storage area too (SyncStorageArea, its default); storescp does not
+fsync. Each receiver gets a new series (new UIDs) every round, as from a TPS; the median is reported.
 
-    .venv/bin/python bench/ingest.py [--slices 300] [--rounds 3]
+Orthanc binds every interface and has no listen-address option, so as root the whole benchmark runs
+in its own network namespace (`unshare -n`, loopback only): nothing is reachable from outside.
+Orthanc comes from Debian (`apt-get install --no-install-recommends orthanc`; its service is not
+used); without it, or not as root, Orthanc is left out and the line says so.
 
-Last line: {"receiver": "pynetdicom", "ours_images_per_s": ..., "dcmtk_images_per_s": ..., "ratio": ...}
+    .venv/bin/python bench/ingest.py [--slices 300] [--rounds 3] [--no-fsync] [--no-orthanc]
+
+Last line: {"receiver": "pynetdicom", "ours_images_per_s": ..., "orthanc_images_per_s": ...,
+            "dcmtk_images_per_s": ..., "ratio_orthanc": ..., "ratio_dcmtk": ...}
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -38,54 +46,102 @@ def send(port: int, aec: str, files: list[str]) -> float:
     return elapsed
 
 
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+
+
+def in_own_network() -> bool:
+    """Run this script again inside a new network namespace (root only); True when we now are in one."""
+    if os.environ.get("MCNODE_BENCH_NETNS") == "1":
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+        return True
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return False
+    env = {**os.environ, "MCNODE_BENCH_NETNS": "1"}
+    sys.exit(subprocess.run(["unshare", "-n", sys.executable, *sys.argv], env=env).returncode)
+
+
+def start_orthanc(work: Path, port: int) -> subprocess.Popen[bytes]:
+    folder = work / "orthanc"
+    folder.mkdir()
+    config = {
+        "Name": "bench", "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "index"),
+        "HttpPort": free_port(), "DicomPort": port, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+        "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": True,
+        "StorageCompression": False, "SyncStorageArea": True, "Plugins": [], "ConcurrentJobs": 1,
+    }
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    return subprocess.Popen([ORTHANC, str(folder / "orthanc.json")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-fsync", action="store_true",
                     help="node.fsync = false: what the receive path costs without the disk's flushes")
+    ap.add_argument("--no-orthanc", action="store_true", help="leave Orthanc out")
     args = ap.parse_args()
+    use_orthanc = not args.no_orthanc and Path(ORTHANC).exists()
+    isolated = in_own_network() if use_orthanc else False
+    orthanc_note = None
+    if use_orthanc and not isolated:
+        use_orthanc, orthanc_note = False, "left out: needs root to run in its own network namespace"
+    elif not args.no_orthanc and not Path(ORTHANC).exists():
+        orthanc_note = "left out: not installed (apt-get install --no-install-recommends orthanc)"
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
         spec = PhantomSpec(size_mm=(500.0, 500.0, 2.0 * args.slices), spacing_mm=(500 / 512, 500 / 512, 2.0))
-        # A new series (new UIDs) for every round, as a TPS sends new CTs: re-sending the same instances
-        # would time the replace-and-upsert path instead of ingest.
-        series = []
-        for i in range(args.rounds):
-            write_study(build_study(spec), work / f"study-{i}")
-            series.append(sorted(str(p) for p in (work / f"study-{i}").glob("CT_*.dcm")))
-        files = series[0]
-        size_mb = sum(Path(f).stat().st_size for f in files) / 1e6
-        print(f"{len(files)} CT files, {size_mb:.0f} MB; {machine()}", file=sys.stderr)
+        receivers = ["dcmtk", "ours"] + (["orthanc"] if use_orthanc else [])
+        # A new series (new UIDs) for every round and receiver, as a TPS sends new CTs: re-sending the
+        # same instances would time a replace path instead of ingest.
+        series: dict[tuple[str, int], list[str]] = {}
+        for name in receivers:
+            for i in range(args.rounds):
+                folder = work / f"study-{name}-{i}"
+                write_study(build_study(spec), folder)
+                series[name, i] = sorted(str(p) for p in folder.glob("CT_*.dcm"))
+        count = len(series["ours", 0])
+        size_mb = sum(Path(f).stat().st_size for f in series["ours", 0]) / 1e6
+        print(f"{count} CT files, {size_mb:.0f} MB; {machine()}", file=sys.stderr)
 
-        ours_port, dcmtk_port = free_port(), free_port()
-        cfg = init_config_dir(work / "node", port=ours_port)
+        ports = {name: free_port() for name in receivers}
+        aets = {"ours": "MCNODE", "dcmtk": "ANY", "orthanc": "ORTHANC"}
+        cfg = init_config_dir(work / "node", port=ports["ours"])
         node_keys = "fsync = false\n" if args.no_fsync else ""
         cfg.write_text(cfg.read_text().replace("[node]\n", "[node]\n" + node_keys, 1))
         procs.append(subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "-c", str(cfg)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         (work / "scp").mkdir()
-        procs.append(subprocess.Popen(["storescp", "-od", str(work / "scp"), str(dcmtk_port)], env=DCMTK_ENV,
+        procs.append(subprocess.Popen(["storescp", "-od", str(work / "scp"), str(ports["dcmtk"])], env=DCMTK_ENV,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        wait_echo(ours_port, "MCNODE")
-        wait_echo(dcmtk_port, "ANY")
-        ours, theirs = [], []
+        if use_orthanc:
+            procs.append(start_orthanc(work, ports["orthanc"]))
+        for name in receivers:
+            wait_echo(ports[name], aets[name], timeout=60)
+        times: dict[str, list[float]] = {name: [] for name in receivers}
         for i in range(args.rounds):
-            theirs.append(send(dcmtk_port, "ANY", series[i]))
-            ours.append(send(ours_port, "MCNODE", series[i]))
-            print(f"round {i + 1}: dcmtk {theirs[-1]:.2f} s, ours {ours[-1]:.2f} s", file=sys.stderr)
-        ours_rate = len(files) / statistics.median(ours)
-        dcmtk_rate = len(files) / statistics.median(theirs)
+            for name in receivers:
+                times[name].append(send(ports[name], aets[name], series[name, i]))
+            print(f"round {i + 1}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in receivers), file=sys.stderr)
+        rate = {name: count / statistics.median(times[name]) for name in receivers}
         print(f"date {today()}", file=sys.stderr)
-        print(json.dumps({"receiver": "pynetdicom", "fsync": not args.no_fsync,
-                          "ours_images_per_s": round(ours_rate, 1), "dcmtk_images_per_s": round(dcmtk_rate, 1),
-                          "ratio": round(ours_rate / dcmtk_rate, 3)}))
+        result: dict[str, object] = {"receiver": "pynetdicom", "fsync": not args.no_fsync,
+                                     "ours_images_per_s": round(rate["ours"], 1),
+                                     "dcmtk_images_per_s": round(rate["dcmtk"], 1),
+                                     "ratio_dcmtk": round(rate["ours"] / rate["dcmtk"], 3)}
+        if use_orthanc:
+            result.update(orthanc_images_per_s=round(rate["orthanc"], 1),
+                          ratio_orthanc=round(rate["ours"] / rate["orthanc"], 3))
+        else:
+            result["orthanc"] = orthanc_note or "left out (--no-orthanc)"
+        print(json.dumps(result))
         return 0
     finally:
         for p in procs:
             p.terminate()
-            p.wait(timeout=10)
+            p.wait(timeout=30)
         shutil.rmtree(work, ignore_errors=True)
 
 
