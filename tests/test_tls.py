@@ -56,3 +56,23 @@ def test_tls_with_client_certificates(config_dir, node_factory, phantom_dir, tmp
     assert run_dcmtk("echoscu", "-aet", "TPS", "-aec", "MCNODE", "127.0.0.1", port).returncode != 0
     anonymous = run_dcmtk("echoscu", "+tla", "+cf", str(ca_path), "-aet", "TPS", "-aec", "MCNODE", "127.0.0.1", port)
     assert anonymous.returncode != 0
+
+
+def test_silent_client_cannot_stall_tls_handshakes_of_others(config_dir, node_factory, tmp_path, caplog):
+    """The TLS handshake runs in the connection's own thread under the set-up deadline, not in the
+    accept loop: a client that connects and says nothing neither blocks others nor stays."""
+    import logging
+    import socket
+
+    ca_key, ca_cert, _ca_key_path, ca_path = _key_and_cert("ca", None, True, tmp_path)
+    _k, _c, server_key, server_crt = _key_and_cert("node", (ca_key, ca_cert), False, tmp_path)
+    settings = settings_for(config_dir, node={"association_setup_seconds": 2,
+                                              "tls": {"cert_file": str(server_crt), "key_file": str(server_key)}})
+    node = node_factory(settings)
+    with caplog.at_level(logging.WARNING, logger="dicom_node.net.guard"), \
+            socket.create_connection(("127.0.0.1", node.port), timeout=15) as silent:
+        ok = run_dcmtk("echoscu", "-to", "10", "+tla", "+cf", str(ca_path), "-aet", "TPS", "-aec", "MCNODE",
+                       "127.0.0.1", str(node.port), timeout=30)
+        assert ok.returncode == 0, ok.stderr
+        assert silent.recv(1) == b""  # closed by the node at the set-up deadline
+    assert "connection from 127.0.0.1 closed: TLS handshake failed" in caplog.text
