@@ -129,6 +129,8 @@ def _job_note(row: dict[str, object]) -> str:
         rates = row.get("gamma_pass_rates") or {}
         shown = ", ".join(f"{k} {float(v):.1f} %" for k, v in rates.items())  # type: ignore[union-attr]
         parts.insert(0, f"second check {row['verdict']}" + (f" (gamma {shown})" if shown else ""))
+    if row.get("commissioned") is False:
+        parts.insert(0, "UNCOMMISSIONED beam model")
     return "; ".join(parts)
 
 

@@ -125,7 +125,9 @@ def test_rt_dose_references_and_geometry(tmp_path):
     ts = [Tally(np.linspace(0, 1e-12, nz * ny * nx, dtype=np.float32).reshape(nz, ny, nx), 10, s, 0.0)
           for s in range(2)]
     merged = merge(ts, 1e9, 5, expected_shards=2)
-    rd = write_rt_dose(merged, list(reversed(study.ct)), study.plan)
+    rd = write_rt_dose(merged, list(reversed(study.ct)), study.plan, notes=["beam model site.txt"])
+    assert UNCOMMISSIONED not in f"{rd.SeriesDescription} {rd.DoseComment} {rd.ImageComments}"  # commissioned
+    assert rd.ImageComments.endswith("; beam model site.txt") and len(rd.DoseComment) <= 64
     path = tmp_path / "rd.dcm"
     rd.save_as(path, enforce_file_format=True)
     back = dcmread(path)

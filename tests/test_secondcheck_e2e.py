@@ -98,7 +98,8 @@ def test_tps_dose_with_the_plan_and_later_ends_verified_with_a_report(config_dir
     assert rows[0]["gamma_pass_rates"]["3%/3mm"] == 100.0
     capsys.readouterr()
     assert main(["jobs", "-c", str(config_dir / "mcnode.toml")]) == 0
-    assert "second check pass (gamma 3%/3mm 100.0 %, 2%/2mm 100.0 %)" in capsys.readouterr().out
+    assert "UNCOMMISSIONED beam model; second check pass (gamma 3%/3mm 100.0 %, 2%/2mm 100.0 %)" in \
+        capsys.readouterr().out
     assert main(["report", job.id, "-c", str(config_dir / "mcnode.toml")]) == 0
     out = capsys.readouterr().out
     report = again.data.report
