@@ -190,6 +190,8 @@ def run_demo(out: Path, primaries: int = 200_000, shards: int = 2) -> int:
     print(f"   references plan {rd.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID == study.plan.SOPInstanceUID}"
           f", study {rd.StudyInstanceUID == study.plan.StudyInstanceUID}, patient "
           f"{rd.PatientID == study.plan.PatientID} (original identity restored)")
+    print(f"   SeriesDescription \"{rd.SeriesDescription}\": the phantom's machine is mapped to the generic beam "
+          "model (engine.beam_models), so the dose says it is not for clinical use")
     unc = summary.get("mean_relative_uncertainty_high_dose")
     print(f"5. primaries {primaries}; dose at isocenter {iso:.3f} Gy; max dose "
           f"{float(summary.get('max_dose_plan_gy', 0)):.3f} Gy (plan, {summary.get('fractions')} fractions); "

@@ -357,7 +357,7 @@ class MCsquareEngine(Engine):
         warnings: list[str] = []
         if not commissioned:
             warnings.append(uncommissioned_warning(plan.machines[0]))
-            LOGGER.warning("machine %r computed with the generic (uncommissioned) beam model", plan.machines[0])
+            LOGGER.info("machine %r computed with the generic (uncommissioned) beam model", plan.machines[0])
         protons = sum(float(np.sum(np.interp(layer.energy_mev, model.energies, model.protons_per_mu) * layer.mu))
                       for beam in plan.beams for layer in beam.layers)
         write_mhd(work_dir / CT_FILE, volume, grid.spacing)
