@@ -21,7 +21,7 @@ def test_photon_plan_rejected_on_arrival_naming_the_beams(node_factory, caplog, 
     assert storescu(node.port, [PHOTON_PLAN]).returncode == 0  # stored (nothing received is lost)
     (job,) = wait_for(lambda: node.journal.jobs_in(JobState.REJECTED), timeout=10)
     assert time.monotonic() - start < 10
-    assert "RT Plan with PHOTON beams" in (job.reason or "")
+    assert "PHOTON beams on treatment machine 'CLINACIX_V9', which has no beam model" in (job.reason or "")
     assert node.journal.count_instances() == 1
     assert any("REJECTED" in r.getMessage() and "PHOTON" in r.getMessage() for r in caplog.records)
     # an ion plan of the same node is not refused: it waits for its CT as before

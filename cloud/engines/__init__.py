@@ -32,6 +32,19 @@ def get_engine(name: str) -> Engine:
     return factory()
 
 
+PHOTON_ENGINE = "ompmc"
+
+
+def engine_name_for(plan: object, configured: str) -> str:
+    """The engine for a plan: RT Plans (photon beams) go to the photon engine, RT Ion Plans to the configured one.
+
+    ``plan`` is a pydicom Dataset (only membership of ``BeamSequence`` / ``IonBeamSequence`` is asked).
+    """
+    if "BeamSequence" in plan and "IonBeamSequence" not in plan:  # type: ignore[operator]
+        return PHOTON_ENGINE
+    return configured
+
+
 def _mcsquare() -> Engine:
     from cloud.engines.mcsquare.adapter import MCsquareEngine
 
@@ -48,4 +61,4 @@ def _ompmc() -> Engine:
 register_engine("mcsquare", _mcsquare)
 register_engine("ompmc", _ompmc)
 
-__all__ = ["Engine", "Grid", "ShardInputs", "Tally", "get_engine", "register_engine", "engine_names"]
+__all__ = ["Engine", "Grid", "ShardInputs", "Tally", "get_engine", "register_engine", "engine_names", "engine_name_for"]

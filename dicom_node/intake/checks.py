@@ -12,7 +12,7 @@ from __future__ import annotations
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from cloud.engines import get_engine
+from cloud.engines import engine_name_for, get_engine
 from cloud.errors import EngineError, UnsupportedPlan
 from dicom_node.settings import EngineSettings
 
@@ -29,7 +29,9 @@ class InputCheck:
         except (InvalidDicomError, OSError, ValueError) as exc:
             raise UnsupportedPlan(f"plan cannot be read: {exc}") from exc
         try:
-            return self.engine.check_plan(ds, beam_models=self.settings.beam_models)
+            # photon RT Plans are checked by the photon engine, ion plans by the configured one
+            engine = get_engine(engine_name_for(ds, self.settings.name))
+            return engine.check_plan(ds, beam_models=self.settings.beam_models)
         except UnsupportedPlan:
             raise
         except EngineError as exc:  # e.g. a beam model file that cannot be parsed

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from cloud.dispatch import split_primaries
-from cloud.engines import get_engine
+from cloud.engines import engine_name_for, get_engine
 from cloud.engines.base import Tally
 from cloud.errors import DispatchError, EngineError, MergeError, UnsupportedPlan
 from cloud.merge import MergedDose, merge
@@ -62,7 +62,7 @@ def compute_folder(in_dir: Path, out_dir: Path, *, primaries: int, shards: int,
     if len(plans) != 1:
         raise PlanRejected(f"{in_dir}: expected one RT (Ion) Plan, found {len(plans)}")
     plan = plans[0]
-    engine = get_engine(settings.name)
+    engine = get_engine(engine_name_for(plan, settings.name))
     try:
         engine.check_plan(plan, beam_models=settings.beam_models)
         counts = split_primaries(primaries, shards)
@@ -78,7 +78,8 @@ def compute_folder(in_dir: Path, out_dir: Path, *, primaries: int, shards: int,
                 tally = engine.run_shard(inputs, n, seed + i, settings.threads)
                 LOGGER.info("shard %d/%d: %d primaries in %.1f s", i + 1, shards, n, tally.wall_s)
                 tallies.append(tally)
-        merged = merge(tallies, inputs.protons_per_fraction, inputs.fractions, settings.rbe,
+        rbe = settings.rbe and engine.name == "mcsquare"  # RBE 1.1 is for protons only
+        merged = merge(tallies, inputs.protons_per_fraction, inputs.fractions, rbe,
                        expected_shards=shards, expected_primaries=primaries)
     except UnsupportedPlan as exc:
         raise PlanRejected(str(exc)) from exc

@@ -35,7 +35,7 @@ from cloud.backends import get_backend
 from cloud.backends.base import Backend
 from cloud.bundle import make_bundle
 from cloud.dispatch import dispatch, plan_tasks
-from cloud.engines import get_engine
+from cloud.engines import engine_name_for, get_engine
 from cloud.engines.base import INPUTS_JSON, ShardInputs, Tally
 from cloud.errors import Cancelled, CloudError, UnsupportedPlan
 from cloud.merge import merge
@@ -218,7 +218,7 @@ class Pipeline:
             shutil.rmtree(folder)  # a half-finished earlier attempt
         paths = [job.data.plan, *([job.data.structure_set] if job.data.structure_set else []), *job.data.ct]
         datasets = _load(paths)
-        engine = get_engine(self.settings.engine.name)
+        engine = get_engine(engine_name_for(datasets[0], self.settings.engine.name))
         engine.check_plan(datasets[0], beam_models=self._beam_models())
         # Chosen on the original CT: the scanner's name does not survive de-identification.
         calibration = choose_ct_calibration([ds for ds in datasets if str(ds.SOPClassUID) == uids.CT_IMAGE],
@@ -246,7 +246,9 @@ class Pipeline:
         self._timed(job.id, "seal", start)
         public = PublicData(warnings=list(inputs.warnings) if inputs.warnings else None,
                             beam_model=str(inputs.extra.get("beam_model", "")), commissioned=inputs.commissioned,
-                            ct_calibration=calibration.description)
+                            # the photon engine converts the CT with its own table
+                            ct_calibration=calibration.description if engine.name == "mcsquare"
+                            else inputs.ct_calibration)
         return self.journal.transition(job.id, JobState.SEALED, data=JobData(public=public, anonymized=names))
 
     def _beam_models(self) -> dict[str, Path | str]:
@@ -283,7 +285,7 @@ class Pipeline:
         sizing = finish_job(sizing, self.timings[job.id]["compute"], cost)
         start = time.perf_counter()
         tallies = [Tally.from_bytes(b) for b in results]
-        rbe = bool(getattr(self.settings.engine, "rbe", False))
+        rbe = bool(getattr(self.settings.engine, "rbe", False)) and inputs.engine == "mcsquare"  # protons only
         merged = merge(tallies, protons_per_fraction=inputs.protons_per_fraction, fractions=inputs.fractions,
                        rbe=rbe, expected_shards=len(tasks))
         self._timed(job.id, "merge", start)

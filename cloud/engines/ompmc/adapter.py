@@ -1,16 +1,20 @@
 """The ompMC adapter: photon and electron dose with ``ompmc`` (a C re-implementation of EGSnrc's
 coupled photon-electron transport; GPL-3.0, an optional extra of this package).
 
-What it computes today is a *water phantom beam*: one square field at a source-to-surface distance
-onto a water phantom, scored on the central axis. That is what ``mcnode depth-dose`` runs, as shards
-of a job like any other: ``prepare_water_phantom`` writes ``inputs.json`` (the beam and the geometry,
-nothing else: the cross sections and spectra ship inside the ``ompmc`` wheel), and ``run_shard``
-simulates it with the shard's seed in the worker process. RT Plans (photon or electron) are refused
-by ``check_plan`` with the reason, so a job is REJECTED rather than computed wrongly.
+Two kinds of input, both run as shards of a job like any other (``inputs.json`` says which):
+
+- A photon RT Plan on its CT (``photonplan`` reads it and refuses what is not modelled, naming the
+  element; ``photon`` holds the beam model, HU calibration, IEC geometry and beamlets). The
+  treatment machine must be mapped in ``[engine] beam_models`` to a photon model file or to
+  "generic" (uncommissioned: the dose says so). Electron plans are refused.
+- A *water phantom beam*: one square field at a source-to-surface distance onto a water phantom,
+  scored on the central axis: what ``mcnode depth-dose`` runs. ``prepare_water_phantom`` writes
+  only the beam and the geometry (cross sections and spectra ship inside the ``ompmc`` wheel).
 
 ``ompmc`` keeps global state (one calculation per process at a time) and is OpenMP-parallel inside
 a calculation: shards run as separate worker processes, and the thread count is set through
-``OMP_NUM_THREADS`` before ``ompmc`` is first imported in that process.
+``OMP_NUM_THREADS`` before ``ompmc`` is first imported in that process. Nothing here imports
+``ompmc`` at module level: ``check_plan`` only looks for it.
 
 Geometry of a water phantom beam: the phantom surface is the plane z = 0 (cm) and depth runs along
 +z, the beam axis; the point source sits ``ssd`` cm before the surface and the field (``field`` cm
@@ -19,8 +23,10 @@ wide, split into a central column of ``column`` cm (the scoring column), a ring 
 and the rest: only the central column is kept, so the scoring grid is (nz, 1, 1).
 
 Units: ``calc_cube`` returns Gy per unit incident fluence (cm^-2); the field's fluence per history
-is 1 / field area at the surface, so the tally is Gy per history. Depth doses are normalised to
-their maximum, so that convention matters only to whoever reads the tally.
+is 1 / field area at the surface, so the water-phantom tally is Gy per history (depth doses are
+normalised to their maximum, so that convention matters only to whoever reads the tally). A photon
+plan's tally is the dose for beamlet weights summing to 1; ``protons_per_fraction`` (the merge's
+scale) is then the total weight x Gy per unit weight from the beam model.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cloud.engines.base import Engine, Grid, ShardInputs, Tally
+from cloud.engines.base import GENERIC_MODEL, UNCOMMISSIONED, Engine, Grid, ShardInputs, Tally
 from cloud.errors import EngineError, EngineUnavailable, UnsupportedPlan
 
 if TYPE_CHECKING:
@@ -152,31 +158,105 @@ def run_water_phantom(beam: WaterPhantomBeam, histories: int, seed: int) -> tupl
     return axis, rel
 
 
+KIND_PHOTON_PLAN = "photon_plan"
+
+
+def photon_models_for(plan: Any, beam_models: Mapping[str, Path | str] | None) -> tuple[Any, Any, bool]:
+    """(the machine's photon beam model, the energy's model, commissioned); UnsupportedPlan otherwise."""
+    from cloud.engines.ompmc.photon import read_photon_model
+
+    machines = plan.machines
+    if len(machines) > 1:
+        raise UnsupportedPlan(f"beams on more than one treatment machine ({', '.join(machines)})")
+    machine = machines[0]
+    models = dict(beam_models or {})
+    if machine not in models:
+        known = ", ".join(sorted(models)) or "none"
+        raise UnsupportedPlan(f"PHOTON beams on treatment machine {machine or '(no TreatmentMachineName)'!r}, "
+                              "which has no beam model: add it to [engine] beam_models (a commissioned photon model "
+                              f"file, or \"{GENERIC_MODEL}\" for the uncommissioned one; machines mapped: {known})")
+    model = read_photon_model(models[machine])
+    energies = {b.energy_mv for b in plan.beams}
+    if len(energies) > 1:
+        raise UnsupportedPlan(f"beams of several energies ({', '.join(f'{e:g} MV' for e in sorted(energies))}) "
+                              "in one plan are not computed yet")
+    energy = model.for_energy(plan.beams[0].energy_mv, plan.beams[0].name)
+    if energy.engine_dose_ref is None or not energy.engine_dose_ref > 0:
+        raise UnsupportedPlan(f"photon beam model {model.name}: {plan.beams[0].energy_mv:g} MV has no engine_dose_ref "
+                              "(run reference_engine_dose for it): no absolute dose")
+    return model, energy, model.commissioned
+
+
+def _photon_warning(machine: str) -> str:
+    return (f"{UNCOMMISSIONED}: machine {machine!r} is mapped to the generic photon beam model; absolute dose "
+            "rests on its 1 cGy/MU definition, not on commissioning")
+
+
 class OmpmcEngine(Engine):
+    """Photon RT Plans (static and step-and-shoot) on the CT, and water-phantom depth doses."""
+
     name = NAME
 
     def check_plan(self, plan: Dataset, *, beam_models: Mapping[str, Path | str] | None = None) -> tuple[str, ...]:
-        raise UnsupportedPlan("the ompmc engine does not compute RT Plans yet (it runs water-phantom depth "
-                              "doses: mcnode depth-dose); photon and electron plans are refused")
+        import importlib.util
+
+        from cloud.engines.ompmc.photonplan import read_photon_plan
+
+        photon = read_photon_plan(plan)
+        _model, _energy, commissioned = photon_models_for(photon, beam_models)
+        if importlib.util.find_spec("ompmc") is None:  # found without importing it
+            raise UnsupportedPlan("photon plans need the optional ompmc engine: pip install 'dicom-mc-node[photon]'")
+        return () if commissioned else (_photon_warning(photon.machines[0]),)
 
     def prepare(self, datasets: list[Dataset], work_dir: Path, *,
                 beam_models: Mapping[str, Path | str] | None = None,
                 ct_calibration: tuple[str, Path, Path] | None = None) -> ShardInputs:
+        from cloud.engines.ct import ct_slices, ct_volume
+        from cloud.engines.ompmc.photon import BEAMLETS_FILE, GEOMETRY_FILE, write_beamlets, write_geometry
+        from cloud.engines.ompmc.photonplan import read_photon_plan
+
         plans = [ds for ds in datasets if "BeamSequence" in ds or "IonBeamSequence" in ds]
-        self.check_plan(plans[0] if plans else datasets[0])
-        raise AssertionError("unreachable")  # pragma: no cover
+        if len(plans) != 1:
+            raise UnsupportedPlan(f"expected one RT Plan among the inputs, found {len(plans)}")
+        plan = read_photon_plan(plans[0])
+        model, energy, commissioned = photon_models_for(plan, beam_models)
+        volume, grid = ct_volume(ct_slices(datasets, plan.frame_of_reference_uid))
+        work_dir.mkdir(parents=True, exist_ok=True)
+        write_geometry(volume, grid, work_dir / GEOMETRY_FILE)
+        total_weight = write_beamlets(plan, model.beamlet_mm, work_dir / BEAMLETS_FILE)
+        assert energy.engine_dose_ref is not None
+        gy_per_unit = total_weight * energy.gy_per_mu_ref / energy.engine_dose_ref
+        warnings = () if commissioned else (_photon_warning(plan.machines[0]),)
+        inputs = ShardInputs(root=work_dir, engine=NAME, grid=grid, protons_per_fraction=gy_per_unit,
+                             fractions=plan.fractions, plan_uid=plan.sop_instance_uid,
+                             frame_of_reference_uid=plan.frame_of_reference_uid, machines=plan.machines,
+                             warnings=warnings, commissioned=commissioned, ct_calibration="photon built-in",
+                             extra={"kind": KIND_PHOTON_PLAN, "spectrum": energy.spectrum, "beam_model": model.name,
+                                    "beams": len(plan.beams), "total_mu": sum(b.mu for b in plan.beams)})
+        inputs.save()
+        return inputs
 
     def run_shard(self, inputs: ShardInputs, primaries: int, seed: int, threads: int = 0) -> Tally:
         if primaries <= 0:
             raise EngineError(f"primaries must be positive, got {primaries}")
         if seed < 0:
             raise EngineError(f"seed must be 0 or more, got {seed}")
-        if inputs.extra.get("kind") != KIND_WATER_PHANTOM:
-            raise EngineError(f"{inputs.root}: not an ompmc input (kind {inputs.extra.get('kind')!r})")
-        beam = WaterPhantomBeam(**inputs.extra["beam"])
+        kind = inputs.extra.get("kind")
+        if kind not in (KIND_WATER_PHANTOM, KIND_PHOTON_PLAN):
+            raise EngineError(f"{inputs.root}: not an ompmc input (kind {kind!r})")
         if threads > 0:  # read by OpenMP when ompmc is first loaded in this (worker) process
             os.environ["OMP_NUM_THREADS"] = str(threads)
         t0 = time.perf_counter()
+        if kind == KIND_PHOTON_PLAN:
+            from cloud.engines.ompmc.photon import run_forward
+
+            dose = run_forward(_ompmc(), inputs.root, str(inputs.extra["spectrum"]), primaries, seed, SECOND_SEED,
+                               BATCHES)
+            if dose.shape != inputs.grid.shape:
+                raise EngineError(f"ompmc dose grid {dose.shape} differs from the CT grid {inputs.grid.shape}")
+            return Tally(dose_per_primary=dose.astype(np.float32), primaries=primaries, seed=seed,
+                         wall_s=time.perf_counter() - t0, engine=NAME)
+        beam = WaterPhantomBeam(**inputs.extra["beam"])
         axis, rel = run_water_phantom(beam, primaries, seed)
         if axis.shape != (inputs.grid.shape[0],):
             raise EngineError(f"ompmc returned {axis.shape[0]} depths, expected {inputs.grid.shape[0]}")
