@@ -106,15 +106,18 @@ def test_ompmc_is_registered_but_not_imported_until_it_runs() -> None:
     assert out.stdout.split() == ["ompmc", "False"]
 
 
-def test_ompmc_refuses_rt_plans_with_the_reason() -> None:
+def test_ompmc_refuses_ion_plans_and_plans_without_beams() -> None:
     plan = Dataset()
     plan.SOPClassUID = "1.2.840.10008.5.1.4.1.1.481.5"
     plan.BeamSequence = []
     engine = get_engine("ompmc")
-    with pytest.raises(UnsupportedPlan, match="photon and electron plans are refused"):
+    with pytest.raises(UnsupportedPlan, match="no treatment beam"):
         engine.check_plan(plan)
-    with pytest.raises(UnsupportedPlan):
-        engine.prepare([plan], __import__("pathlib").Path("/nonexistent"))
+    ion = Dataset()
+    ion.SOPClassUID = "1.2.840.10008.5.1.4.1.1.481.8"
+    ion.IonBeamSequence = []
+    with pytest.raises(UnsupportedPlan, match="RT Ion Plan: the photon engine computes photon RT Plans only"):
+        engine.prepare([ion], __import__("pathlib").Path("/nonexistent"))
 
 
 def test_ompmc_shards_seeded_and_merged(tmp_path) -> None:
