@@ -110,7 +110,8 @@ def main() -> int:
         aets = {"ours": "MCNODE", "dcmtk": "ANY", "orthanc": "ORTHANC"}
         cfg = init_config_dir(work / "node", port=ports["ours"])
         node_keys = "fsync = false\n" if args.no_fsync else ""
-        cfg.write_text(cfg.read_text().replace("[node]\n", "[node]\n" + node_keys, 1))
+        cfg.write_text(cfg.read_text().replace("[node]\n", "[node]\n" + node_keys, 1)
+                       .replace("port = 8484", "port = 0"))  # no web page
         procs.append(subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "-c", str(cfg)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         (work / "scp").mkdir()

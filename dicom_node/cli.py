@@ -260,6 +260,40 @@ def _cmd_purge(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _read_password() -> str:
+    """The new password: typed twice on a terminal, else the first line of standard input."""
+    if sys.stdin.isatty():
+        import getpass
+
+        first = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != first:
+            raise ConfigError("the two passwords differ")
+        return first
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+def _cmd_user(args: argparse.Namespace) -> int:
+    from dicom_node.settings import load_settings
+    from dicom_node.web.users import UserStore, check_name
+
+    settings = load_settings(args.config)
+    store = UserStore.in_dir(settings.node.data_dir)
+    if args.action == "list":
+        for name, created in store.names():
+            print(f"{name:<24} created {created}")
+        return EXIT_OK
+    if not args.name:
+        raise ConfigError(f"mcnode user {args.action} needs a NAME")
+    if args.action == "add":
+        check_name(args.name)
+        store.add(args.name, _read_password(), replace=args.replace)
+        print(f"user {args.name} {'updated' if args.replace else 'added'}; the web page accepts it at once")
+    else:
+        store.remove(args.name)
+        print(f"user {args.name} removed; open sessions of it end at their next request")
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dicom_node.demo import run_demo
 
@@ -456,6 +490,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", required=True)
     p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     p.set_defaults(func=_cmd_purge)
+
+    p = sub.add_parser("user", help="web page users: add (password on standard input), list, remove")
+    p.add_argument("action", choices=("add", "list", "remove"))
+    p.add_argument("name", nargs="?")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--replace", action="store_true", help="add: set a new password for an existing user")
+    p.set_defaults(func=_cmd_user)
 
     p = sub.add_parser("demo", help="phantom -> node -> result, end to end on this machine")
     p.add_argument("--out", default="demo-out")

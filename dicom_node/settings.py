@@ -332,6 +332,21 @@ class RetentionSettings:
 
 
 @dataclass(frozen=True)
+class WebSettings:
+    """The web page for physicists served by `mcnode serve` (issue 16); port 0 turns it off."""
+
+    host: str = "127.0.0.1"
+    port: int = field(default=8484, metadata=_meta(_check_port))
+    # HTTPS with node.tls's certificate and key when those are set; false = plain HTTP even then
+    # (e.g. behind a reverse proxy that terminates TLS).
+    tls: bool = True
+    # A login lasts this long; after it the browser asks for the password again.
+    session_hours: float = field(default=12.0, metadata=_meta(_check_positive))
+    # How often the jobs page asks for fresh rows, seconds.
+    refresh_seconds: float = field(default=3.0, metadata=_meta(_check_positive))
+
+
+@dataclass(frozen=True)
 class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
     trigger: TriggerSettings = field(default_factory=TriggerSettings)
@@ -341,6 +356,7 @@ class Settings:
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
     secondcheck: SecondCheckSettings = field(default_factory=SecondCheckSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    web: WebSettings = field(default_factory=WebSettings)
     destinations: tuple[Destination, ...] = ()
     # Folder the file was read from; relative paths in the file are resolved against it.
     base_dir: Path = field(default=Path("."), metadata={"internal": True})
@@ -553,6 +569,10 @@ beam_models = {{}}
 [cloud]
 backend = "local"
 shards = 4
+
+[web]                          # the web page: add users with `mcnode user add NAME -c FILE`
+host = "127.0.0.1"
+port = 8484                    # 0 = no web page
 
 [[destinations]]               # where RT Doses go, by the AE title that sent the plan
 calling_ae_title = "TPS"

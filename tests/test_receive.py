@@ -269,7 +269,7 @@ def test_serve_stops_cleanly_on_sigterm(config_dir, tmp_path):
 
     port = free_port()
     cfg = config_dir / "mcnode.toml"
-    cfg.write_text(cfg.read_text().replace("port = 0", f"port = {port}"))
+    cfg.write_text(cfg.read_text().replace("port = 0", f"port = {port}", 1))
     proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "-c", str(cfg)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -6,8 +6,9 @@ place that says what those hold and who writes them. States (DESIGN.md at the re
 
     RECEIVING → READY → SEALED → RUNNING → MERGED → SENT (→ VERIFIED)
 
-with the side exits FAILED (retryable: `mcnode retry` puts the job back where it failed) and
-REJECTED (the input can never work).
+with the side exits FAILED (retryable: `mcnode retry` puts the job back where it failed),
+REJECTED (the input can never work) and CANCELLED (a person stopped it from the web page before its
+dose was delivered; final).
 
 Writers hand the journal a *patch*: a `JobData` whose fields left at their default keep the stored
 value, so stages on other threads (the outbox, the second check) never overwrite each other's keys
@@ -35,21 +36,24 @@ class JobState(StrEnum):
     VERIFIED = "VERIFIED"
     FAILED = "FAILED"
     REJECTED = "REJECTED"
+    CANCELLED = "CANCELLED"
 
 
 # Which state may follow which. FAILED may be retried from the state the job failed in.
+# CANCELLED is possible until the dose is delivered.
 TRANSITIONS: dict[JobState, tuple[JobState, ...]] = {
-    JobState.RECEIVING: (JobState.READY, JobState.REJECTED, JobState.FAILED),
-    JobState.READY: (JobState.SEALED, JobState.REJECTED, JobState.FAILED),
-    JobState.SEALED: (JobState.RUNNING, JobState.REJECTED, JobState.FAILED),
-    JobState.RUNNING: (JobState.MERGED, JobState.REJECTED, JobState.FAILED),
-    JobState.MERGED: (JobState.SENT, JobState.FAILED),
+    JobState.RECEIVING: (JobState.READY, JobState.REJECTED, JobState.FAILED, JobState.CANCELLED),
+    JobState.READY: (JobState.SEALED, JobState.REJECTED, JobState.FAILED, JobState.CANCELLED),
+    JobState.SEALED: (JobState.RUNNING, JobState.REJECTED, JobState.FAILED, JobState.CANCELLED),
+    JobState.RUNNING: (JobState.MERGED, JobState.REJECTED, JobState.FAILED, JobState.CANCELLED),
+    JobState.MERGED: (JobState.SENT, JobState.FAILED, JobState.CANCELLED),
     JobState.SENT: (JobState.VERIFIED, JobState.FAILED),
     JobState.VERIFIED: (),
     # A failed second check (FAILED in SENT): `mcnode retry` puts it back to SENT, a newer TPS dose to VERIFIED.
     JobState.FAILED: (JobState.READY, JobState.SEALED, JobState.RUNNING, JobState.MERGED, JobState.FAILED,
-                      JobState.REJECTED, JobState.SENT, JobState.VERIFIED),
+                      JobState.REJECTED, JobState.SENT, JobState.VERIFIED, JobState.CANCELLED),
     JobState.REJECTED: (),
+    JobState.CANCELLED: (),
 }
 
 
@@ -76,6 +80,7 @@ class PublicData:
     # outbox (MERGED → SENT)
     send_attempts: int | None = None
     last_send_error: str | None = None
+    resent: int | None = None                     # times a person had the dose sent again (web page)
     # second check (SENT → VERIFIED)
     verdict: str | None = None                    # "pass" | "fail"
     gamma_pass_rates: dict[str, float] | None = None

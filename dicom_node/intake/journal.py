@@ -29,7 +29,7 @@ from dicom_node.intake.jobrecord import FIELDS, TRANSITIONS, JobData, JobState
 LOGGER = logging.getLogger(__name__)
 
 # A job in one of these states has ended: a plan sent again then starts a new job.
-FINAL_STATES = (JobState.SENT, JobState.VERIFIED, JobState.REJECTED)
+FINAL_STATES = (JobState.SENT, JobState.VERIFIED, JobState.REJECTED, JobState.CANCELLED)
 
 _JOBS_TABLE = """
 CREATE TABLE IF NOT EXISTS {name} (

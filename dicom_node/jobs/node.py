@@ -114,7 +114,14 @@ def serve_forever(settings: Settings) -> None:
     signal.signal(signal.SIGINT, _handle)
     node = Node(settings)
     node.start()
+    web = None
     try:
+        if settings.web.port:
+            from dicom_node.web.server import WebServer  # the web stack loads only when the page is on
+
+            web = WebServer.for_node(node).start()
         stop.wait()
     finally:
+        if web is not None:
+            web.stop()
         node.stop()

@@ -37,6 +37,7 @@ class Outbox:
         self._due: list[tuple[float, str, int]] = []  # (when, job id, attempt)
         self._cond = threading.Condition()
         self._stopping = False
+        self._resend: set[str] = set()  # delivered jobs whose dose a person asked to send once more
         self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
 
     def start(self) -> None:
@@ -54,6 +55,13 @@ class Outbox:
         with self._cond:
             heapq.heappush(self._due, (time.monotonic() + delay, job.id, attempt))
             self._cond.notify_all()
+
+    def resend(self, job: Job) -> None:
+        """Send a delivered dose again (the TPS lost it), or a waiting one now instead of after its back-off."""
+        with self._cond:
+            if job.state in (JobState.SENT, JobState.VERIFIED):
+                self._resend.add(job.id)
+        self.submit(job)
 
     def pending(self) -> int:
         with self._cond:
@@ -85,12 +93,19 @@ class Outbox:
 
     def _send(self, job_id: str, attempt: int) -> None:
         job = self.journal.job(job_id)
-        if job.state != JobState.MERGED:
+        with self._cond:
+            again = job.id in self._resend and job.state in (JobState.SENT, JobState.VERIFIED)
+        if job.state != JobState.MERGED and not again:
             return
         dest = self.settings.destination_for(job.calling_ae or "")
         if dest is None:
             reason = f"no [[destinations]] entry for calling AE title {job.calling_ae!r}; dose kept"
-            self.journal.transition(job.id, JobState.MERGED, reason=reason)
+            if again:
+                with self._cond:
+                    self._resend.discard(job.id)
+                self.journal.update_job_data(job.id, JobData(public=PublicData(last_send_error=reason)))
+            else:
+                self.journal.transition(job.id, JobState.MERGED, reason=reason)
             LOGGER.error("job %s: %s", job.id, reason)
             return
         rtdose = Path(job.data.rtdose)
@@ -106,6 +121,13 @@ class Outbox:
                                   self.settings.node.ae_title)
         except SendError as exc:
             failures = [(Path(job.data.rtdose), str(exc))]
+        if not failures and again:
+            with self._cond:
+                self._resend.discard(job.id)
+            count = (job.data.public.resent or 0) + 1
+            self.journal.update_job_data(job.id, JobData(public=PublicData(resent=count)))
+            LOGGER.info("job %s: RT Dose sent again to %s", job.id, dest.ae_title)
+            return
         if not failures:
             sent = self.journal.transition(job.id, JobState.SENT, expect=JobState.MERGED,
                                            data=JobData(sent_to=f"{dest.ae_title}@{dest.host}:{dest.port}"))

@@ -100,6 +100,7 @@ class Pipeline:
         self._lock = threading.Lock()
         self._queued: set[str] = set()
         self._parked: dict[str, float] = {}  # job id -> when to try again (its failure could not be recorded)
+        self._current: str | None = None  # the job a step is working on
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -132,6 +133,13 @@ class Pipeline:
                 return
             self._queued.add(job.id)
         self._worker.put(job.id)
+
+    def cancel(self, job_id: str) -> None:
+        """The job was recorded CANCELLED: stop its shards if they are running now."""
+        with self._lock:
+            backend = self._backend if self._current == job_id else None
+        if backend is not None:
+            backend.cancel()
 
     def _pick_up_retries(self) -> None:
         """Jobs put back into a pipeline state from outside (`mcnode retry`) are taken up here."""
@@ -168,16 +176,24 @@ class Pipeline:
         """Advance one job as far as the pipeline takes it (or until it reaches state `until`)."""
         job = self.journal.job(job_id)
         steps = {JobState.READY: self._seal, JobState.SEALED: self._start_running, JobState.RUNNING: self._compute}
+        with self._lock:
+            self._current = job_id
         while job.state in steps and job.state != until:
             before = job.state
             try:
                 job = steps[job.state](job)
             except Cancelled:
-                LOGGER.info("job %s: stopped while %s; it resumes on the next start", job.id, before)
+                if self.journal.job(job.id).state == JobState.CANCELLED:
+                    LOGGER.info("job %s: shards stopped (cancelled)", job.id)
+                else:
+                    LOGGER.info("job %s: stopped while %s; it resumes on the next start", job.id, before)
                 return job
             except UnsupportedPlan as exc:
                 job = self.journal.transition(job.id, JobState.REJECTED, reason=str(exc))
             except (CloudError, AnonymizerError, NodeError, OSError) as exc:
+                if isinstance(exc, JournalError) and self._cancelled(job.id):
+                    LOGGER.info("job %s: cancelled while %s; the step's result is dropped", job.id, before)
+                    return self.journal.job(job.id)
                 job = self._fail(job, before, exc)
                 if job.state == before:
                     return job  # not even the failure could be recorded: parked, tried again later
@@ -186,6 +202,12 @@ class Pipeline:
         if job.state == JobState.MERGED and self._on_merged is not None:
             self._on_merged(job)
         return job
+
+    def _cancelled(self, job_id: str) -> bool:
+        try:
+            return self.journal.job(job_id).state == JobState.CANCELLED
+        except JournalError:
+            return False
 
     def _fail(self, job: Job, step: JobState, exc: Exception) -> Job:
         """FAILED with a one-line reason; when the journal cannot record even that (full disk), park the job."""
@@ -278,7 +300,10 @@ class Pipeline:
         if cloud.backend == "local":
             options["work_dir"] = self.work_dir
         backend = get_backend(cloud.backend, **options)
-        self._backend = backend
+        with self._lock:
+            self._backend = backend
+        if self.journal.job(job.id).state == JobState.CANCELLED:
+            raise Cancelled("cancelled")
         start = time.perf_counter()
         results = dispatch(tasks, key, backend, on_progress=lambda d, t: self.journal.set_progress(job.id, d, t))
         self._timed(job.id, "compute", start)

@@ -1,0 +1,166 @@
+"""The web page over real HTTP: who gets in, CSRF, HTTP Basic for scripts, /api/jobs, /metrics, logs.
+
+A real node receives a phantom study from dcmtk's storescu (no computing: the job waits at READY),
+and the web server runs on a free port as `mcnode serve` runs it. Requests are made as curl would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pydicom import dcmread
+
+from dicom_node.cli import main
+from dicom_node.intake.jobrecord import JobState
+from dicom_node.web.server import WebServer
+from dicom_node.web.users import UserStore
+from tests.conftest import free_port, settings_for, storescu, wait_for
+from tests.web_client import Client
+
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture
+def web(config_dir, node_factory, phantom_dir):
+    settings = settings_for(config_dir, web={"port": free_port()})
+    UserStore.in_dir(settings.node.data_dir).add("alice", PASSWORD)
+    node = node_factory(settings)
+    assert storescu(node.port, sorted(phantom_dir.iterdir())).returncode == 0
+    job = wait_for(lambda: node.journal.jobs_in(JobState.READY), timeout=30)[0]
+    server = WebServer.for_node(node).start()
+    try:
+        yield node, server, job
+    finally:
+        server.stop()
+
+
+def _cli(*argv: str, stdin: str = "") -> tuple[int, str]:
+    out = io.StringIO()
+    old = sys.stdin
+    sys.stdin = io.StringIO(stdin)
+    try:
+        with contextlib.redirect_stdout(out):
+            code = main(list(argv))
+    finally:
+        sys.stdin = old
+    return code, out.getvalue()
+
+
+def test_user_add_list_remove_stores_only_an_argon2_hash(config_dir, capsys):
+    cfg = str(config_dir / "mcnode.toml")
+    assert _cli("user", "add", "bob", "-c", cfg, stdin="s3cret-enough-pw\n")[0] == 0
+    users = config_dir / "data" / "web_users.json"
+    assert os.stat(users).st_mode & 0o777 == 0o600
+    text = users.read_text()
+    assert "s3cret-enough-pw" not in text and "$argon2id$" in text
+    store = UserStore(users)
+    assert store.verify("bob", "s3cret-enough-pw") and not store.verify("bob", "s3cret-enough-px")
+    # adding again is refused; --replace sets a new password
+    assert _cli("user", "add", "bob", "-c", cfg, stdin="another-password\n")[0] != 0
+    assert "exists" in capsys.readouterr().err
+    assert _cli("user", "add", "bob", "-c", cfg, "--replace", stdin="another-password\n")[0] == 0
+    assert UserStore(users).verify("bob", "another-password")
+    assert _cli("user", "add", "carol", "-c", cfg, stdin="short\n")[0] != 0  # too short
+    code, out = _cli("user", "list", "-c", cfg)
+    assert code == 0 and "bob" in out and "carol" not in out
+    assert _cli("user", "remove", "bob", "-c", cfg)[0] == 0
+    assert UserStore(users).names() == []
+
+
+def test_without_login_pages_redirect_and_apis_answer_401(web):
+    _node, server, job = web
+    anon = Client(server.url)
+    page = anon.get(f"/jobs/{job.id}", headers={"Accept": "text/html"})
+    assert page.status == 303 and page.headers["location"] == f"/login?next=/jobs/{job.id}"
+    for path in ("/api/jobs", "/metrics", f"/jobs/{job.id}/rtdose", f"/jobs/{job.id}/dose.png"):
+        reply = anon.get(path)
+        assert reply.status == 401, path
+        assert reply.headers["www-authenticate"].startswith("Basic")
+    assert Client(server.url, basic=("alice", "wrong password!")).get("/api/jobs").status == 401
+    assert Client(server.url, basic=("mallory", PASSWORD)).get("/api/jobs").status == 401
+    assert anon.post(f"/jobs/{job.id}/cancel", {"csrf": "x"}).status == 401
+    health = anon.get("/healthz")
+    assert health.status == 200 and json.loads(health.body) == {"status": "ok"}
+    bad = Client(server.url)
+    assert bad.login("alice", "not the password").status == 401
+
+
+def test_basic_auth_api_jobs_is_what_mcnode_jobs_json_prints(web, config_dir):
+    _node, server, job = web
+    reply = Client(server.url, basic=("alice", PASSWORD)).get("/api/jobs")
+    assert reply.status == 200 and reply.headers["content-type"] == "application/json"
+    code, printed = _cli("jobs", "-c", str(config_dir / "mcnode.toml"), "--json")
+    assert code == 0
+    assert json.loads(reply.body) == json.loads(printed)
+    assert [r["id"] for r in json.loads(reply.body)] == [job.id]
+
+
+def test_metrics_parse_as_prometheus_text(web):
+    node, server, _job = web
+    reply = Client(server.url, basic=("alice", PASSWORD)).get("/metrics")
+    assert reply.status == 200 and reply.headers["content-type"].startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(reply.text) for s in fam.samples}
+    assert samples[("mcnode_jobs", (("state", "READY"),))] == 1
+    assert samples[("mcnode_jobs", (("state", "SENT"),))] == 0
+    assert samples[("mcnode_queue_length", (("queue", "pipeline"),))] == 1
+    assert samples[("mcnode_instances_received_total", (("kind", "CT"),))] == node.journal.count_instances() - 2
+    assert samples[("mcnode_instances_received_total", (("kind", "RTIONPLAN"),))] == 1
+    assert samples[("mcnode_shard_failures_total", ())] == 0
+    spool = sum(p.stat().st_size for p in (node.settings.node.data_dir / "spool").rglob("*") if p.is_file())
+    assert samples[("mcnode_data_dir_bytes", (("part", "spool"),))] == spool > 0
+    assert samples[("mcnode_data_dir_bytes", (("part", "total"),))] > spool
+
+
+def test_actions_need_the_csrf_token_and_are_logged_with_the_user_only(web, phantom_dir, caplog):
+    node, server, job = web
+    caplog.set_level(logging.INFO)
+    browser = Client(server.url)
+    assert browser.login("alice", PASSWORD).status == 303
+    page = browser.get(f"/jobs/{job.id}", headers={"Accept": "text/html"})
+    assert page.status == 200
+    plan = dcmread(phantom_dir / "RP.dcm")
+    # the page shows who the job is (re-identified) ...
+    assert str(plan.PatientID) in page.text and str(plan.RTPlanLabel) in page.text
+    token = Client.csrf_in(page.text)
+    # ... an action without the session's token is refused and changes nothing
+    assert browser.post(f"/jobs/{job.id}/cancel", {"csrf": "forged"}).status == 403
+    assert browser.post(f"/jobs/{job.id}/cancel", {}).status == 403
+    assert node.journal.job(job.id).state == JobState.READY
+    # Basic credentials sent by a browser on another site's behalf are refused too
+    script = Client(server.url, basic=("alice", PASSWORD))
+    assert script.post(f"/jobs/{job.id}/cancel", {}, headers={"Origin": "https://evil.example"}).status == 403
+    assert node.journal.job(job.id).state == JobState.READY
+    # with the token it happens
+    done = browser.post(f"/jobs/{job.id}/cancel", {"csrf": token})
+    assert done.status == 303 and done.headers["location"].startswith(f"/jobs/{job.id}?done=")
+    assert node.journal.job(job.id).state == JobState.CANCELLED
+    assert "cancelled by alice" in (node.journal.job(job.id).reason or "")
+    # a script with Basic (no Origin, as curl) gets JSON; retrying a cancelled job is refused with the reason
+    reply = script.post(f"/jobs/{job.id}/retry", {})
+    assert reply.status == 409 and "only FAILED jobs" in json.loads(reply.body)["result"]
+    # logs: the user and the job, never the patient
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"web: user alice cancelled job {job.id}" in logged
+    for secret in (str(plan.PatientID), str(plan.PatientName).split("^")[0], str(plan.RTPlanLabel)):
+        assert secret not in logged
+    # logging out ends the session
+    assert browser.post("/logout", {"csrf": token}).status == 303
+    assert browser.get("/api/jobs").status == 401
+
+
+def test_a_removed_user_is_locked_out_at_once(web, config_dir):
+    _node, server, _job = web
+    browser = Client(server.url)
+    assert browser.login("alice", PASSWORD).status == 303
+    assert browser.get("/api/jobs").status == 200
+    UserStore(Path(config_dir / "data" / "web_users.json")).remove("alice")
+    assert browser.get("/api/jobs").status == 401
