@@ -122,7 +122,8 @@ def test_metrics_parse_as_prometheus_text(web):
 
 def test_actions_need_the_csrf_token_and_are_logged_with_the_user_only(web, phantom_dir, caplog):
     node, server, job = web
-    caplog.set_level(logging.INFO)
+    for name in ("dicom_node", "anonymizer", "uvicorn"):
+        caplog.set_level(logging.INFO, logger=name)
     browser = Client(server.url)
     assert browser.login("alice", PASSWORD).status == 303
     page = browser.get(f"/jobs/{job.id}", headers={"Accept": "text/html"})
