@@ -3,6 +3,9 @@
 It writes a phantom study, starts a built-in receiver playing the TPS, starts a node (local
 backend) on a free port, sends the study as a TPS would, waits for the RT Dose to come back,
 prints seconds per stage and the dose numbers, and draws the dose over the CT into a PNG.
+Last it creates the web page's user `demo` with a fresh random password and prints how to log in:
+on a terminal it serves the page until Ctrl-C; otherwise (CI, a pipe) it says which `mcnode serve`
+command serves it, and exits.
 """
 
 from __future__ import annotations
@@ -10,8 +13,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import secrets
 import shutil
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -198,4 +204,43 @@ def run_demo(out: Path, primaries: int = 200_000, shards: int = 2) -> int:
           f"mean relative uncertainty above 50 % of max {100 * float(unc or 0):.1f} %")
     print("   seconds per stage: " + ", ".join(f"{k} {v:.2f}" for k, v in run.stages.items()))
     print(f"   total {run.total_s:.1f} s; picture: {png}")
+    serve_page(out, primaries, shards)
     return 0
+
+
+def serve_page(out: Path, primaries: int, shards: int, hold: bool | None = None,
+               stop: threading.Event | None = None) -> str:
+    """Make the `demo` user with a new password and print the page's address; serve it while `hold`.
+
+    `hold` defaults to "standard input is a terminal", so `make demo` in CI still ends.
+    Returns the password (tests log in with it).
+    """
+    from dicom_node.web.users import UserStore
+
+    cfg = Path(out) / "node" / "mcnode.toml"
+    base = load_settings(cfg)
+    password = secrets.token_urlsafe(12)
+    UserStore.in_dir(base.node.data_dir).add("demo", password, replace=True)
+    hold = sys.stdin.isatty() if hold is None else hold
+    if not hold:
+        web = base.web
+        print(f"6. web page: run  mcnode serve -c {cfg}  and open http://{web.host}:{web.port}/  "
+              f"(user demo, password {password})")
+        return password
+    from dicom_node.web.server import WebServer
+
+    settings = demo_settings(base, 11113, primaries, shards)
+    with Node(settings) as node:
+        try:
+            web_server = WebServer.for_node(node).start()
+        except NodeError:  # the configured port is taken: any free one
+            settings = dataclasses.replace(settings, web=dataclasses.replace(settings.web, port=0))
+            web_server = WebServer(settings, node.journal, node.pipeline, node.outbox).start()
+        try:
+            print(f"6. web page: {web_server.url}  user demo  password {password}  (Ctrl-C stops)", flush=True)
+            (stop or threading.Event()).wait()
+        except KeyboardInterrupt:
+            print()
+        finally:
+            web_server.stop()
+    return password

@@ -165,3 +165,36 @@ def test_a_removed_user_is_locked_out_at_once(web, config_dir):
     assert browser.get("/api/jobs").status == 200
     UserStore(Path(config_dir / "data" / "web_users.json")).remove("alice")
     assert browser.get("/api/jobs").status == 401
+
+
+def test_demo_prints_a_login_that_works_and_ends_without_a_terminal(tmp_path, capsys):
+    import re
+    import threading
+
+    from dicom_node.demo import serve_page
+    from dicom_node.settings import init_config_dir
+
+    cfg = init_config_dir(tmp_path / "node", port=0)
+    cfg.write_text(cfg.read_text().replace("port = 8484", f"port = {free_port()}"))
+    # not a terminal (CI): the command and the login are printed, nothing keeps running
+    password = serve_page(tmp_path, 1000, 1, hold=False)
+    out = capsys.readouterr().out
+    assert f"mcnode serve -c {cfg}" in out and f"user demo, password {password}" in out
+    assert UserStore.in_dir(tmp_path / "node" / "data").verify("demo", password)
+    # on a terminal the page is served until stopped, and the printed login opens it
+    stop = threading.Event()
+    result: list[str] = []
+    thread = threading.Thread(target=lambda: result.append(serve_page(tmp_path, 1000, 1, hold=True, stop=stop)))
+    thread.start()
+    try:
+        line = wait_for(lambda: re.search(r"6\. web page: (http://\S+)  user demo  password (\S+)",
+                                          capsys.readouterr().out), timeout=60)
+        url, printed = line.group(1), line.group(2)  # type: ignore[union-attr]
+        assert printed != password  # a new one each time
+        browser = Client(url)
+        assert browser.login("demo", printed).status == 303
+        assert browser.get("/jobs", headers={"Accept": "text/html"}).status == 200
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert not thread.is_alive() and result

@@ -1,10 +1,11 @@
 """The web page in a real browser: headless Chromium (Debian's, driven by Selenium through chromedriver).
 
 Two jobs go the real way (storescu → node → MCsquare shards, few primaries → storescp):
-- A: on a machine without a commissioned beam model (a warning); once its dose is delivered the TPS
-  sends that dose back as its own, so A ends VERIFIED (pass) with a second-check report;
-- B: on a machine whose beam model file is broken, so it ends FAILED in READY. The physicist
-  fixes the file and presses Retry on the page; the job then runs and its dose is delivered.
+- B: arrives at a node that only receives (its plan passes the arrival check); then its machine's
+  beam model file is overwritten with garbage, and the computing node that takes B up fails it
+  (FAILED in READY). The physicist restores the file and presses Retry; B runs, its dose is delivered.
+- A: on the phantom machine (the generic, uncommissioned beam model: a warning); once its dose is
+  delivered the TPS sends that dose back as its own, so A ends VERIFIED (pass) with a report.
 The browser logs in, reads the jobs table, opens A (dose picture, verdict), retries B. Screenshots
 are saved in the test's tmp folder (`web-*.png`) to be looked at.
 """
@@ -60,29 +61,33 @@ def test_physicist_logs_in_sees_a_verified_dose_and_retries_a_failed_job(config_
     for name in ("dicom_node", "anonymizer", "cloud", "uvicorn"):  # pymedphys logs at INFO on the root logger
         caplog.set_level(logging.INFO, logger=name)
     tps_port, tps_dir = storescp(aet="TPS")
-    broken = tmp_path / "broken_bdl.txt"
-    broken.write_text("this is not a beam model\n")
+    bdl = tmp_path / "gantry2_bdl.txt"
+    shutil.copy(generic_beam_model_path(), bdl)
     settings = settings_for(
-        config_dir, engine={"primaries": 20_000, "beam_models": {"BROKEN_GANTRY": str(broken)}},
+        config_dir, engine={"primaries": 20_000,
+                            "beam_models": {SMALL.machine_name: "generic", "GANTRY_2": str(bdl)}},
         cloud={"shards": 2}, outbox={"retry_initial_seconds": 0.5, "retry_max_seconds": 2},
         web={"port": free_port(), "refresh_seconds": 1},
         destinations=[{"calling_ae_title": "TPS", "ae_title": "TPS", "host": "127.0.0.1", "port": tps_port}])
     UserStore.in_dir(settings.node.data_dir).add("physicist", PASSWORD)
+    receiving = node_factory(settings, compute=False)
+    study_b = build_study(dataclasses.replace(SMALL, machine_name="GANTRY_2", plan_label="HEAD_MC",
+                                              identity=SECOND))
+    write_study(study_b, tmp_path / "b")
+    assert storescu(receiving.port, sorted((tmp_path / "b").iterdir())).returncode == 0
+    (job_b,) = wait_for(lambda: receiving.journal.jobs_in(JobState.READY), timeout=60)
+    receiving.stop()
+    bdl.write_text("this is not a beam model\n")
     node = node_factory(settings, compute=True)
+    job_b = wait_for(lambda: node.journal.jobs_in(JobState.FAILED), timeout=120)[0]
+    assert node.journal.job(job_b.id).data.failed_in == JobState.READY
     web = WebServer.for_node(node).start()
     driver = None
     try:
         # A: plan, CT, structures -> SENT
-        study_a = build_study(dataclasses.replace(SMALL, machine_name="GANTRY_1"))
+        study_a = build_study(SMALL)
         write_study(study_a, tmp_path / "a")
         assert storescu(node.port, sorted((tmp_path / "a").iterdir())).returncode == 0
-        # B: another patient on a machine whose beam model cannot be read -> FAILED in READY
-        study_b = build_study(dataclasses.replace(SMALL, machine_name="BROKEN_GANTRY", plan_label="HEAD_MC",
-                                                  identity=SECOND))
-        write_study(study_b, tmp_path / "b")
-        assert storescu(node.port, sorted((tmp_path / "b").iterdir())).returncode == 0
-        job_b = wait_for(lambda: node.journal.jobs_in(JobState.FAILED), timeout=120)[0]
-        assert node.journal.job(job_b.id).data.failed_in == JobState.READY
         job_a = wait_for(lambda: node.journal.jobs_in(JobState.SENT), timeout=300)[0]
         # the TPS sends its own dose for A's plan (here: the MC dose it received, as a new instance)
         (mc_file,) = wait_for(lambda: [p for p in tps_dir.iterdir() if p.name.startswith("RD")])
@@ -131,13 +136,13 @@ def test_physicist_logs_in_sees_a_verified_dose_and_retries_a_failed_job(config_
         transitions = driver.find_element(By.ID, "transitions").text
         for state in ("RECEIVING", "READY", "SEALED", "RUNNING", "MERGED", "SENT", "VERIFIED"):
             assert state in transitions
-        assert "beam model fallback" in driver.page_source  # the generic model's warning is shown
+        assert "UNCOMMISSIONED" in driver.find_element(By.CSS_SELECTOR, ".warnings").text  # the generic model
         driver.save_screenshot(str(tmp_path / "web-job-verified.png"))
         png = node.settings.node.data_dir / "jobs" / job_a.id / "web" / "dose.png"
         shutil.copy(png, tmp_path / "web-dose.png")
 
         # B: fix the beam model, press Retry, see the state change
-        shutil.copy(generic_beam_model_path(), broken)
+        shutil.copy(generic_beam_model_path(), bdl)
         driver.get(web.url + f"jobs/{job_b.id}")
         assert "FAILED" in driver.find_element(By.ID, "state").text
         assert "PAT-7730015" in driver.find_element(By.ID, "patient-id").text
