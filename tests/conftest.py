@@ -83,7 +83,9 @@ def config_dir(tmp_path: Path) -> Path:
     text = text.replace("beam_models = {}", f'beam_models = {{"{SMALL.machine_name}" = "generic"}}')
     assert "generic" in text
     text = text.replace('allowed_callers = ["TPS"]', 'allowed_callers = ["TPS", "TPS2"]')
-    text = text.replace("port = 8484", "port = 0")  # no web page unless a test asks for one
+    # No web page unless a test asks for one. Written "+0" (TOML's zero too) so that tests replacing
+    # "port = 0" -- the DICOM port -- with a fixed port leave this one alone.
+    text = text.replace("port = 8484", "port = +0")
     path.write_text(text)
     return directory
 
