@@ -101,3 +101,16 @@ def test_fallback_assembly_keeps_the_structure_set_drawn_on_the_ct(node_factory,
     kept = dcmread(job.data.structure_set)
     assert kept.SOPInstanceUID == study.rtstruct.SOPInstanceUID
     assert "BODY" in [r.ROIName for r in kept.StructureSetROISequence]
+
+
+def test_a_waiting_plan_is_checked_again_after_a_restart(config_dir, node_factory, phantom_dir):
+    """Received under a config that mapped its machine, still waiting for its CT when the node stops; the
+    machine is no longer mapped when it starts again: REJECTED with the reason, not left waiting."""
+    node = node_factory()
+    assert storescu(node.port, [phantom_dir / "RP.dcm"]).returncode == 0
+    job = wait_for(lambda: node.journal.jobs_in(RECEIVING))[0]
+    node.stop()
+    unmapped = settings_for(config_dir, engine={"beam_models": {}})
+    again = node_factory(unmapped)
+    done = wait_for(lambda: again.journal.jobs_in(REJECTED), timeout=10)[0]
+    assert done.id == job.id and "treatment machine 'GENERIC_PBS' has no beam model" in done.reason

@@ -52,10 +52,11 @@ class Assembler:
     def start(self) -> None:
         self._scheduler.start()
         self._worker.start()
-        # Resume after a restart: every job still receiving is evaluated again and gets its timeout.
+        # Resume after a restart: every job still receiving is checked again (the config may have
+        # changed), evaluated again and gets its timeout.
         for job in self.journal.jobs_in(JobState.RECEIVING):
             self._schedule_timeout(job)
-            self._worker.put(("job", job.id))
+            self._worker.put(("resume", job.id))
 
     def stop(self) -> None:
         self._worker.stop(timeout=10)
@@ -77,6 +78,11 @@ class Assembler:
             self._on_instance(payload)  # type: ignore[arg-type]
         elif kind == "job":
             self._evaluate(self.journal.job(str(payload)), from_timer=False)
+        elif kind == "resume":
+            job = self.journal.job(str(payload))
+            plan = self.journal.instance(job.plan_uid)
+            if job.state == JobState.RECEIVING and plan is not None and not self._plan_refused(job, plan):
+                self._evaluate(job, from_timer=False)
         elif kind == "stable":
             self._evaluate(self.journal.job(str(payload)), from_timer=True)
         elif kind == "timeout":
