@@ -119,3 +119,20 @@ def test_a_measured_idd_table_sets_protons_per_mu(tmp_path, capsys):
     csv.write_text("energy,idd\n100,1\n")
     assert main(["commission", "--measured", str(csv), "-o", str(out)]) != 0
     assert "missing column(s) energy_MeV, idd_2cm_Gy_mm2_per_MU" in capsys.readouterr().err
+
+
+def test_the_header_of_a_commissioned_model_stays_on_the_clinic_node(tmp_path):
+    """The header names the clinic's reference files; the BDL copy that goes into the bundle has no comments."""
+    from dicom_node.phantom import PhantomSpec, Spot, build_study
+
+    base = read_bdl(generic_beam_model_path())
+    path = tmp_path / "tr3.txt"
+    path.write_text(commissioned_bdl_text(base, factor_curve([(120.0, 2.0)]), (70.0, 230.0),
+                                          ["reference Doe^Jane_QA: RP_Doe^Jane.dcm sha256 0123"]))
+    spec = PhantomSpec(size_mm=(60.0, 60.0, 40.0), spacing_mm=(5.0, 5.0, 5.0), water_box_mm=(40.0, 40.0, 30.0),
+                       bone_slab_thickness_mm=0.0, target_radius_mm=10.0, machine_name="TR3",
+                       spots=(Spot(0.0, 0.0, 120.0, 1.0),))
+    inputs = get_engine("mcsquare").prepare(build_study(spec).all(), tmp_path / "in", beam_models={"TR3": path})
+    sent = (inputs.root / "BDL.txt").read_text()
+    assert "Doe" not in sent and "#" not in sent and "Doe^Jane" in path.read_text()
+    assert read_bdl(inputs.root / "BDL.txt").protons_per_mu == pytest.approx(read_bdl(path).protons_per_mu)

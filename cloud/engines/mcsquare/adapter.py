@@ -207,8 +207,11 @@ def _write_bdl(model: BeamModel, plan: IonPlan, target: Path) -> None:
 
     A missing range shifter is modelled as PMMA (MCsquare material 64, 1.19 g/cm3) of the water
     equivalent thickness the plan states; MCsquare derives the physical thickness from it.
+    Comment lines are left out: a commissioned model's header names the clinic's reference files,
+    and this copy travels in the job's bundle.
     """
-    text = model.path.read_text()
+    text = "".join(line + "\n" for line in model.path.read_text().splitlines()
+                   if not line.lstrip().startswith("#"))
     wanted: dict[str, float] = {}
     for beam in plan.beams:
         for layer in beam.layers:
