@@ -198,3 +198,34 @@ def test_demo_prints_a_login_that_works_and_ends_without_a_terminal(tmp_path, ca
         stop.set()
         thread.join(timeout=30)
     assert not thread.is_alive() and result
+
+
+def test_https_with_the_nodes_certificate_and_secure_cookies(config_dir, node_factory, tmp_path):
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from tests.test_tls import _key_and_cert
+
+    ca_key, ca_cert, _ca_key_path, ca_path = _key_and_cert("ca", None, True, tmp_path)
+    _k, _c, server_key, server_crt = _key_and_cert("node", (ca_key, ca_cert), False, tmp_path)
+    settings = settings_for(config_dir, node={"tls": {"cert_file": str(server_crt), "key_file": str(server_key)}},
+                            web={"port": free_port()})
+    UserStore.in_dir(settings.node.data_dir).add("alice", PASSWORD)
+    node = node_factory(settings)
+    with WebServer.for_node(node) as server:
+        assert server.url.startswith("https://127.0.0.1:")
+        browser = Client(server.url, cafile=str(ca_path))
+        login = browser.login("alice", PASSWORD)
+        assert login.status == 303
+        cookie = next(c for c in browser.cookies if c.name == "mcnode_session")
+        assert cookie.secure
+        assert "httponly" in login.headers["set-cookie"].lower() and "samesite=strict" in login.headers[
+            "set-cookie"].lower()
+        assert browser.get("/api/jobs").status == 200
+        assert Client(server.url, basic=("alice", PASSWORD), cafile=str(ca_path)).get("/api/jobs").status == 200
+        # a client that does not trust the node's CA does not get through; plain HTTP is not answered
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(server.url + "healthz", timeout=10, context=ssl.create_default_context())
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(server.url.replace("https", "http") + "healthz", timeout=10)

@@ -13,6 +13,8 @@ are saved in the test's tmp folder (`web-*.png`) to be looked at.
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 import logging
 import shutil
 import time
@@ -28,6 +30,7 @@ from dicom_node.phantom import FakeIdentity, build_study, write_study
 from dicom_node.web.server import WebServer
 from dicom_node.web.users import UserStore
 from tests.conftest import SMALL, free_port, settings_for, storescu, wait_for
+from tests.web_client import Client
 
 pytestmark = pytest.mark.slow
 
@@ -140,6 +143,16 @@ def test_physicist_logs_in_sees_a_verified_dose_and_retries_a_failed_job(config_
         driver.save_screenshot(str(tmp_path / "web-job-verified.png"))
         png = node.settings.node.data_dir / "jobs" / job_a.id / "web" / "dose.png"
         shutil.copy(png, tmp_path / "web-dose.png")
+        # send A's dose to the TPS once more (it lost it): the outbox delivers it again
+        driver.find_element(By.ID, "resend").click()
+        assert "queued" in wait.until(ec.presence_of_element_located((By.ID, "message"))).text
+        wait_for(lambda: node.journal.job(job_a.id).data.public.resent == 1, timeout=60)
+        assert node.journal.job(job_a.id).state == JobState.VERIFIED
+        # the RT Dose download (as a script would fetch it) is the re-identified dose the TPS got
+        download = Client(web.url, basic=("physicist", PASSWORD)).get(f"/jobs/{job_a.id}/rtdose")
+        assert download.status == 200 and f"RD_{job_a.id}.dcm" in download.headers["content-disposition"]
+        rd = dcmread(io.BytesIO(download.body))
+        assert rd.PatientID == "PAT-4471920" and rd.SOPInstanceUID == dcmread(mc_file).SOPInstanceUID
 
         # B: fix the beam model, press Retry, see the state change
         shutil.copy(generic_beam_model_path(), bdl)
@@ -163,6 +176,48 @@ def test_physicist_logs_in_sees_a_verified_dose_and_retries_a_failed_job(config_
         web.stop()
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert f"web: user physicist retried job {job_b.id}" in logged
+    assert f"web: user physicist downloaded the RT Dose of job {job_a.id}" in logged
     for secret in ("PAT-4471920", "PAT-7730015", "Lindqvist", "Ferreira", SMALL.plan_label, "HEAD_MC",
                    str(dcmread(tmp_path / "a" / "RP.dcm").SOPInstanceUID)):
         assert secret not in logged
+
+
+def _workers_of(job_id: str) -> list[int]:
+    """Process ids of the local backend's shard workers for this job (their command line names it)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"cloud.worker" in cmd and job_id.encode() in cmd:
+            found.append(int(proc.name))
+    return found
+
+
+def test_cancel_from_the_page_stops_the_running_shards(config_dir, node_factory, storescp, phantom_dir):
+    """A job cancelled while its shards run: they are stopped, nothing is merged or sent."""
+    tps_port, tps_dir = storescp(aet="TPS")
+    settings = settings_for(
+        config_dir, engine={"primaries": 20_000_000}, cloud={"shards": 2}, web={"port": free_port()},
+        destinations=[{"calling_ae_title": "TPS", "ae_title": "TPS", "host": "127.0.0.1", "port": tps_port}])
+    UserStore.in_dir(settings.node.data_dir).add("physicist", PASSWORD)
+    node = node_factory(settings, compute=True)
+    with WebServer.for_node(node) as web:
+        assert storescu(node.port, sorted(phantom_dir.iterdir())).returncode == 0
+        (job,) = wait_for(lambda: node.journal.jobs_in(JobState.RUNNING), timeout=120)
+        wait_for(lambda: node.journal.job(job.id).shards_total == 2, timeout=60)  # the shards have started
+        script = Client(web.url, basic=("physicist", PASSWORD))
+        assert wait_for(lambda: _workers_of(job.id), timeout=60)  # shard workers are running
+        reply = script.post(f"/jobs/{job.id}/cancel", {})
+        assert reply.status == 200 and json.loads(reply.body)["result"] == "cancelled"
+        assert node.pipeline is not None and node.pipeline.wait_idle(timeout=120)
+        # 20 M primaries take minutes here: the pipeline is idle because the shard workers were stopped
+        assert not _workers_of(job.id)
+        time.sleep(1)
+        states = [s for s, _r, _t in node.journal.history(job.id)]
+        assert states[-1] == JobState.CANCELLED and JobState.MERGED not in states
+        assert not [p for p in tps_dir.iterdir() if p.name.startswith("RD")]
+        # a cancelled job cannot be retried or cancelled again
+        assert script.post(f"/jobs/{job.id}/retry", {}).status == 409
+        assert script.post(f"/jobs/{job.id}/cancel", {}).status == 409

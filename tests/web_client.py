@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import http.cookiejar
 import re
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -30,11 +31,14 @@ class Reply:
 
 
 class Client:
-    def __init__(self, base_url: str, basic: tuple[str, str] | None = None) -> None:
+    def __init__(self, base_url: str, basic: tuple[str, str] | None = None, cafile: str | None = None) -> None:
         self.base = base_url.rstrip("/")
         self.basic = basic
         self.cookies = http.cookiejar.CookieJar()
-        self._opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.cookies), _NoRedirect)
+        handlers: list[urllib.request.BaseHandler] = [urllib.request.HTTPCookieProcessor(self.cookies), _NoRedirect()]
+        if cafile:
+            handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=cafile)))
+        self._opener = urllib.request.build_opener(*handlers)
 
     def request(self, method: str, path: str, form: dict[str, str] | None = None,
                 headers: dict[str, str] | None = None) -> Reply:
