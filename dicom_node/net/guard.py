@@ -31,7 +31,7 @@ import ssl
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pynetdicom import AE, evt
@@ -175,7 +175,6 @@ class _Conn:
     assoc: Association | None = None
     established: bool = False
     closing: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ConnectionGuard:
@@ -196,13 +195,6 @@ class ConnectionGuard:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=2)
-
-    def counts(self) -> tuple[int, dict[str, int]]:
-        with self._lock:
-            per: dict[str, int] = {}
-            for c in self._conns.values():
-                per[c.peer] = per.get(c.peer, 0) + 1
-            return len(self._conns), per
 
     def admit(self, sock: socket.socket, peer: str) -> bool:
         """True when the connection may proceed; False: the caller closes it."""
