@@ -29,10 +29,28 @@ def split_primaries(primaries: int, shards: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(shards)]
 
 
-def plan_tasks(job_id: str, shards: int, primaries: int, bundle_uri: str, results_uri: str) -> list[ShardTask]:
-    """`shards` tasks whose primaries add up to `primaries`; results at `results_uri`/shard-I.tally."""
+def plan_tasks(job_id: str, shards: int, primaries: int, bundle_uri: str, results_uri: str,
+               first_index: int = 0) -> list[ShardTask]:
+    """`shards` tasks whose primaries add up to `primaries`; results at `results_uri`/shard-I.tally.
+
+    Shard indices (and so seeds and result names) start at `first_index`: a later wave of the same
+    job continues the numbering, so every shard of a job has its own seed.
+    """
     return [ShardTask(job_id, i, n, BASE_SEED + i, bundle_uri, f"{results_uri.rstrip('/')}/shard-{i}.tally")
-            for i, n in enumerate(split_primaries(primaries, shards))]
+            for i, n in enumerate(split_primaries(primaries, shards), start=first_index)]
+
+
+def primaries_for_target(done: int, uncertainty_percent: float, target_percent: float, max_primaries: int,
+                         shards: int, margin: float = 1.1) -> int:
+    """Primaries for the next wave: the standard error falls as 1/sqrt(N), so reaching `target` from
+    `uncertainty` after `done` primaries needs done * (u / target)^2 in all; `margin` allows for the
+    estimate's own noise. At least one primary per shard and 10 % of what is done; never past
+    `max_primaries` (0 when that is reached)."""
+    room = max_primaries - done
+    if room < shards:
+        return 0
+    needed = done * (uncertainty_percent / target_percent) ** 2 * margin - done
+    return int(min(room, max(needed, 0.1 * done, shards)))
 
 
 def finished(task: ShardTask, key: bytes) -> bool:

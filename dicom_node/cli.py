@@ -114,12 +114,24 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
     if not rows:
         print("no jobs")
         return EXIT_OK
-    print(f"{'id':<14} {'state':<10} {'progress':<9} {'created':<20} {'updated':<20} reason / result")
+    print(f"{'id':<14} {'state':<10} {'progress':<9} {'uncertainty % per wave':<24} {'created':<20} {'updated':<20} "
+          "reason / result")
     for row in rows:
         progress = f"{row['shards_done']}/{row['shards_total']}" if row.get("shards_total") else ""
-        print(f"{row['id']:<14} {row['state']:<10} {progress:<9} {row['created']:<20} {row['updated']:<20} "
-              f"{_job_note(row)}")
+        print(f"{row['id']:<14} {row['state']:<10} {progress:<9} {_waves_note(row):<24} {row['created']:<20} "
+              f"{row['updated']:<20} {_job_note(row)}")
     return EXIT_OK
+
+
+def _waves_note(row: dict[str, object]) -> str:
+    """The pooled uncertainty after each wave, e.g. '4.10 > 2.62 > 1.93 ok' (target met) or '... NOT MET'."""
+    waves = row.get("waves") or []
+    values = [w.get("uncertainty_percent") for w in waves]  # type: ignore[union-attr]
+    text = " > ".join("?" if v is None else f"{float(v):.2f}" for v in values)
+    met = row.get("uncertainty_target_met")
+    if met is not None:
+        text += " ok" if met else " NOT MET"
+    return text
 
 
 def _job_note(row: dict[str, object]) -> str:
@@ -206,12 +218,12 @@ def _cmd_compute(args: argparse.Namespace) -> int:
     result = compute_folder(Path(args.in_dir), Path(args.out), primaries=primaries, shards=shards,
                             engine_settings=engine)
     s = result.merged.summary
-    unc = s["mean_relative_uncertainty_high_dose"]
+    unc = s["uncertainty_percent"]
     print(f"wrote {result.rt_dose_path}")
     print(f"max dose {s['max_dose_plan_gy']:.4g} Gy ({s['dose_type'].lower()}, plan total over {s['fractions']} "
           f"fractions; {s['max_dose_per_fraction_gy']:.4g} Gy per fraction)")
-    unc_text = "n/a (one shard)" if unc is None else f"{100 * unc:.2f} %"
-    print(f"mean relative uncertainty (voxels >= 50 % of max): {unc_text}; "
+    unc_text = "n/a (one shard)" if unc is None else f"{unc:.2f} %"
+    print(f"uncertainty (pooled relative SE, body voxels >= 50 % of max): {unc_text}; "
           f"{s['primaries']} primaries, {s['shards']} shards")
     for warning in result.warnings:
         print(f"warning: {warning}")

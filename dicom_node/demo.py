@@ -198,10 +198,10 @@ def run_demo(out: Path, primaries: int = 200_000, shards: int = 2) -> int:
           f"{rd.PatientID == study.plan.PatientID} (original identity restored)")
     print(f"   SeriesDescription \"{rd.SeriesDescription}\": the phantom's machine is mapped to the generic beam "
           "model (engine.beam_models), so the dose says it is not for clinical use")
-    unc = summary.get("mean_relative_uncertainty_high_dose")
+    unc = summary.get("uncertainty_percent")
     print(f"5. primaries {primaries}; dose at isocenter {iso:.3f} Gy; max dose "
           f"{float(summary.get('max_dose_plan_gy', 0)):.3f} Gy (plan, {summary.get('fractions')} fractions); "
-          f"mean relative uncertainty above 50 % of max {100 * float(unc or 0):.1f} %")
+          f"uncertainty (pooled SE, body voxels above 50 % of max) {float(unc or 0):.1f} %")
     print("   seconds per stage: " + ", ".join(f"{k} {v:.2f}" for k, v in run.stages.items()))
     print(f"   total {run.total_s:.1f} s; picture: {png}")
     serve_page(out, primaries, shards)

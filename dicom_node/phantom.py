@@ -13,7 +13,7 @@ patient's left, y posterior, z superior. The CT is centred on the origin, which 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -75,6 +75,10 @@ class PhantomSpec:
     # Explicit spots: when given, every beam delivers exactly these (one layer per energy, in the order
     # given) instead of the target-covering grid; e.g. (Spot(energy_mev=200.0),) is a single pencil beam.
     spots: tuple[Spot, ...] = ()
+    # "box": the water box of water_box_mm; "head": an ellipsoid of water with semi-axes water_box_mm / 2
+    # inside a skull (bone) shell of skull_mm, the BODY contour an ellipse on every slice.
+    shape: str = "box"
+    skull_mm: float = 6.0
     identity: FakeIdentity = field(default_factory=FakeIdentity)
 
 
@@ -143,9 +147,42 @@ def _grid(spec: PhantomSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return axes[0], axes[1], axes[2]
 
 
+def head_spec(**changes: object) -> PhantomSpec:
+    """A head-sized phantom: 512 x 512 x 177 CT of 0.59 x 0.59 x 1.25 mm, skull shell, 3 fields (0, 90, 270)."""
+    base = PhantomSpec(size_mm=(512 * 0.59, 512 * 0.59, 177 * 1.25), spacing_mm=(0.59, 0.59, 1.25),
+                       water_box_mm=(150.0, 190.0, 180.0), shape="head", skull_mm=6.0, bone_slab_thickness_mm=0.0,
+                       target_radius_mm=25.0, gantry_angles=(0.0, 90.0, 270.0), energy_layers=6,
+                       spot_spacing_mm=6.0, fractions=30, plan_label="HEAD_MC")
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def _head_slice(spec: PhantomSpec, xs: np.ndarray, ys: np.ndarray, z: float) -> np.ndarray:
+    """HU of one axial slice of the head phantom: water inside the skull, bone shell, air around."""
+    hx, hy, hz = (s / 2.0 for s in spec.water_box_mm)
+    r2 = (xs[None, :] / hx) ** 2 + (ys[:, None] / hy) ** 2 + (z / hz) ** 2
+    t = spec.skull_mm
+    inner = (xs[None, :] / (hx - t)) ** 2 + (ys[:, None] / (hy - t)) ** 2 + (z / (hz - t)) ** 2
+    hu = np.full(r2.shape, HU_AIR, dtype=np.int16)
+    hu[r2 <= 1.0] = HU_BONE
+    hu[inner <= 1.0] = HU_WATER
+    return hu
+
+
+def _head_outline(spec: PhantomSpec, z: float, points: int = 64) -> list[tuple[float, float]]:
+    """The head's outer ellipse at height z (empty above or below the head)."""
+    hx, hy, hz = (s / 2.0 for s in spec.water_box_mm)
+    if abs(z) >= hz:
+        return []
+    k = math.sqrt(1.0 - (z / hz) ** 2)
+    return [(hx * k * math.cos(2 * math.pi * i / points), hy * k * math.sin(2 * math.pi * i / points))
+            for i in range(points)]
+
+
 def ct_volume(spec: PhantomSpec) -> np.ndarray:
     """HU values indexed [z, y, x]."""
     xs, ys, zs = _grid(spec)
+    if spec.shape == "head":
+        return np.stack([_head_slice(spec, xs, ys, float(z)) for z in zs])
     # Open grids broadcast to [z, y, x] without materialising three full coordinate volumes.
     z, y, x = zs[:, None, None], ys[None, :, None], xs[None, None, :]
     hx, hy, hz = (s / 2.0 for s in spec.water_box_mm)
@@ -161,7 +198,7 @@ def ct_volume(spec: PhantomSpec) -> np.ndarray:
 
 def _ct_series(spec: PhantomSpec, ident: FakeIdentity, study_uid: str, for_uid: str) -> list[Dataset]:
     xs, ys, zs = _grid(spec)
-    hu = ct_volume(spec)
+    hu = ct_volume(spec) if spec.shape != "head" else None  # the head: one slice at a time
     series_uid = generate_uid()
     slices = []
     for k, zpos in enumerate(zs):
@@ -187,7 +224,8 @@ def _ct_series(spec: PhantomSpec, ident: FakeIdentity, study_uid: str, for_uid: 
         ds.RescaleSlope = 1
         ds.RescaleType = "HU"
         ds.KVP = 120
-        ds.PixelData = np.ascontiguousarray(hu[k]).astype("<i2").tobytes()
+        pixels = hu[k] if hu is not None else _head_slice(spec, xs, ys, float(zpos))
+        ds.PixelData = np.ascontiguousarray(pixels).astype("<i2").tobytes()
         slices.append(ds)
     return slices
 
@@ -245,7 +283,11 @@ def _rtstruct(spec: PhantomSpec, ident: FakeIdentity, study_uid: str, for_uid: s
         contours = Sequence()
         for img in ct:
             z = float(img.ImagePositionPatient[2])
-            if name == "BODY":
+            if name == "BODY" and spec.shape == "head":
+                pts = _head_outline(spec, z)
+                if not pts:
+                    continue
+            elif name == "BODY":
                 if abs(z) > hz:
                     continue
                 pts = [(-hx, -hy), (hx, -hy), (hx, hy), (-hx, hy)]

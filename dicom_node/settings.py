@@ -124,6 +124,16 @@ def _check_ct_calibrations(path: str, value: dict[str, tuple[Path, ...]]) -> Non
                 raise ConfigError(f"{path}.{scanner}: calibration file {table} does not exist")
 
 
+def _check_dose_grid_mm(path: str, value: float) -> None:
+    if not 0.5 <= value <= 10:
+        raise ConfigError(f"{path}: must be between 0.5 and 10 (mm), got {value}")
+
+
+def _check_target_uncertainty(path: str, value: float) -> None:
+    if value != 0 and not 0.1 <= value <= 50:
+        raise ConfigError(f"{path}: must be 0 (off) or between 0.1 and 50 (percent), got {value}")
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     name: str = field(default="mcsquare", metadata=_meta(_choice("mcsquare")))
@@ -141,6 +151,21 @@ class EngineSettings:
     # none uses the built-in tables. The job records which was used.
     ct_calibrations: dict[str, tuple[Path, ...]] = field(default_factory=dict,
                                                           metadata=_meta(_check_ct_calibrations))
+    # Dose grid: "uniform" = cubic voxels of dose_grid_mm covering the CT; "tps" = exactly the grid of
+    # the RT Dose the TPS sent for the plan (uniform when it has sent none by the time the job starts);
+    # "ct" = the CT's own voxels.
+    dose_grid: str = field(default="uniform", metadata=_meta(_choice("uniform", "tps", "ct")))
+    dose_grid_mm: float = field(default=2.5, metadata=_meta(_check_dose_grid_mm))
+    # Stop adding shards once the pooled relative standard error (body voxels >= 50 % of the max) is at
+    # or below this (percent); 0 = off (one wave of `primaries`).
+    target_uncertainty_percent: float = field(default=0.0, metadata=_meta(_check_target_uncertainty))
+    # Upper bound on primaries per plan over all waves when a target uncertainty is set.
+    max_primaries: int = field(default=100_000_000, metadata=_meta(_check_positive))
+    # true: MCsquare converts dose to medium into dose to water (post-processing), as Eclipse and
+    # RayStation report it; the RT Dose says which.
+    dose_to_water: bool = False
+    # Without an External/BODY contour in the structure set, voxels below this density are air (no dose).
+    body_density_g_cm3: float = field(default=0.05, metadata=_meta(_check_positive))
 
 
 @dataclass(frozen=True)
@@ -469,6 +494,10 @@ def settings_from_dict(table: dict[str, Any], base_dir: Path | str = ".") -> Set
     _check_destinations(settings)
     _check_cloud(settings.cloud)
     _check_node(settings.node)
+    engine = settings.engine
+    if engine.target_uncertainty_percent > 0 and engine.max_primaries < engine.primaries:
+        raise ConfigError(f"engine.max_primaries ({engine.max_primaries}) must be at least engine.primaries "
+                          f"({engine.primaries}), which the first wave runs")
     return settings
 
 

@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
@@ -58,12 +57,19 @@ def test_dose_returns_to_tps_linked_to_its_plan(config_dir, node_factory, stores
     assert rd.FrameOfReferenceUID == cts[0].FrameOfReferenceUID
     assert rd.PatientID == plan.PatientID and str(rd.PatientName) == str(plan.PatientName)
     assert rd.SeriesInstanceUID not in {plan.SeriesInstanceUID, cts[0].SeriesInstanceUID}
-    # the grid is the CT's
-    assert (rd.Rows, rd.Columns, int(rd.NumberOfFrames)) == (cts[0].Rows, cts[0].Columns, len(cts))
-    assert np.allclose([float(v) for v in rd.ImagePositionPatient], [float(v) for v in cts[0].ImagePositionPatient])
-    assert np.allclose([float(v) for v in rd.PixelSpacing], [float(v) for v in cts[0].PixelSpacing])
-    z = [float(c.ImagePositionPatient[2]) - float(cts[0].ImagePositionPatient[2]) for c in cts]
-    assert np.allclose([float(v) for v in rd.GridFrameOffsetVector], z)
+    # the grid is engine.dose_grid_mm's default: 2.5 mm cubes centred on the CT, inside its edges
+    assert [float(v) for v in rd.PixelSpacing] == [2.5, 2.5]
+    offsets = [float(v) for v in rd.GridFrameOffsetVector]
+    assert offsets == pytest.approx([2.5 * k for k in range(int(rd.NumberOfFrames))])
+    ct_spacing = (float(cts[0].PixelSpacing[1]), float(cts[0].PixelSpacing[0]),
+                  float(cts[1].ImagePositionPatient[2]) - float(cts[0].ImagePositionPatient[2]))
+    ct_counts = (int(cts[0].Columns), int(cts[0].Rows), len(cts))
+    for axis, n in enumerate((int(rd.Columns), int(rd.Rows), int(rd.NumberOfFrames))):
+        ct_first = float(cts[0].ImagePositionPatient[axis])
+        ct_centre = ct_first + (ct_counts[axis] - 1) * ct_spacing[axis] / 2
+        first = float(rd.ImagePositionPatient[axis])
+        assert first + (n - 1) * 2.5 / 2 == pytest.approx(ct_centre)
+        assert first - 1.25 >= ct_first - ct_spacing[axis] / 2 - 1e-6
     assert rd.DoseUnits == "GY" and rd.DoseSummationType == "PLAN" and rd.BitsAllocated == 32
     dose = rd.pixel_array * float(rd.DoseGridScaling)
     assert dose.max() > 0

@@ -12,6 +12,7 @@ from pydicom.data import get_testdata_file
 
 from cloud.engines import get_engine
 from cloud.engines.base import UNCOMMISSIONED, ShardInputs, Tally
+from cloud.engines.ct import ct_grid
 from cloud.engines.mcsquare.adapter import generic_beam_model_path
 from cloud.engines.mcsquare.bdl import generic_bdl_text, read_bdl
 from cloud.errors import EngineError, MergeError, UnsupportedPlan
@@ -115,7 +116,9 @@ def test_merge_scales_to_gy_applies_rbe_and_fractions_and_estimates_the_error():
     np.testing.assert_allclose(effective.per_fraction_gy, 1.1 * m.per_fraction_gy)
     assert effective.dose_type == "EFFECTIVE" and m.dose_type == "PHYSICAL"
     assert m.summary["max_dose_plan_gy"] == pytest.approx(m.plan_gy.max())
-    assert 0 < m.summary["mean_relative_uncertainty_high_dose"] < 1
+    high = m.per_fraction_gy >= 0.5 * m.per_fraction_gy.max()
+    pooled = np.sqrt((m.std_error_per_fraction_gy[high] ** 2).sum() / (m.per_fraction_gy[high] ** 2).sum())
+    assert m.summary["uncertainty_percent"] == pytest.approx(100 * pooled)
     assert merge(ts[:1], 2e9, 30, expected_shards=1).std_error_per_fraction_gy is None
 
 
@@ -125,7 +128,9 @@ def test_rt_dose_references_and_geometry(tmp_path):
     ts = [Tally(np.linspace(0, 1e-12, nz * ny * nx, dtype=np.float32).reshape(nz, ny, nx), 10, s, 0.0)
           for s in range(2)]
     merged = merge(ts, 1e9, 5, expected_shards=2)
-    rd = write_rt_dose(merged, list(reversed(study.ct)), study.plan, notes=["beam model site.txt"])
+    grid = ct_grid(sorted(study.ct, key=lambda d: float(d.ImagePositionPatient[2])))
+    rd = write_rt_dose(merged, grid, study.ct[3], study.plan, dose_to_water=False,
+                       marks=["uncertainty above target"], notes=["beam model site.txt"])
     assert UNCOMMISSIONED not in f"{rd.SeriesDescription} {rd.DoseComment} {rd.ImageComments}"  # commissioned
     assert rd.ImageComments.endswith("; beam model site.txt") and len(rd.DoseComment) <= 64
     path = tmp_path / "rd.dcm"
@@ -137,6 +142,8 @@ def test_rt_dose_references_and_geometry(tmp_path):
     assert back.SeriesInstanceUID != ct0.SeriesInstanceUID
     assert back.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID == study.plan.SOPInstanceUID
     assert (back.DoseUnits, back.DoseType, back.DoseSummationType) == ("GY", "PHYSICAL", "PLAN")
+    assert back.DoseComment == "UNCERTAINTY ABOVE TARGET; DOSE TO MEDIUM"
+    assert back.SeriesDescription == "UNCERTAINTY ABOVE TARGET (MC)"
     assert [float(v) for v in back.ImagePositionPatient] == [float(v) for v in ct0.ImagePositionPatient]
     offsets = [float(v) for v in back.GridFrameOffsetVector]
     assert offsets[0] == 0 and offsets == pytest.approx([5.0 * k for k in range(nz)])

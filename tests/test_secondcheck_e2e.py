@@ -15,6 +15,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from cloud.engines.base import UNCOMMISSIONED
+from cloud.engines.ct import ct_grid
 from cloud.merge import MergedDose
 from dicom_node.cli import main
 from dicom_node.intake.jobrecord import JobState
@@ -37,7 +38,7 @@ def _analytic_tps_dose(study, path):
     per_fraction = 2.0 * np.exp(-r2)
     merged = MergedDose(per_fraction_gy=per_fraction, plan_gy=per_fraction * 30, std_error_per_fraction_gy=None,
                         fractions=30, rbe=False, primaries=0, shards=0)
-    ds = write_rt_dose(merged, cts, study.plan, series_description="TPS dose")
+    ds = write_rt_dose(merged, ct_grid(cts), cts[0], study.plan, series_description="TPS dose")
     ds.Manufacturer = "FakeTPS"
     ds.save_as(path, enforce_file_format=True)
     return path
@@ -57,7 +58,7 @@ def test_tps_dose_with_the_plan_and_later_ends_verified_with_a_report(config_dir
                                                                        capsys):
     tps_port, tps_dir = storescp(aet="TPS")
     settings = settings_for(
-        config_dir, engine={"primaries": PRIMARIES}, cloud={"shards": 2},
+        config_dir, engine={"primaries": PRIMARIES, "dose_grid": "tps"}, cloud={"shards": 2},
         outbox={"retry_initial_seconds": 0.5, "retry_max_seconds": 2},
         secondcheck={"report_ae_title": "TPS", "report_port": tps_port, "max_gamma": 1.5},
         destinations=[{"calling_ae_title": "TPS", "ae_title": "TPS", "host": "127.0.0.1", "port": tps_port}])
@@ -72,6 +73,8 @@ def test_tps_dose_with_the_plan_and_later_ends_verified_with_a_report(config_dir
     states = [s for s, _r, _t in node.journal.history(job.id)]
     assert states[-2:] == [JobState.SENT, JobState.VERIFIED]  # the MC dose went to the TPS first
     first = node.journal.job(job.id)
+    # engine.dose_grid = "tps": the MC dose was computed on the grid of the TPS dose that came with the plan
+    assert (first.data.public.dose_grid or {})["note"].startswith("dose grid: the TPS dose's")
     assert first.data.public.verdict in ("pass", "fail")
     assert set(first.data.public.gamma_pass_rates or {}) == {"3%/3mm", "2%/2mm"}
     assert [r["name"] for r in (first.data.secondcheck or {})["structures"]] == ["BODY", "PTV"]
@@ -80,7 +83,7 @@ def test_tps_dose_with_the_plan_and_later_ends_verified_with_a_report(config_dir
     mc_files = wait_for(lambda: [p for p in tps_dir.iterdir() if p.name.startswith("RD")])
     mc = dcmread(mc_files[0])
     # the phantom machine is mapped to the generic model: the dose says so, and so does the job
-    assert mc.SeriesDescription.startswith(UNCOMMISSIONED) and mc.DoseComment == UNCOMMISSIONED
+    assert mc.SeriesDescription.startswith(UNCOMMISSIONED) and mc.DoseComment == f"{UNCOMMISSIONED}; DOSE TO MEDIUM"
     assert first.data.public.commissioned is False
     assert first.data.public.ct_calibration == "built-in tables" and "CT calibration built-in" in mc.ImageComments
     mc.SOPInstanceUID = mc.file_meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -129,7 +132,7 @@ def test_unusable_tps_dose_fails_with_the_reason_then_retry_and_a_good_dose(conf
     corrected dose sent later brings the job to VERIFIED."""
     tps_port, _tps_dir = storescp(aet="TPS")
     settings = settings_for(
-        config_dir, engine={"primaries": PRIMARIES}, cloud={"shards": 1},
+        config_dir, engine={"primaries": PRIMARIES, "dose_grid": "tps"}, cloud={"shards": 1},
         secondcheck={"report_criteria": [], "max_gamma": 1.1},  # only the verdict matters here: faster
         destinations=[{"calling_ae_title": "TPS", "ae_title": "TPS", "host": "127.0.0.1", "port": tps_port}])
     node = node_factory(settings, compute=True)

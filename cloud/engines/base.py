@@ -6,8 +6,8 @@
 
 ``ShardInputs`` is a folder holding every file the engine needs plus ``inputs.json`` (grid
 geometry, protons per fraction, fractions, warnings), so it can be tarred into a job bundle and run
-elsewhere. ``Tally`` is the result of one shard: dose per primary in Gy on the CT grid, indexed
-[z, y, x] like a CT stack sorted by ascending z, serialised as npz for transport.
+elsewhere. ``Tally`` is the result of one shard: dose per primary in Gy on the scoring grid (the
+dose grid, else the CT grid), indexed [z, y, x] with z ascending, serialised as npz for transport.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # pydicom costs ~0.5 s to import; a worker only needs it for 
     from pydicom.dataset import Dataset
 
 INPUTS_JSON = "inputs.json"
+BODY_MASK = "body_mask.npy"
 FORMAT_VERSION = 1
 # What every dose computed with a beam model nobody commissioned says about itself (RT Dose
 # SeriesDescription and DoseComment, the second-check report, the job's warnings).
@@ -38,7 +39,7 @@ GENERIC_MODEL = "generic"
 
 @dataclass(frozen=True)
 class Grid:
-    """The CT voxel grid in DICOM patient coordinates (mm).
+    """A voxel grid (the CT's or a dose grid) in DICOM patient coordinates (mm).
 
     ``origin`` is the centre of voxel [0, 0, 0] (ImagePositionPatient of the lowest slice),
     ``spacing`` is (x, y, z), ``shape`` is (nz, ny, nx). Orientation is the identity (axial, HFS).
@@ -73,6 +74,21 @@ class Grid:
 
 
 @dataclass(frozen=True)
+class DoseOptions:
+    """How the dose is scored: on which grid, to medium or to water, and where the body ends.
+
+    ``grid`` (an exact grid, e.g. the TPS's) wins over ``grid_mm`` (cubic voxels covering the CT;
+    0 = the CT grid itself). Without an External contour in the structure set, voxels below
+    ``body_density_g_cm3`` count as outside the body (the engine's own density segmentation).
+    """
+
+    grid_mm: float = 0.0
+    grid: Grid | None = None
+    dose_to_water: bool = False
+    body_density_g_cm3: float = 0.05
+
+
+@dataclass(frozen=True)
 class ShardInputs:
     """A prepared folder that ``Engine.run_shard`` can run anywhere, plus what merging needs.
 
@@ -94,6 +110,36 @@ class ShardInputs:
     commissioned: bool = True
     # Which HU->density/material calibration converted the CT ("built-in" or the scanner's key).
     ct_calibration: str = "built-in"
+    # The grid the dose is scored on; None: the CT grid.
+    dose_grid: Grid | None = None
+    # MCsquare's dose-to-water conversion (post-processing); False: dose to medium.
+    dose_to_water: bool = False
+
+    @property
+    def scoring_grid(self) -> Grid:
+        """The grid every tally of these inputs is on: the dose grid, else the CT grid."""
+        return self.dose_grid or self.grid
+
+    @property
+    def has_body_mask(self) -> bool:
+        """Whether prepare wrote a body mask (recorded in inputs.json, so a missing file is an error)."""
+        return str(self.extra.get("body", "")).startswith("structure")
+
+    def body_mask(self, content: bytes | None = None) -> np.ndarray | None:
+        """Voxels of the scoring grid inside the body (``BODY_MASK``), or None when no outline was given.
+
+        `content`: the file's bytes when the caller has already read (and checked) them.
+        """
+        path = self.root / BODY_MASK
+        if content is None and not path.is_file():
+            return None
+        try:
+            mask = np.load(io.BytesIO(content) if content is not None else path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise EngineError(f"{path}: not a body mask ({exc})") from exc
+        if mask.shape != self.scoring_grid.shape or mask.dtype != np.bool_:
+            raise EngineError(f"{path}: a {mask.dtype} {mask.shape} mask for a {self.scoring_grid.shape} dose grid")
+        return mask
 
     def save(self) -> Path:
         data = {
@@ -109,6 +155,8 @@ class ShardInputs:
             "extra": self.extra,
             "commissioned": self.commissioned,
             "ct_calibration": self.ct_calibration,
+            "dose_grid": self.dose_grid.to_json() if self.dose_grid else None,
+            "dose_to_water": self.dose_to_water,
         }
         path = self.root / INPUTS_JSON
         path.write_text(json.dumps(data, indent=2) + "\n")
@@ -132,12 +180,14 @@ class ShardInputs:
                    plan_uid=data.get("plan_uid", ""), frame_of_reference_uid=data.get("frame_of_reference_uid", ""),
                    machines=tuple(data.get("machines", ())), warnings=tuple(data.get("warnings", ())),
                    extra=dict(data.get("extra", {})), commissioned=bool(data.get("commissioned", True)),
-                   ct_calibration=str(data.get("ct_calibration", "built-in")))
+                   ct_calibration=str(data.get("ct_calibration", "built-in")),
+                   dose_grid=Grid.from_json(data["dose_grid"]) if data.get("dose_grid") else None,
+                   dose_to_water=bool(data.get("dose_to_water", False)))
 
 
 @dataclass
 class Tally:
-    """One shard's result: dose per simulated primary (Gy) on the CT grid, indexed [z, y, x]."""
+    """One shard's result: dose per simulated primary (Gy) on the scoring grid, indexed [z, y, x]."""
 
     dose_per_primary: np.ndarray
     primaries: int
@@ -195,10 +245,11 @@ class Engine(ABC):
     @abstractmethod
     def prepare(self, datasets: list[Dataset], work_dir: Path, *,
                 beam_models: Mapping[str, Path | str] | None = None,
-                ct_calibration: tuple[str, Path, Path] | None = None) -> ShardInputs:
+                ct_calibration: tuple[str, Path, Path] | None = None, dose: DoseOptions | None = None) -> ShardInputs:
         """Write every input the engine needs into ``work_dir`` from plan + CT (+ structure set).
 
         ``ct_calibration`` is (name, HU->density file, HU->material file); None = the built-in tables.
+        ``dose``: the dose grid, dose to water, the body threshold (DoseOptions; None = its defaults).
         """
 
     @abstractmethod

@@ -77,6 +77,9 @@ class PublicData:
     shards: int | None = None
     primaries: int | None = None
     shard_wall_s: list[float] | None = None
+    dose_grid: dict[str, Any] | None = None       # the scoring grid, why it was chosen, the body, the quantity
+    waves: list[dict[str, Any]] | None = None     # per wave: first_shard, shards, primaries, uncertainty_percent
+    uncertainty_target_met: bool | None = None    # None: no engine.target_uncertainty_percent
     # outbox (MERGED → SENT)
     send_attempts: int | None = None
     last_send_error: str | None = None

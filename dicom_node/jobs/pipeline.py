@@ -34,19 +34,20 @@ from anonymizer.vault import Vault, reidentify
 from cloud.backends import get_backend
 from cloud.backends.base import Backend
 from cloud.bundle import make_bundle
-from cloud.dispatch import dispatch, plan_tasks
-from cloud.engines import engine_name_for, get_engine
-from cloud.engines.base import INPUTS_JSON, ShardInputs, Tally
+from cloud.dispatch import dispatch, plan_tasks, primaries_for_target
+from cloud.engines import dosegrid, engine_name_for, get_engine
+from cloud.engines.base import BODY_MASK, INPUTS_JSON, ShardInputs, Tally
 from cloud.errors import Cancelled, CloudError, UnsupportedPlan
 from cloud.merge import merge
 from cloud.sizing import CostModel, finish_job, plan_job
 from dicom_node.errors import JournalError, NodeError
 from dicom_node.intake.jobrecord import JobData, JobState, PublicData
 from dicom_node.intake.journal import Job, Journal
+from dicom_node.jobs.compute import dose_notes, dose_options
 from dicom_node.jobs.ctcal import choose_ct_calibration
 from dicom_node.jobs.integrity import JobFiles
 from dicom_node.jobs.queue_worker import QueueWorker
-from dicom_node.jobs.rtdose import write_rt_dose
+from dicom_node.jobs.rtdose import UNCERTAINTY_ABOVE_TARGET, write_rt_dose
 from dicom_node.net import uids
 from dicom_node.settings import Settings, read_site_key
 
@@ -255,14 +256,18 @@ class Pipeline:
             name = f"{i:05d}_{kind}.dcm"
             ds.save_as(anon_dir / name, enforce_file_format=True)
             names.append(name)
+        options, grid_note = dose_options(self.settings.engine, self._tps_dose(job))
+        LOGGER.info("job %s: %s", job.id, grid_note)
         inputs = engine.prepare(anonymized, folder / "inputs", beam_models=self._beam_models(),
-                                ct_calibration=calibration.for_engine())
+                                ct_calibration=calibration.for_engine(), dose=options)
+        del datasets, anonymized  # the CT is in the inputs now; the node keeps no CT-sized copy
         self._timed(job.id, "anonymize_prepare", start)
         start = time.perf_counter()
         key = new_data_key()
         (folder / "data.key").write_bytes(wrap_key(self.site_key, key, job.id))
         # what the merge and the RT Dose writer read back later is authenticated (jobs/integrity.py)
-        JobFiles(folder, key, job.id).record(f"inputs/{INPUTS_JSON}", *(f"anonymized/{n}" for n in names))
+        JobFiles(folder, key, job.id).record(f"inputs/{INPUTS_JSON}", *(f"anonymized/{n}" for n in names),
+                                             *([f"inputs/{BODY_MASK}"] if inputs.has_body_mask else []))
         make_bundle(folder / "bundle.sealed", key, job.id, {"inputs": inputs.root, "dicom": anon_dir},
                     {"engine": engine.name, "files": names})
         self._timed(job.id, "seal", start)
@@ -270,8 +275,20 @@ class Pipeline:
                             beam_model=str(inputs.extra.get("beam_model", "")), commissioned=inputs.commissioned,
                             # the photon engine converts the CT with its own table
                             ct_calibration=calibration.description if engine.name == "mcsquare"
-                            else inputs.ct_calibration)
+                            else inputs.ct_calibration,
+                            dose_grid={**dosegrid.describe(inputs.scoring_grid), "note": grid_note,
+                                       "body": inputs.extra.get("body"),
+                                       "quantity": "dose to water" if inputs.dose_to_water else "dose to medium"})
         return self.journal.transition(job.id, JobState.SEALED, data=JobData(public=public, anonymized=names))
+
+    def _tps_dose(self, job: Job) -> Dataset | None:
+        """The newest RT Dose the TPS sent for this plan (same patient), header only; None if none yet."""
+        plan = self.journal.instance(job.plan_uid)
+        doses = [d for d in self.journal.referencing(job.plan_uid, "plan") if d.sop_class_uid == uids.RT_DOSE
+                 and (plan is None or d.patient_key == plan.patient_key)]
+        if not doses:
+            return None
+        return dcmread(doses[-1].path, stop_before_pixels=True)
 
     def _beam_models(self) -> dict[str, Path | str]:
         return dict(self.settings.engine.beam_models)
@@ -280,22 +297,39 @@ class Pipeline:
         return self.journal.transition(job.id, JobState.RUNNING, expect=JobState.SEALED)
 
     def _compute(self, job: Job) -> Job:
+        """Run the shards in waves until the uncertainty target is met (or max_primaries), merge, write.
+
+        Without a target there is one wave of ``engine.primaries``. With one, each wave is merged with
+        all before it and the pooled uncertainty estimated; the next wave's primaries follow from the
+        1/sqrt(N) law. Every wave is recorded before its shards start, so a resumed job re-attaches to
+        the shards already done and runs the same waves.
+        """
         folder = self.job_dir(job.id)
         key = unwrap_key(self.site_key, (folder / "data.key").read_bytes(), job.id)
         # read (and authenticate) what the merge and the RT Dose writer need before any shard runs
         files = JobFiles(folder, key, job.id)
         inputs = ShardInputs.load(folder / "inputs", files.read(f"inputs/{INPUTS_JSON}"))
-        anon = [dcmread(BytesIO(files.read(f"anonymized/{n}"))) for n in job.data.anonymized]
+        # headers only: the RT Dose writer needs the plan and one CT image's patient, study and frame
+        anon = [dcmread(BytesIO(files.read(f"anonymized/{n}")), stop_before_pixels=True) for n in job.data.anonymized]
+        body = None
+        if inputs.has_body_mask:
+            body = inputs.body_mask(files.read(f"inputs/{BODY_MASK}"))
         cloud = self.settings.cloud
+        eng = self.settings.engine
         sz = cloud.sizing
         cost = CostModel(sz.price_per_ghz_hour, sz.ghz_per_core, sz.cores_per_worker)
         # chosen once per job and recorded before any shard starts, so a resumed job keeps its shard count
         sizing = job.data.public.sizing or plan_job(
-            self.journal.list_jobs(), self.settings.engine.primaries, cloud.shards, cost,
+            self.journal.list_jobs(), eng.primaries, cloud.shards, cost,
             deadline_s=sz.deadline_seconds, cost_cap=sz.cost_cap, max_shards=sz.max_shards)
-        self.journal.update_job_data(job.id, JobData(public=PublicData(sizing=sizing)))
-        tasks = plan_tasks(job.id, int(sizing["shards"]), self.settings.engine.primaries,
-                           (folder / "bundle.sealed").as_uri(), (folder / "results").as_uri())
+        target = float(eng.target_uncertainty_percent)
+        shards = int(sizing["shards"])
+        if target > 0:
+            shards = max(2, shards)  # the uncertainty comes from the spread between shards
+        waves: list[dict[str, Any]] = [dict(w) for w in job.data.public.waves or []] or [
+            {"wave": 1, "first_shard": 0, "shards": shards, "primaries": eng.primaries, "uncertainty_percent": None}]
+        self.journal.update_job_data(job.id, JobData(public=PublicData(sizing=sizing, waves=waves)))
+        rbe = bool(getattr(eng, "rbe", False)) and inputs.engine == "mcsquare"  # RBE 1.1: protons only
         options = cloud.backend_options()
         if cloud.backend == "local":
             options["work_dir"] = self.work_dir
@@ -304,23 +338,57 @@ class Pipeline:
             self._backend = backend
         if self.journal.job(job.id).state == JobState.CANCELLED:
             raise Cancelled("cancelled")
-        start = time.perf_counter()
-        results = dispatch(tasks, key, backend, on_progress=lambda d, t: self.journal.set_progress(job.id, d, t))
-        self._timed(job.id, "compute", start)
-        sizing = finish_job(sizing, self.timings[job.id]["compute"], cost)
-        start = time.perf_counter()
-        tallies = [Tally.from_bytes(b) for b in results]
-        rbe = bool(getattr(self.settings.engine, "rbe", False)) and inputs.engine == "mcsquare"  # protons only
-        merged = merge(tallies, protons_per_fraction=inputs.protons_per_fraction, fractions=inputs.fractions,
-                       rbe=rbe, expected_shards=len(tasks))
-        self._timed(job.id, "merge", start)
+        bundle_uri, results_uri = (folder / "bundle.sealed").as_uri(), (folder / "results").as_uri()
+        compute_s = merge_s = 0.0
+        while True:
+            tasks = [t for w in waves for t in plan_tasks(job.id, int(w["shards"]), int(w["primaries"]), bundle_uri,
+                                                          results_uri, first_index=int(w["first_shard"]))]
+            start = time.perf_counter()
+            results = dispatch(tasks, key, backend,
+                               on_progress=lambda d, t: self.journal.set_progress(job.id, d, t))
+            compute_s += time.perf_counter() - start
+            start = time.perf_counter()
+            tallies = [Tally.from_bytes(b) for b in results]
+            del results
+            merged = merge(tallies, protons_per_fraction=inputs.protons_per_fraction, fractions=inputs.fractions,
+                           rbe=rbe, expected_shards=len(tasks), body=body)
+            merge_s += time.perf_counter() - start
+            unc = merged.summary["uncertainty_percent"]
+            wave = waves[-1]
+            wave["uncertainty_percent"] = None if unc is None else round(float(unc), 3)
+            done = merged.primaries
+            LOGGER.info("job %s: wave %d: %d primaries in %d shards; uncertainty %s (target %s)", job.id,
+                        wave["wave"], done, len(tasks), "n/a" if unc is None else f"{unc:.2f} %",
+                        f"{target:g} %" if target > 0 else "off")
+            if target <= 0 or (unc is not None and unc <= target):
+                break
+            more = primaries_for_target(done, float(unc if unc is not None else 100.0), target, eng.max_primaries,
+                                        shards)
+            if more <= 0:
+                break
+            waves.append({"wave": len(waves) + 1, "first_shard": len(tasks), "shards": shards, "primaries": more,
+                          "uncertainty_percent": None})
+            self.journal.update_job_data(job.id, JobData(public=PublicData(waves=waves)))
+        self.timings.setdefault(job.id, {}).update(compute=compute_s, merge=merge_s)
+        sizing = finish_job(sizing, compute_s, cost)
+        target_met = None if target <= 0 else (unc is not None and unc <= target)
+        marks, warnings = [], list(job.data.public.warnings or [])
+        if target_met is False:
+            marks.append(UNCERTAINTY_ABOVE_TARGET)
+            unc_text = "unknown" if unc is None else f"{unc:.2f} %"
+            warnings.append(f"uncertainty {unc_text} is above the target {target:g} % after {done} primaries "
+                            f"(engine.max_primaries {eng.max_primaries}); the RT Dose is marked")
+            LOGGER.warning("job %s: %s", job.id, warnings[-1])
         start = time.perf_counter()
         plan = next(ds for ds in anon if str(ds.SOPClassUID) in uids.PLAN_CLASSES)
-        ct = [ds for ds in anon if str(ds.SOPClassUID) == uids.CT_IMAGE]
+        ct = next(ds for ds in anon if str(ds.SOPClassUID) == uids.CT_IMAGE)
         public = job.data.public
         notes = [f"beam model {public.beam_model or inputs.extra.get('beam_model', '?')}",
-                 f"CT calibration {public.ct_calibration or inputs.ct_calibration}"]
-        dose = write_rt_dose(merged, ct, plan, notes=notes, uncommissioned=not inputs.commissioned)
+                 f"CT calibration {public.ct_calibration or inputs.ct_calibration}", *dose_notes(merged.summary)]
+        if target > 0:
+            notes.append(f"target uncertainty {target:g} % {'met' if target_met else 'NOT MET'}")
+        dose = write_rt_dose(merged, inputs.scoring_grid, ct, plan, notes=notes, marks=marks,
+                             dose_to_water=inputs.dose_to_water, uncommissioned=not inputs.commissioned)
         dose = reidentify(dose, self.vault.load(job.id))
         out = folder / "RD.dcm"
         dose.save_as(out, enforce_file_format=True)
@@ -329,5 +397,6 @@ class Pipeline:
         summary = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in merged.summary.items()}
         return self.journal.transition(job.id, JobState.MERGED, data=JobData(
             rtdose=str(out),
-            public=PublicData(summary=summary, shards=len(tasks), primaries=self.settings.engine.primaries,
-                              sizing=sizing, shard_wall_s=[round(t.wall_s, 3) for t in tallies])))
+            public=PublicData(summary=summary, shards=len(tasks), primaries=done, sizing=sizing, waves=waves,
+                              uncertainty_target_met=target_met, warnings=warnings or None,
+                              shard_wall_s=[round(t.wall_s, 3) for t in tallies])))

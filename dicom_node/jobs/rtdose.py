@@ -1,10 +1,11 @@
-"""RT Dose on the CT grid, linked to its plan the way a TPS expects.
+"""RT Dose on the dose grid, linked to its plan the way a TPS expects.
 
 The dose carries the CT's patient and study, the CT's FrameOfReferenceUID, a new series, and
 ReferencedRTPlanSequence -> the plan's SOP Instance UID: a TPS links a returned dose to its plan by
-these references alone. Geometry is the CT's: ImagePositionPatient of the lowest slice,
-ImageOrientationPatient, PixelSpacing, and GridFrameOffsetVector relative to the first frame
-(first value 0). Pixels are 32-bit unsigned with DoseGridScaling (Gy per pixel unit).
+these references alone. Geometry is the dose grid's (a uniform grid, the TPS's own, or the CT's):
+ImagePositionPatient of the first voxel centre, identity ImageOrientationPatient, PixelSpacing (row,
+column) and GridFrameOffsetVector relative to the first frame (first value 0). Pixels are 32-bit
+unsigned with DoseGridScaling (Gy per pixel unit).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
-from cloud.engines.base import UNCOMMISSIONED
+from cloud.engines.base import UNCOMMISSIONED, Grid
 from cloud.merge import MergedDose
 from dicom_node.net import uids
 
@@ -51,30 +52,51 @@ def new_instance(sop_class: str, source: Dataset, series_number: int = 900) -> D
     return ds
 
 
-def write_rt_dose(merged: MergedDose, ct_datasets: list[Dataset], plan_ds: Dataset, *, plan_total: bool = True,
+UNCERTAINTY_ABOVE_TARGET = "UNCERTAINTY ABOVE TARGET"
+# Shorter forms of marks, used where the long one does not fit next to another (LO: 64 characters).
+_SHORT = {UNCERTAINTY_ABOVE_TARGET: "NOISE>TARGET"}
+
+
+def _fit(parts: Seq[str], sep: str, limit: int, keep_last: bool = False) -> str:
+    """Join whole parts (or their short forms), in order, while they fit in ``limit`` characters; the
+    last one always, if asked."""
+    tail = list(parts[-1:]) if keep_last else []
+    out: list[str] = []
+    for part in parts[:-1] if keep_last else parts:
+        for form in (part, _SHORT.get(part)):
+            if form and len(sep.join([*out, form, *tail])) <= limit:
+                out.append(form)
+                break
+    return sep.join([*out, *tail])[:limit]
+
+
+def write_rt_dose(merged: MergedDose, grid: Grid, reference: Dataset, plan_ds: Dataset, *, plan_total: bool = True,
                   series_description: str = "Monte Carlo dose (MCsquare)", notes: Seq[str] = (),
-                  uncommissioned: bool = False) -> Dataset:
-    """An RT Dose dataset (not yet saved) for the plan total, or per fraction when plan_total is False.
+                  marks: Seq[str] = (), dose_to_water: bool | None = None, uncommissioned: bool = False) -> Dataset:
+    """An RT Dose dataset (not yet saved) on ``grid`` for the plan total, or per fraction.
 
-    ``notes`` (beam model, CT calibration) go into ImageComments after the run's summary.
-    ``uncommissioned`` marks a dose whose beam model nobody commissioned: SeriesDescription,
-    DoseComment and ImageComments then begin with UNCOMMISSIONED ("... NOT FOR CLINICAL USE"), so
-    the TPS shows it wherever it shows the dose.
+    ``reference`` is any image of the plan's CT (its header only: patient, study, frame of
+    reference). ``marks`` are warnings a user must see before using the dose (e.g. uncertainty above
+    the asked target), in capitals; ``uncommissioned`` adds UNCOMMISSIONED ("... NOT FOR CLINICAL
+    USE") as the first. They lead SeriesDescription and DoseComment (both LO, 64 characters: as many
+    whole marks as fit), so the TPS shows them wherever it shows the dose. DoseComment ends with
+    "DOSE TO WATER" or "DOSE TO MEDIUM" when ``dose_to_water`` is given. ImageComments (LT) holds
+    all of it, the run's summary and ``notes`` (beam model, CT calibration, uncertainty).
     """
-    cts = sorted((ds for ds in ct_datasets if str(ds.get("SOPClassUID", "")) == uids.CT_IMAGE),
-                 key=lambda ds: float(ds.ImagePositionPatient[2]))
-    if not cts:
-        raise ValueError("no CT images to take the dose grid from")
     dose = merged.plan_gy if plan_total else merged.per_fraction_gy
-    nz, ny, nx = dose.shape
-    first = cts[0]
-    if (len(cts), int(first.Rows), int(first.Columns)) != (nz, ny, nx):
-        raise ValueError(f"dose grid {dose.shape} does not match the CT ({len(cts)}, {first.Rows}, {first.Columns})")
+    if dose.shape != grid.shape:
+        raise ValueError(f"dose array {dose.shape} is not on the dose grid {grid.shape}")
+    nz, ny, nx = grid.shape
 
-    ds = new_instance(uids.RT_DOSE, first)
+    ds = new_instance(uids.RT_DOSE, reference)
     ds.Modality = "RTDOSE"
-    ds.SeriesDescription = series_description
-    ds.FrameOfReferenceUID = first.FrameOfReferenceUID
+    marks = [*([UNCOMMISSIONED] if uncommissioned else []), *(m.upper() for m in marks)]
+    if marks:
+        shown = _fit(marks, " / ", 64)
+        ds.SeriesDescription = shown + " (MC)" if len(shown) <= 64 - 5 else shown
+    else:
+        ds.SeriesDescription = series_description[:64]
+    ds.FrameOfReferenceUID = reference.FrameOfReferenceUID
     ds.PositionReferenceIndicator = ""
     ds.ContentDate = ds.InstanceCreationDate
     ds.ContentTime = ds.InstanceCreationTime
@@ -87,22 +109,22 @@ def write_rt_dose(merged: MergedDose, ct_datasets: list[Dataset], plan_ds: Datas
     ds.DoseUnits = "GY"
     ds.DoseType = merged.dose_type
     ds.DoseSummationType = "PLAN" if plan_total else "FRACTION"
+    quantity = [] if dose_to_water is None else ["DOSE TO WATER" if dose_to_water else "DOSE TO MEDIUM"]
+    # DoseComment is LO (64 characters): the marks that fit whole, then the quantity; the whole story in
+    # ImageComments (LT, General Image module), which TPS dose properties also show.
+    ds.DoseComment = _fit([*marks, *quantity], "; ", 64, keep_last=bool(quantity)) or "Monte Carlo dose"
     summary = (f"MC {merged.primaries} primaries in {merged.shards} shards; "
                f"{'plan total' if plan_total else 'per fraction'}, {merged.fractions} fractions")
-    if uncommissioned:
-        ds.SeriesDescription = f"{UNCOMMISSIONED} (MC)"[:64]
-    # DoseComment is LO (64 characters): the warning alone when there is one; the whole story in
-    # ImageComments (LT, General Image module), which TPS dose properties also show.
-    ds.DoseComment = (UNCOMMISSIONED if uncommissioned else summary)[:64]
-    ds.ImageComments = "; ".join([*([UNCOMMISSIONED] if uncommissioned else []), summary, *notes])[:10240]
+    ds.ImageComments = "; ".join([*marks, *quantity, summary, *notes])[:10240]
 
-    ds.ImagePositionPatient = [float(v) for v in first.ImagePositionPatient]
-    ds.ImageOrientationPatient = [float(v) for v in first.ImageOrientationPatient]
-    ds.PixelSpacing = [float(v) for v in first.PixelSpacing]
-    z0 = float(first.ImagePositionPatient[2])
-    ds.GridFrameOffsetVector = [round(float(c.ImagePositionPatient[2]) - z0, 6) for c in cts]
+    x0, y0, z0 = grid.origin
+    dx, dy, dz = grid.spacing
+    ds.ImagePositionPatient = [round(x0, 6), round(y0, 6), round(z0, 6)]
+    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.PixelSpacing = [round(dy, 6), round(dx, 6)]  # row spacing (y), column spacing (x)
+    ds.GridFrameOffsetVector = [round(k * dz, 6) for k in range(nz)]  # relative to the first frame
     ds.FrameIncrementPointer = 0x3004000C  # GridFrameOffsetVector
-    ds.SliceThickness = first.get("SliceThickness", "")
+    ds.SliceThickness = round(dz, 6)
     ds.NumberOfFrames = nz
     ds.Rows = ny
     ds.Columns = nx

@@ -42,8 +42,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cloud.engines.base import GENERIC_MODEL, UNCOMMISSIONED, Engine, Grid, ShardInputs, Tally
-from cloud.engines.ct import ct_slices, ct_volume
+from cloud.engines import dosegrid
+from cloud.engines.base import BODY_MASK, GENERIC_MODEL, UNCOMMISSIONED, DoseOptions, Engine, Grid, ShardInputs, Tally
+from cloud.engines.ct import ct_grid, ct_slices, ct_volume
 from cloud.engines.mcsquare.bdl import BeamModel, read_bdl
 from cloud.engines.mcsquare.ionplan import IonPlan, read_ion_plan
 from cloud.errors import EngineError, EngineUnavailable, UnsupportedPlan
@@ -263,8 +264,33 @@ def _write_plan(plan: IonPlan, grid: Grid, target: Path) -> None:
     target.write_text("\n".join(out) + "\n")
 
 
+def scoring_keys(ct: Grid, dose: Grid | None) -> dict[str, str]:
+    """MCsquare's independent scoring grid for ``dose`` (nothing when it is the CT grid).
+
+    ``Scoring_origin`` is the corner of the scoring grid in MCsquare's image frame (cm), the frame
+    in which the CT's corner is 0 and y runs from the CT's largest y down (see the module doc): x
+    and z from the grid's low edge, y from its high edge. Pinned by tests/test_dose_grid.py.
+    """
+    if dose is None or dosegrid.same_grid(dose, ct):
+        return {}
+    (x0, y0, z0), (dx, dy, dz) = ct.origin, ct.spacing
+    (gx0, gy0, gz0), (gdx, gdy, gdz) = dose.origin, dose.spacing
+    gnz, gny, gnx = dose.shape
+    corner = (gx0 - gdx / 2 - (x0 - dx / 2),
+              (y0 - dy / 2) + ct.shape[1] * dy - (gy0 + (gny - 0.5) * gdy),
+              gz0 - gdz / 2 - (z0 - dz / 2))
+    return {
+        "Independent_scoring_grid": "True",
+        "Scoring_origin": " ".join(f"{c / 10:.6f}" for c in corner),
+        "Scoring_grid_size": f"{gnx} {gny} {gnz}",
+        "Scoring_voxel_spacing": f"{gdx / 10:.6f} {gdy / 10:.6f} {gdz / 10:.6f}",
+        # Volume: this MCsquare build refuses "Mass" ("not implemented yet").
+        "Dose_weighting_algorithm": "Volume",
+    }
+
+
 def write_config(inputs_root: Path, out_dir: Path, primaries: int, seed: int, threads: int,
-                 relative: bool = False) -> Path:
+                 relative: bool = False, extra: Mapping[str, object] | None = None) -> Path:
     """One shard's MCsquare config.
 
     Paths are absolute by default (the shard may run in any folder). MCsquare silently writes no
@@ -290,9 +316,11 @@ def write_config(inputs_root: Path, out_dir: Path, primaries: int, seed: int, th
         "LET_MHD_Output": "False",
         "Dose_to_Water_conversion": "Disabled",
         "Export_Beam_dose": "False",
+        **(extra or {}),
     }
     path = out_dir.parent / "config.txt"
-    path.write_text("".join(f"{k} {v}\n" for k, v in lines.items()))
+    # a tab after the value: MCsquare rejects the last number of a vector value when a newline follows it
+    path.write_text("".join(f"{k} {v}\t\n" for k, v in lines.items()))
     return path
 
 
@@ -349,13 +377,16 @@ class MCsquareEngine(Engine):
 
     def prepare(self, datasets: list[Dataset], work_dir: Path, *,
                 beam_models: Mapping[str, Path | str] | None = None,
-                ct_calibration: tuple[str, Path, Path] | None = None) -> ShardInputs:
+                ct_calibration: tuple[str, Path, Path] | None = None, dose: DoseOptions | None = None) -> ShardInputs:
         plans = [ds for ds in datasets if "IonBeamSequence" in ds or "BeamSequence" in ds]
         if len(plans) != 1:
             raise UnsupportedPlan(f"expected one RT (Ion) Plan among the inputs, found {len(plans)}")
         plan = read_ion_plan(plans[0])
         model, commissioned = beam_model_for(plan, beam_models)
-        volume, grid = ct_volume(ct_slices(datasets, plan.frame_of_reference_uid))
+        slices = ct_slices(datasets, plan.frame_of_reference_uid)
+        options = dose or DoseOptions()
+        dose_grid = self._dose_grid(ct_grid(slices), options)  # refused before anything is written
+        volume, grid = ct_volume(slices)
         work_dir.mkdir(parents=True, exist_ok=True)
         warnings: list[str] = []
         if not commissioned:
@@ -364,6 +395,15 @@ class MCsquareEngine(Engine):
         protons = sum(float(np.sum(np.interp(layer.energy_mev, model.energies, model.protons_per_mu) * layer.mu))
                       for beam in plan.beams for layer in beam.layers)
         write_mhd(work_dir / CT_FILE, volume, grid.spacing)
+        del volume  # the CT is on disk now; keep the node's memory to the dose grid
+        body = dosegrid.body_mask(datasets, dose_grid or grid, plan.frame_of_reference_uid)
+        extra_out: dict[str, object] = {}
+        if body is not None:
+            np.save(work_dir / BODY_MASK, body[0], allow_pickle=False)
+            extra_out["body"] = f"structure {body[1]!r}"
+        else:
+            extra_out["body"] = f"density >= {options.body_density_g_cm3:g} g/cm3"
+            extra_out["body_density_g_cm3"] = options.body_density_g_cm3
         calibration = "built-in"
         density, material = _data_file("hu_density.txt"), _data_file("hu_material.txt")
         if ct_calibration is not None:
@@ -377,10 +417,32 @@ class MCsquareEngine(Engine):
                              frame_of_reference_uid=plan.frame_of_reference_uid, machines=plan.machines,
                              warnings=tuple(warnings),
                              extra={"beam_model": model.path.name, "beams": len(plan.beams),
-                                    "total_mu": sum(b.mu for b in plan.beams)},
-                             commissioned=commissioned, ct_calibration=calibration)
+                                    "total_mu": sum(b.mu for b in plan.beams), **extra_out},
+                             commissioned=commissioned, ct_calibration=calibration,
+                             dose_grid=dose_grid, dose_to_water=options.dose_to_water)
         inputs.save()
         return inputs
+
+    @staticmethod
+    def _dose_grid(ct: Grid, options: DoseOptions) -> Grid | None:
+        """The scoring grid for these options; None when it is the CT grid."""
+        if options.grid is not None:
+            dosegrid.check_inside(options.grid, ct)
+            return None if dosegrid.same_grid(options.grid, ct) else options.grid
+        if options.grid_mm <= 0:
+            return None
+        return dosegrid.uniform_grid(ct, options.grid_mm)
+
+    @staticmethod
+    def _config_keys(inputs: ShardInputs) -> dict[str, object]:
+        keys: dict[str, object] = dict(scoring_keys(inputs.grid, inputs.dose_grid))
+        if inputs.dose_to_water:
+            keys["Dose_to_Water_conversion"] = "PostProcessing"
+        threshold = inputs.extra.get("body_density_g_cm3")
+        if threshold is not None:  # no External contour: MCsquare's density segmentation sets air to 0
+            keys["Dose_Segmentation"] = "True"
+            keys["Density_Threshold_for_Segmentation"] = f"{float(threshold):g}"
+        return keys
 
     def run_shard(self, inputs: ShardInputs, primaries: int, seed: int, threads: int = 0,
                   timeout_s: float | None = None) -> Tally:
@@ -397,7 +459,8 @@ class MCsquareEngine(Engine):
             (shard_dir / "in").symlink_to(inputs.root.resolve(), target_is_directory=True)
             out_dir = shard_dir / "Outputs"
             out_dir.mkdir()
-            config = write_config(inputs.root, out_dir, primaries, seed, threads, relative=True)
+            config = write_config(inputs.root, out_dir, primaries, seed, threads, relative=True,
+                                  extra=self._config_keys(inputs))
             log = shard_dir / "mcsquare.log"
             with log.open("w") as fh:
                 try:
@@ -411,9 +474,11 @@ class MCsquareEngine(Engine):
                 tail = log.read_text(errors="replace")[-2000:]
                 raise EngineError(f"MCsquare failed (exit {proc.returncode}, seed {seed}): {tail.strip()}")
             dose = read_mhd(dose_file)
-            if dose.shape != inputs.grid.shape:
-                raise EngineError(f"MCsquare dose grid {dose.shape} differs from the CT grid {inputs.grid.shape}")
-            dose_gy = (dose.astype(np.float64) * EV_PER_G_TO_GY).astype(np.float32)
+            if dose.shape != inputs.scoring_grid.shape:
+                raise EngineError(f"MCsquare dose grid {dose.shape} differs from the scoring grid "
+                                  f"{inputs.scoring_grid.shape}")
+            # float32 throughout (eV/g to Gy is a scale): no float64 copy of a CT-sized volume
+            dose_gy = np.multiply(dose, np.float32(EV_PER_G_TO_GY), dtype=np.float32)
         finally:
             shutil.rmtree(shard_dir, ignore_errors=True)
         return Tally(dose_per_primary=dose_gy, primaries=primaries, seed=seed, wall_s=time.perf_counter() - t0,

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cloud.engines.base import GENERIC_MODEL, UNCOMMISSIONED, Engine, Grid, ShardInputs, Tally
+from cloud.engines.base import GENERIC_MODEL, UNCOMMISSIONED, DoseOptions, Engine, Grid, ShardInputs, Tally
 from cloud.errors import EngineError, EngineUnavailable, UnsupportedPlan
 
 if TYPE_CHECKING:
@@ -210,7 +210,8 @@ class OmpmcEngine(Engine):
 
     def prepare(self, datasets: list[Dataset], work_dir: Path, *,
                 beam_models: Mapping[str, Path | str] | None = None,
-                ct_calibration: tuple[str, Path, Path] | None = None) -> ShardInputs:
+                ct_calibration: tuple[str, Path, Path] | None = None, dose: DoseOptions | None = None) -> ShardInputs:
+        # ``dose`` is accepted for the one Engine interface; photon doses are scored on the CT grid.
         from cloud.engines.ct import ct_slices, ct_volume
         from cloud.engines.ompmc.photon import BEAMLETS_FILE, GEOMETRY_FILE, write_beamlets, write_geometry
         from cloud.engines.ompmc.photonplan import read_photon_plan
