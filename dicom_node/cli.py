@@ -232,6 +232,18 @@ def _cmd_compute(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_commission_photon(args: argparse.Namespace) -> int:
+    from dicom_node.photon_commission import commission_photon
+
+    model = commission_photon(Path(args.out), energy_mv=args.energy, spectrum=args.spectrum, gy_per_mu=args.gy_per_mu,
+                              measured=Path(args.pdd), ref_depth_cm=args.ref_depth, ref_field_cm=args.ref_field,
+                              ref_ssd_cm=args.ref_ssd, tolerance=args.tolerance, histories=args.histories)
+    for row in model["commissioning"]["pdd_check"]:  # type: ignore[index]
+        print(f"PDD({row['depth_cm']:g} cm): measured {row['measured']:.1f} %, computed {row['computed']:.1f} %")
+    print(f"wrote {args.out}; map the machine to it in [engine] beam_models")
+    return EXIT_OK
+
+
 def _cmd_depth_dose(args: argparse.Namespace) -> int:
     from dicom_node.jobs.depth_dose import CSV_NAME, PNG_NAME, run_depth_dose
 
@@ -467,6 +479,20 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", help="config file for [engine] and [cloud] defaults")
     p.add_argument("--json", action="store_true", help="also print the summary as one JSON line")
     p.set_defaults(func=_cmd_compute)
+
+    p = sub.add_parser("commission-photon", help="a photon beam model: spectrum checked against a measured PDD, "
+                       "output anchored at the reference point; write its JSON")
+    p.add_argument("--energy", type=float, required=True, help="nominal MV of the beam (the plan's NominalBeamEnergy)")
+    p.add_argument("--spectrum", default="mohan6", help="spectrum shipped with ompmc (mohan6, var_6MV)")
+    p.add_argument("--gy-per-mu", type=float, required=True, help="Gy per MU at the reference point")
+    p.add_argument("--pdd", required=True, help="measured depth dose CSV (depth_cm, dose_percent), reference field")
+    p.add_argument("--ref-depth", type=float, default=1.5, help="reference depth, cm (default 1.5)")
+    p.add_argument("--ref-field", type=float, default=10.0, help="reference square field, cm (default 10)")
+    p.add_argument("--ref-ssd", type=float, default=100.0, help="reference SSD, cm (default 100)")
+    p.add_argument("--tolerance", type=float, default=2.0, help="largest PDD difference accepted, points (default 2)")
+    p.add_argument("--histories", type=int, default=400_000, help="histories for each of the two calculations")
+    p.add_argument("-o", "--out", required=True, help="the model JSON to write")
+    p.set_defaults(func=_cmd_commission_photon)
 
     p = sub.add_parser("depth-dose", help="central-axis depth dose of one beam in water (co60, e10, x6, p150)")
     p.add_argument("beam", help="co60 | e<MeV> (electrons) | x<MV> (photons) | p<MeV> (protons)")

@@ -17,6 +17,7 @@ photons and electrons a parabola fitted around the highest points, see ``peak_va
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import re
 import secrets
@@ -56,6 +57,7 @@ class BeamChoice:
     depth: float
     dz: float
     histories: int
+    spectrum: str = ""  # photons: a spectrum other than the one x<MV> names
 
 
 def parse_beam(text: str) -> BeamChoice:
@@ -175,7 +177,7 @@ def _prepare(choice: BeamChoice, work: Path, field_cm: float, ssd_cm: float) -> 
     elif choice.kind == "electron":
         particle, source = "electron", "mono"
     else:
-        particle, source = "photon", PHOTON_SPECTRA_MV[choice.energy]
+        particle, source = "photon", choice.spectrum or PHOTON_SPECTRA_MV[choice.energy]
     # the scoring column: a third of the field, at most 3 cm (flat to well under 1 % on the axis)
     beam = WaterPhantomBeam(particle, source, choice.energy if source == "mono" else 0.0, ssd=ssd_cm,
                             field=field_cm, depth=choice.depth, dz=choice.dz, column=min(3.0, field_cm / 3.0),
@@ -199,9 +201,19 @@ def _on_axis(inputs: ShardInputs, tallies: list[Tally], setup: dict[str, Any]) -
 
 
 def run_depth_dose(beam: str, out_dir: Path, *, field_cm: float | None = None, ssd_cm: float | None = None,
-                   histories: int | None = None, shards: int = 4, workers: int | None = None) -> DepthDose:
-    """Compute, write DIR/depth_dose.csv and DIR/depth_dose.png, and return the depth dose."""
+                   histories: int | None = None, shards: int = 4, workers: int | None = None,
+                   spectrum: str | None = None) -> DepthDose:
+    """Compute, write DIR/depth_dose.csv and DIR/depth_dose.png, and return the depth dose.
+
+    ``spectrum`` (photons only) replaces the spectrum ``x<MV>`` names with another one shipped with
+    ompMC (what a photon beam model names).
+    """
     choice = parse_beam(beam)
+    if spectrum is not None:
+        if choice.kind != "photon":
+            raise ConfigError("a spectrum can only be given for x<MV> photon beams")
+        choice = dataclasses.replace(choice, label=f"{choice.energy:g} MV photons ({spectrum})",
+                                     spectrum=spectrum)
     field_cm = choice.field if field_cm is None else float(field_cm)
     ssd_cm = choice.ssd if ssd_cm is None else float(ssd_cm)
     histories = choice.histories if histories is None else int(histories)

@@ -53,6 +53,9 @@ KIND_WATER_PHANTOM = "water_phantom"
 CO60_LINES_MEV = (1.1732, 1.3325)
 # The photon spectra that ship with ompmc, by nominal MV (mohan6: Mohan et al. 1985, 6 MV Varian).
 PHOTON_SPECTRA = {6.0: "mohan6"}
+# Every megavoltage spectrum in the ompmc wheel (a model names one: inputs carry names, not files, so a
+# worker anywhere finds the same spectrum in its own installation).
+SHIPPED_SPECTRA = ("mohan6", "var_6MV")
 SECOND_SEED = 33  # Philox key word 2; word 1 is the shard's seed
 BATCHES = 5
 
@@ -105,8 +108,8 @@ def _ompmc() -> Any:
 def prepare_water_phantom(beam: WaterPhantomBeam, work_dir: Path) -> ShardInputs:
     """Write the inputs of a water phantom beam; the grid is the central column, (nz, 1, 1)."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    if beam.source not in ("co60", "mono", *PHOTON_SPECTRA.values()):
-        raise EngineError(f"unknown source {beam.source!r}")
+    if beam.source not in ("co60", "mono", *SHIPPED_SPECTRA):
+        raise EngineError(f"unknown source {beam.source!r} (spectra: {', '.join(SHIPPED_SPECTRA)})")
     nz = beam.n_depth
     grid = Grid(shape=(nz, 1, 1), origin=(0.0, 0.0, 10.0 * beam.dz / 2),
                 spacing=(10.0 * beam.column, 10.0 * beam.column, 10.0 * beam.dz))

@@ -87,6 +87,12 @@ def read_photon_model(source: Path | str) -> PhotonBeamModel:
         beamlet = float(raw.get("beamlet_mm", 5.0))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise EngineError(f"photon beam model {Path(path).name}: {exc}") from exc
+    from cloud.engines.ompmc.adapter import SHIPPED_SPECTRA
+
+    odd = sorted({e.spectrum for e in energies.values()} - set(SHIPPED_SPECTRA))
+    if odd:
+        raise EngineError(f"photon beam model {Path(path).name}: spectrum {odd[0]!r} is not one shipped with ompmc "
+                          f"({', '.join(SHIPPED_SPECTRA)})")
     if not energies or beamlet <= 0:
         raise EngineError(f"photon beam model {Path(path).name}: no energies or a bad beamlet size")
     return PhotonBeamModel(name="generic" if generic else Path(path).name, beamlet_mm=beamlet, energies=energies,
@@ -191,8 +197,7 @@ def run_forward(ompmc: Any, root: Path, spectrum: str, histories: int, seed: int
 
 
 def spectrum_for(ompmc: Any, name: str) -> Any:
-    path = Path(name) if ("/" in name or name.endswith(".spectrum")) else \
-        Path(ompmc.data_path()) / "spectra" / f"{name}.spectrum"
+    path = Path(ompmc.data_path()) / "spectra" / f"{name}.spectrum"
     if not path.is_file():
         raise EngineError(f"photon spectrum {name!r} not found")
     return ompmc.Spectrum.from_file(str(path))
