@@ -1,26 +1,42 @@
-"""Distributed overhead (issue 5): the ssh backend against a loopback sshd, n = 1, 2, 4, 8, 16 workers.
+"""Distributed overhead (issues 5 and 14): the ssh and aws backends, n = 1 .. 128 workers, with a profile.
 
-Each worker is its own host entry (own connection, own work folder) on one real sshd on 127.0.0.1.
-The job is tiny so that the engine stays out of the measurement (10 slices of 20x20 voxels, one
-energy layer, 1600 primaries in all). Total dispatch time T(n) is fitted to
-T(n) = a/n + beta*n + gamma by least squares (best of 3 runs per n). Two series:
+- ssh: one real sshd on 127.0.0.1 and n host entries (own connection, own work folder each). The
+  `transport` series runs a shell stand-in for the worker (reads the key line, writes a result file),
+  so the time is the backend's own: connect + authenticate, stage the sealed bundle by SFTP, start
+  the worker, wait for its exit, collect the result by SFTP, remove the folder. The `worker` series
+  (n <= 16 here: every real worker costs ~1 s of CPU and this machine has 2 cores) runs the real
+  `python -m cloud.worker` + MCsquare on a tiny job.
+- aws: moto_server on 127.0.0.1 (S3, KMS, Batch without containers). The backend uploads the bundle,
+  wraps the key with KMS, submits one Batch array job of n children, polls, collects n sealed results
+  from S3 and deletes what it put. A stand-in "container runtime" (the on_submit hook) stores each
+  child's result object; its time is measured and taken off, so `aws` is the backend's own time.
+  AWS Batch's real queueing and container start-up are not in it (see README, Scale).
 
-- worker: the real `python -m cloud.worker` (opens the sealed bundle, runs MCsquare, seals the tally);
-- transport: a shell stand-in for the worker that reads the key line and writes a result file, so
-  the figure is the backend's own cost (connect, authenticate, stage by SFTP, exec, collect, clean).
+T(n) (best of `--rounds` per n) is fitted to T(n) = a/n + beta*n + gamma by least squares. The
+profile per n sums each phase over the hosts/children of the best run (`sum`) and gives its
+slowest single instance (`max`), so it shows which phase grows with n.
 
-Last stdout line: JSON with beta_s_per_node and gamma_s of the transport series (the backend's
-overhead), the worker series' fit as worker_beta_s_per_node / worker_gamma_s, and every T(n).
+    .venv/bin/python bench/overhead.py [--max-n 128] [--rounds 3] [--only ssh|aws|worker]
+
+Last stdout line: JSON with beta_s_per_node / gamma_s (ssh transport), aws_beta_s_per_node /
+aws_gamma_s, worker_beta_s_per_node / worker_gamma_s, every T(n) and the profiles.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import os
+import shutil
 import sys
 import tempfile
 import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,15 +44,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import machine, today  # noqa: E402
 from cloud.backends import get_backend  # noqa: E402
+from cloud.backends.base import Backend  # noqa: E402
+from cloud.backends.ssh import POOL  # noqa: E402
 from cloud.dispatch import plan_tasks  # noqa: E402
-from tests.cloud_data import sealed_job  # noqa: E402
-from tests.peers import sshd  # noqa: E402
+from cloud.worker import ShardTask  # noqa: E402
+from tests.cloud_data import SealedJob, sealed_job  # noqa: E402
+from tests.peers import FAKE_AWS_ENV, Sshd, moto_batch, moto_server, sshd  # noqa: E402
 
-NS = (1, 2, 4, 8, 16)
-PRIMARIES = 1600
-ROUNDS = 3
+PRIMARIES_PER_SHARD = 100
 STUB = ("sh -c 'read k; r=; p=; for a; do [ \"$p\" = --result ] && r=${a#file://}; p=$a; done; "
         "echo stub > \"$r\"' sh")
+WORKER_MAX_N = 16
 
 
 def fit(ns: list[int], ts: list[float]) -> tuple[float, float, float]:
@@ -45,45 +63,167 @@ def fit(ns: list[int], ts: list[float]) -> tuple[float, float, float]:
     return float(inv), float(beta), float(gamma)
 
 
-def series(job, server, command: str, tmp: Path) -> dict[int, float]:
-    out: dict[int, float] = {}
-    for n in NS:
+def profile(phases: list[tuple[str, float]]) -> dict[str, dict[str, float]]:
+    by: dict[str, list[float]] = defaultdict(list)
+    for name, seconds in phases:
+        by[name].append(seconds)
+    return {k: {"sum": round(sum(v), 3), "max": round(max(v), 4), "count": len(v)} for k, v in by.items()}
+
+
+def tasks_for(job: SealedJob, n: int, name: str) -> list[ShardTask]:
+    return [replace(t, threads=1) for t in plan_tasks(job.job_id, n, PRIMARIES_PER_SHARD * n, job.bundle_uri,
+                                                      job.results_uri(name))]
+
+
+def series(label: str, ns: list[int], rounds: int, make: Callable[[int], Backend], job: SealedJob,
+           extra: Callable[[], float] = lambda: 0.0, warmup: bool = False) -> tuple[dict[int, float], dict[int, Any]]:
+    """Best-of-rounds T(n) and the profile of that best run. `extra()` is stand-in time to take off;
+    `warmup` runs once untimed first (pooled connections are then open). The profile's `node_cpu_s`
+    is this process's CPU time over the run (all threads): the node's own per-run cost."""
+    times: dict[int, float] = {}
+    profiles: dict[int, Any] = {}
+    print(f"{label}:", flush=True)
+    for n in ns:
         best = float("inf")
-        for r in range(ROUNDS):
-            hosts = [{"host": "127.0.0.1", "port": server.port, "user": server.user,
-                      "key_file": str(server.client_key), "work_dir": str(tmp / f"w{i}"), "command": command}
-                     for i in range(n)]
-            backend = get_backend("ssh", hosts=hosts, known_hosts=server.known_hosts, retries=0, deadline_s=120)
-            tasks = plan_tasks(job.job_id, n, PRIMARIES, job.bundle_uri, job.results_uri(f"r{n}-{r}-{len(out)}"))
-            tasks = [t.__class__(**{**t.as_dict(), "threads": 1}) for t in tasks]
+        for r in range(-1 if warmup else 0, rounds):
+            backend = make(n)
+            tasks = tasks_for(job, n, f"{label}-{n}-{r}")
+            extra()  # reset
+            cpu = time.process_time()
             start = time.perf_counter()
             backend.run(tasks, job.key)
-            best = min(best, time.perf_counter() - start)
-        out[n] = best
-        print(f"  n={n:2d}  T={best:.3f} s", flush=True)
+            took = time.perf_counter() - start - extra()
+            cpu = time.process_time() - cpu
+            if r >= 0 and took < best:
+                best = took
+                profiles[n] = {**profile(getattr(backend, "phases", [])), "node_cpu_s": round(cpu, 3)}
+        times[n] = best
+        phases = {k: v for k, v in profiles[n].items() if isinstance(v, dict)}
+        top = sorted(phases.items(), key=lambda kv: -kv[1]["max"])[:3]
+        print(f"  n={n:3d}  T={best:.3f} s  node CPU {profiles[n]['node_cpu_s']:.2f} s  slowest: "
+              + "  ".join(f"{k} {v['max']:.3f}s" for k, v in top), flush=True)
+    return times, profiles
+
+
+def host_keys(server: Sshd, n: int) -> list[str]:
+    """n copies of the test client key under distinct names, each a distinct host entry for the pool."""
+    out = []
+    for i in range(n):
+        path = server.folder / f"client-{i}"
+        if not path.exists():
+            shutil.copy(server.client_key, path)
+            path.chmod(0o600)
+        out.append(str(path))
     return out
 
 
+def ssh_series(job: SealedJob, tmp: Path, ns: list[int], rounds: int, worker: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with sshd(tmp / "sshd") as server:
+        def make(command: str, keep_s: float = 0.0) -> Callable[[int], Backend]:
+            def backend(n: int) -> Backend:
+                # one key per host entry: pooled connections are per (host, port, user, key)
+                hosts = [{"host": "127.0.0.1", "port": server.port, "user": server.user,
+                          "key_file": keys[i], "work_dir": str(tmp / f"w{i}"), "command": command}
+                         for i in range(n)]
+                return get_backend("ssh", hosts=hosts, known_hosts=server.known_hosts, retries=0, deadline_s=120,
+                                   keep_connections_s=keep_s)
+            return backend
+
+        keys = host_keys(server, max(ns, default=1))
+        out["transport"] = series("ssh transport, new connections (stand-in worker)", ns, rounds, make(STUB), job)
+        out["warm"] = series("ssh transport, pooled connections (stand-in worker)", ns, rounds,
+                             make(STUB, keep_s=600), job, warmup=True)
+        POOL.close_idle()
+        if worker:
+            out["worker"] = series("ssh worker (real worker + MCsquare)", [n for n in ns if n <= WORKER_MAX_N],
+                                   rounds, make(f"{sys.executable} -m cloud.worker"), job)
+    return out
+
+
+def aws_series(job: SealedJob, tmp: Path, ns: list[int], rounds: int) -> tuple[dict[int, float], dict[int, Any]]:
+    import boto3
+
+    saved = {k: os.environ.get(k) for k in [*FAKE_AWS_ENV, "AWS_ENDPOINT_URL"]}
+    with moto_server(tmp / "moto") as url:
+        os.environ.update(FAKE_AWS_ENV)
+        os.environ["AWS_ENDPOINT_URL"] = url
+        try:
+            kms_key_id = moto_batch(url)
+            batch = boto3.client("batch", endpoint_url=url)
+            s3 = boto3.client("s3", endpoint_url=url)
+            spent = [0.0]
+
+            def container_runtime(batch_id: str) -> None:
+                """Each child 'runs' and stores its result object, as the worker in its container would."""
+                start = time.perf_counter()
+                desc = batch.describe_jobs(jobs=[batch_id])["jobs"][0]
+                argv = desc["container"]["command"]
+                result = argv[argv.index("--result") + 1].removeprefix("s3://")
+                bucket, key = result.split("/", 1)
+                first = int(argv[argv.index("--shard") + 1])
+                for i in range(desc.get("arrayProperties", {}).get("size", 0) or 1):
+                    s3.put_object(Bucket=bucket, Key=key.replace("{shard}", str(first + i)), Body=b"stub")
+                spent[0] += time.perf_counter() - start
+
+            def taken() -> float:
+                value, spent[0] = spent[0], 0.0
+                return value
+
+            def make(n: int) -> Backend:
+                return get_backend("aws", bucket="mcnode-test", prefix="bench", job_queue="mcnode-q",
+                                   job_definition="mcnode", kms_key_id=kms_key_id, endpoint_url=url,
+                                   region="us-east-1", poll_s=0.05, retries=0, on_submit=container_runtime)
+
+            return series("aws transport (moto: S3, KMS, Batch array job)", ns, rounds, make, job, taken)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def fitted(times: dict[int, float]) -> tuple[float, float]:
+    _a, beta, gamma = fit(list(times), list(times.values()))
+    return round(beta, 4), round(gamma, 3)
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-n", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", choices=("ssh", "aws", "worker"))
+    args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    ns = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if n <= args.max_n]
+    result: dict[str, Any] = {"machine": machine(), "date": today()}
     with tempfile.TemporaryDirectory(prefix="mcb") as tmp_name:
         tmp = Path(tmp_name)
         job = sealed_job(tmp / "job")
-        with sshd(tmp / "sshd") as server:
-            print("worker series (real worker + MCsquare, tiny job):")
-            worker = series(job, server, f"{sys.executable} -m cloud.worker", tmp)
-            print("transport series (shell stand-in for the worker):")
-            transport = series(job, server, STUB, tmp)
-    _a, beta, gamma = fit(list(worker), list(worker.values()))
-    _ta, tbeta, tgamma = fit(list(transport), list(transport.values()))
-    print(f"machine: {machine()}; date {today()}")
-    # beta/gamma: the backend's own per-node and constant cost (transport series). With the real
-    # worker on this 2-core box, every extra worker's CPU (Python start, MCsquare start) queues behind
-    # the others, so worker_beta is CPU contention on one machine, not dispatch overhead.
-    print(json.dumps({"beta_s_per_node": round(tbeta, 4), "gamma_s": round(tgamma, 3),
-                      "worker_beta_s_per_node": round(beta, 4), "worker_gamma_s": round(gamma, 3),
-                      "worker_T_s": {str(k): round(v, 3) for k, v in worker.items()},
-                      "transport_T_s": {str(k): round(v, 3) for k, v in transport.items()}}))
+        if args.only in (None, "ssh", "worker"):
+            ssh = ssh_series(job, tmp, ns if args.only != "worker" else [], args.rounds,
+                             worker=args.only in (None, "worker"))
+            if "transport" in ssh and ssh["transport"][0]:
+                t, prof = ssh["transport"]
+                result["beta_s_per_node"], result["gamma_s"] = fitted(t)
+                result["transport_T_s"] = {str(k): round(v, 3) for k, v in t.items()}
+                result["transport_profile"] = {str(k): v for k, v in prof.items()}
+                t, prof = ssh["warm"]
+                result["warm_beta_s_per_node"], result["warm_gamma_s"] = fitted(t)
+                result["warm_T_s"] = {str(k): round(v, 3) for k, v in t.items()}
+                result["warm_profile"] = {str(k): v for k, v in prof.items()}
+            if "worker" in ssh:
+                t, _prof = ssh["worker"]
+                result["worker_beta_s_per_node"], result["worker_gamma_s"] = fitted(t)
+                result["worker_T_s"] = {str(k): round(v, 3) for k, v in t.items()}
+        if args.only in (None, "aws"):
+            t, prof = aws_series(job, tmp, ns, args.rounds)
+            result["aws_beta_s_per_node"], result["aws_gamma_s"] = fitted(t)
+            result["aws_T_s"] = {str(k): round(v, 3) for k, v in t.items()}
+            result["aws_profile"] = {str(k): v for k, v in prof.items()}
+    print(f"machine: {result['machine']}; date {result['date']}")
+    print(json.dumps(result))
     return 0
 
 

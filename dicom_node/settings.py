@@ -189,6 +189,8 @@ class SshSettings:
     # false accepts unknown host keys: for test setups only.
     strict_host_key_checking: bool = True
     connect_timeout_seconds: float = field(default=10.0, metadata=_meta(_check_positive))
+    # Connections stay open this long after a job for the next one (0: closed after each job).
+    keep_connections_seconds: float = field(default=300.0, metadata=_meta(_check_non_negative))
 
 
 @dataclass(frozen=True)
@@ -245,7 +247,8 @@ class CloudSettings:
                         "key_file": str(h.key_file) if h.key_file else None, "work_dir": h.work_dir,
                         "command": h.command, "slots": h.slots} for h in self.ssh.hosts],
                 known_hosts=self.ssh.known_hosts_file, strict_host_keys=self.ssh.strict_host_key_checking,
-                connect_timeout_s=self.ssh.connect_timeout_seconds)
+                connect_timeout_s=self.ssh.connect_timeout_seconds,
+                keep_connections_s=self.ssh.keep_connections_seconds)
         elif self.backend == "aws":
             options.update(bucket=self.s3.bucket, prefix=self.s3.prefix, s3_endpoint_url=self.s3.endpoint_url,
                            region=self.aws.region or self.s3.region, endpoint_url=self.aws.endpoint_url,

@@ -79,7 +79,7 @@ def sshd(folder: Path) -> Iterator[Sshd]:
         f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {host_key}", f"PidFile {folder / 'sshd.pid'}",
         f"AuthorizedKeysFile {folder / 'authorized_keys'}", "PasswordAuthentication no",
         "KbdInteractiveAuthentication no", "PubkeyAuthentication yes", "PermitRootLogin prohibit-password",
-        "StrictModes no", "UsePAM no", "Subsystem sftp internal-sftp", "MaxStartups 100:30:200",
+        "StrictModes no", "UsePAM no", "Subsystem sftp internal-sftp", "MaxStartups 512",
         "MaxSessions 100", "LogLevel ERROR", "UseDNS no",
         # A clean worker host: bash skips ~/.bashrc when SHLVL says it is nested. Here root's .bashrc
         # runs `pyenv init`, 0.35 s of CPU per command, which is this machine's, not the backend's cost.
@@ -119,3 +119,33 @@ def moto_server(folder: Path) -> Iterator[str]:
     finally:
         stop_process(proc)
         log.close()
+
+
+def moto_batch(url: str, bucket: str = "mcnode-test", queue: str = "mcnode-q",
+               definition: str = "mcnode") -> str:
+    """A bucket, a KMS key, a Batch compute environment, job queue and job definition on moto at `url`.
+
+    Needs the fake credentials of FAKE_AWS_ENV in the environment; returns the KMS key id.
+    """
+    import boto3
+
+    boto3.client("s3", endpoint_url=url).create_bucket(Bucket=bucket)
+    key_id = str(boto3.client("kms", endpoint_url=url).create_key()["KeyMetadata"]["KeyId"])
+    iam = boto3.client("iam", endpoint_url=url)
+    role = iam.create_role(RoleName="batch", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+    profile = iam.create_instance_profile(InstanceProfileName="batch")["InstanceProfile"]["Arn"]
+    ec2 = boto3.client("ec2", endpoint_url=url)
+    vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.0.0.0/24")["Subnet"]["SubnetId"]
+    sg = ec2.create_security_group(GroupName="mcnode", Description="workers", VpcId=vpc)["GroupId"]
+    batch = boto3.client("batch", endpoint_url=url)
+    env = batch.create_compute_environment(
+        computeEnvironmentName="mcnode-ce", type="MANAGED", state="ENABLED", serviceRole=role,
+        computeResources={"type": "EC2", "minvCpus": 0, "maxvCpus": 4, "desiredvCpus": 0,
+                          "instanceTypes": ["optimal"], "subnets": [subnet],
+                          "securityGroupIds": [sg], "instanceRole": profile})["computeEnvironmentArn"]
+    batch.create_job_queue(jobQueueName=queue, state="ENABLED", priority=1,
+                           computeEnvironmentOrder=[{"order": 1, "computeEnvironment": env}])
+    batch.register_job_definition(jobDefinitionName=definition, type="container",
+                                  containerProperties={"image": "mcnode", "vcpus": 1, "memory": 512})
+    return key_id

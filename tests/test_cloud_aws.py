@@ -24,7 +24,7 @@ from cloud.errors import CloudError, StoreError
 from cloud.kms import store_wrapped_key, unwrap_data_key
 from cloud.stores.base import store_for
 from tests.cloud_data import local_tallies, sealed_job, shard_tasks
-from tests.peers import FAKE_AWS_ENV, moto_server
+from tests.peers import FAKE_AWS_ENV, moto_batch, moto_server
 
 SHARDS, PRIMARIES = 3, 3000
 
@@ -37,26 +37,9 @@ def aws(tmp_path_factory: pytest.TempPathFactory):
         os.environ.update(FAKE_AWS_ENV)
         os.environ["AWS_ENDPOINT_URL"] = url
         try:
+            key_id = moto_batch(url)
             s3 = boto3.client("s3", endpoint_url=url)
-            s3.create_bucket(Bucket="mcnode-test")
-            key_id = boto3.client("kms", endpoint_url=url).create_key()["KeyMetadata"]["KeyId"]
-            iam = boto3.client("iam", endpoint_url=url)
-            role = iam.create_role(RoleName="batch", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
-            profile = iam.create_instance_profile(InstanceProfileName="batch")["InstanceProfile"]["Arn"]
-            ec2 = boto3.client("ec2", endpoint_url=url)
-            vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
-            subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.0.0.0/24")["Subnet"]["SubnetId"]
-            sg = ec2.create_security_group(GroupName="mcnode", Description="workers", VpcId=vpc)["GroupId"]
             batch = boto3.client("batch", endpoint_url=url)
-            env = batch.create_compute_environment(
-                computeEnvironmentName="mcnode-ce", type="MANAGED", state="ENABLED", serviceRole=role,
-                computeResources={"type": "EC2", "minvCpus": 0, "maxvCpus": 4, "desiredvCpus": 0,
-                                  "instanceTypes": ["optimal"], "subnets": [subnet],
-                                  "securityGroupIds": [sg], "instanceRole": profile})["computeEnvironmentArn"]
-            batch.create_job_queue(jobQueueName="mcnode-q", state="ENABLED", priority=1,
-                                   computeEnvironmentOrder=[{"order": 1, "computeEnvironment": env}])
-            batch.register_job_definition(jobDefinitionName="mcnode", type="container",
-                                        containerProperties={"image": "mcnode", "vcpus": 1, "memory": 512})
             yield {"url": url, "kms_key_id": key_id, "batch": batch, "s3": s3}
         finally:
             for k, v in saved.items():

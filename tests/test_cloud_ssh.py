@@ -125,3 +125,25 @@ def test_shard_past_its_deadline_is_stopped(job, server, tmp_path):
     with pytest.raises(DispatchError, match="deadline of 1 s"):
         dispatch(tasks, job.key, backend)
     assert not [c for c in all_cmdlines() if marker in c]  # the remote process is gone
+
+
+def test_pooled_connection_is_reused_by_the_next_run(job, server, tmp_path):
+    from cloud.backends.ssh import POOL
+
+    hosts = [host(server, tmp_path / "pooled")]
+
+    def run(name: str) -> object:
+        backend = get_backend("ssh", hosts=hosts, known_hosts=server.known_hosts, retries=0, deadline_s=120,
+                              keep_connections_s=60)
+        dispatch(shard_tasks(job, 1, 500, name), job.key, backend)
+        (idle,) = [e for entries in POOL._idle.values() for e in entries if e[1].get_transport().getpeername()[1]
+                   == server.port]
+        return idle[1]
+
+    try:
+        first = run("pool-a")
+        assert run("pool-b") is first  # the second job ran over the first job's connection
+        assert not list((tmp_path / "pooled").iterdir())  # each run's folder removed, connection kept
+    finally:
+        POOL.close_idle()
+    assert not POOL._idle

@@ -36,7 +36,8 @@ from cloud.worker import ShardTask
 
 LOGGER = logging.getLogger(__name__)
 
-POLL_S = 0.02
+POLL_S = 0.02  # how often Backend.run looks for ended shards (a look at futures: cheap)
+CHANNEL_WAIT_S = 0.25  # at most this late a shard thread sees a stop (deadline, cancel)
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,53 @@ class _Conn:
         return code, stderr.read().decode(errors="replace").strip()
 
 
+class _Pool:
+    """Open connections (client + SFTP session) kept between runs, so a job on warm hosts skips the
+    TCP connect, key exchange and authentication that dominate a cold run's per-node cost
+    (BENCHMARKS.md, "Scale"). A connection is lent to one run at a time; one idle longer than the
+    backend's `keep_connections_s` is closed."""
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple[object, ...], list[tuple[float, paramiko.SSHClient, paramiko.SFTPClient]]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: tuple[object, ...], keep_s: float) -> tuple[paramiko.SSHClient, paramiko.SFTPClient] | None:
+        self.close_idle(keep_s)
+        with self._lock:
+            entries = self._idle.get(key, [])
+            while entries:
+                _since, client, sftp = entries.pop()
+                transport = client.get_transport()
+                if transport is not None and transport.is_active():
+                    return client, sftp
+                sftp.close()
+                client.close()
+        return None
+
+    def give(self, key: tuple[object, ...], client: paramiko.SSHClient, sftp: paramiko.SFTPClient) -> None:
+        with self._lock:
+            self._idle.setdefault(key, []).append((time.monotonic(), client, sftp))
+
+    def close_idle(self, keep_s: float = 0.0) -> None:
+        """Close the connections idle for keep_s or longer (all of them with 0)."""
+        now = time.monotonic()
+        closing = []
+        with self._lock:
+            for key, entries in list(self._idle.items()):
+                keep = [e for e in entries if now - e[0] < keep_s]
+                closing += [e for e in entries if now - e[0] >= keep_s]
+                if keep:
+                    self._idle[key] = keep
+                else:
+                    del self._idle[key]
+        for _since, client, sftp in closing:
+            sftp.close()
+            client.close()
+
+
+POOL = _Pool()
+
+
 @dataclass(frozen=True)
 class _Shard:
     """A shard running on a host's slot, on its own thread."""
@@ -117,7 +165,8 @@ class SshBackend(Backend):
 
     def __init__(self, retries: int = 2, deadline_s: float = 3600.0, *,
                  hosts: Sequence[SshHost | Mapping[str, Any]] = (), known_hosts: str | Path | None = None,
-                 strict_host_keys: bool = True, connect_timeout_s: float = 10.0) -> None:
+                 strict_host_keys: bool = True, connect_timeout_s: float = 10.0,
+                 keep_connections_s: float = 0.0) -> None:
         super().__init__(retries, deadline_s)
         self.hosts = [h if isinstance(h, SshHost) else SshHost(**h) for h in hosts]
         if not self.hosts:
@@ -125,6 +174,11 @@ class SshBackend(Backend):
         self.known_hosts = Path(known_hosts) if known_hosts else None
         self.strict_host_keys = strict_host_keys
         self.connect_timeout_s = connect_timeout_s
+        # > 0: connections stay open this long after a run, for the next run to the same host
+        self.keep_connections_s = keep_connections_s
+        # (phase, seconds) of the last run, per host or shard: connect, stage, exec, collect, close.
+        # For the overhead benchmark's profile; appended from many threads (list.append is atomic).
+        self.phases: list[tuple[str, float]] = []
         self.last_argv: list[list[str]] = []  # worker argv as launched (no secrets), for audit and tests
         self.poll_s = POLL_S
         self._conns: list[_Conn] = []
@@ -136,7 +190,18 @@ class SshBackend(Backend):
 
     # --- per host, all hosts at once -------------------------------------------------------
 
+    def _pool_key(self, host: SshHost) -> tuple[object, ...]:
+        return (host.host, host.port, host.user, host.key_file, str(self.known_hosts), self.strict_host_keys)
+
     def _connect(self, host: SshHost, job_id: str) -> _Conn:
+        if self.keep_connections_s > 0:
+            warm = POOL.take(self._pool_key(host), self.keep_connections_s)
+            if warm is not None:
+                try:
+                    return self._new_folder(host, *warm)
+                except (paramiko.SSHException, OSError, EOFError):
+                    warm[1].close()
+                    warm[0].close()  # a stale connection: connect afresh below
         client = paramiko.SSHClient()
         if self.known_hosts is not None:
             if self.known_hosts.exists():
@@ -153,16 +218,19 @@ class SshBackend(Backend):
             transport = client.get_transport()
             assert transport is not None
             transport.set_keepalive(15)
-            folder = f"{host.work_dir.rstrip('/')}/{secrets.token_hex(4)}"
-            conn = _Conn(host, client, folder)
             # folders by SFTP, not by a shell: a host's shell start-up files can cost a lot per command
-            conn.sftp = client.open_sftp()
-            _sftp_makedirs(conn.sftp, host.work_dir.rstrip("/"))
-            conn.sftp.mkdir(folder, mode=0o700)
-            return conn
+            sftp = client.open_sftp()
+            _sftp_makedirs(sftp, host.work_dir.rstrip("/"))
+            return self._new_folder(host, client, sftp)
         except BaseException:
             client.close()
             raise
+
+    def _new_folder(self, host: SshHost, client: paramiko.SSHClient, sftp: paramiko.SFTPClient) -> _Conn:
+        """This run's own folder on the host (removed when the run ends)."""
+        folder = f"{host.work_dir.rstrip('/')}/{secrets.token_hex(4)}"
+        sftp.mkdir(folder, mode=0o700)
+        return _Conn(host, client, folder, sftp)
 
     def _stage(self, conn: _Conn, bundles: list[str]) -> None:
         assert conn.sftp is not None
@@ -174,12 +242,15 @@ class SshBackend(Backend):
 
     def _connect_all(self, job_id: str, bundles: list[str]) -> list[_Conn]:
         def one(host: SshHost) -> _Conn:
+            t0 = time.perf_counter()
             conn = self._connect(host, job_id)
+            t1 = time.perf_counter()
             try:
                 self._stage(conn, bundles)
             except BaseException:
                 self._close_conn(conn)
                 raise
+            self.phases.extend([("connect", t1 - t0), ("stage", time.perf_counter() - t1)])
             return conn
 
         conns: list[_Conn] = []
@@ -198,16 +269,24 @@ class SshBackend(Backend):
         return conns
 
     def _close_conn(self, conn: _Conn) -> None:
+        """Remove the run's folder; keep the connection for the next run (pooled) or close it."""
+        t0 = time.perf_counter()
+        keep = False
         try:
             transport = conn.client.get_transport()
             if conn.sftp is not None and transport is not None and transport.is_active():
                 _sftp_rmtree(conn.sftp, conn.folder)
+                keep = self.keep_connections_s > 0 and conn.alive
         except (paramiko.SSHException, OSError, EOFError) as exc:
             LOGGER.warning("%s: could not remove %s: %s", conn.host.label, conn.folder, exc)
         finally:
-            if conn.sftp is not None:
-                conn.sftp.close()
-            conn.client.close()
+            if keep and conn.sftp is not None:
+                POOL.give(self._pool_key(conn.host), conn.client, conn.sftp)
+            else:
+                if conn.sftp is not None:
+                    conn.sftp.close()
+                conn.client.close()
+            self.phases.append(("close", time.perf_counter() - t0))
 
     def _close_all(self, conns: list[_Conn]) -> None:
         with ThreadPoolExecutor(max_workers=max(1, len(conns)), thread_name_prefix="ssh-close") as pool:
@@ -242,6 +321,7 @@ class SshBackend(Backend):
             transport = conn.client.get_transport()
             if transport is None or not transport.is_active():
                 raise paramiko.SSHException("connection lost")
+            t0 = time.perf_counter()
             chan = transport.open_session(timeout=self.connect_timeout_s)
             chan.exec_command(command)
             chan.sendall((key.hex() + "\n").encode())
@@ -262,7 +342,7 @@ class SshBackend(Backend):
                     return "stopped"
                 if not transport.is_active():
                     raise paramiko.SSHException("connection lost")
-                chan.status_event.wait(POLL_S)
+                chan.status_event.wait(CHANNEL_WAIT_S)  # set at once when the worker exits
             code = chan.recv_exit_status()
             while chan.recv_stderr_ready():
                 err += chan.recv_stderr(65536)
@@ -271,8 +351,10 @@ class SshBackend(Backend):
                 picked = [ln for ln in lines if ln.startswith("worker:")] or lines
                 LOGGER.debug("worker stderr: %s", err.decode(errors="replace"))
                 return f"exited with {code}: {picked[-1][:500] if picked else 'no message'}"
+            t1 = time.perf_counter()
             if _is_local(task.result_uri):
                 self._collect(conn, _local_path(remote.result_uri), _local_path(task.result_uri))
+            self.phases.extend([("exec", t1 - t0), ("collect", time.perf_counter() - t1)])
             return None
         except (paramiko.SSHException, OSError, EOFError) as exc:
             transport = conn.client.get_transport()
@@ -307,6 +389,7 @@ class SshBackend(Backend):
 
     def _open(self, tasks: list[ShardTask], key: bytes) -> list[ShardTask]:
         self.last_argv = []
+        self.phases = []
         self._conns = self._connect_all(tasks[0].job_id, sorted({t.bundle_uri for t in tasks}))
         self._free = [c for c in self._conns for _ in range(c.host.slots)]
         self._pool = ThreadPoolExecutor(max_workers=len(self._free), thread_name_prefix="ssh-shard")

@@ -34,6 +34,16 @@ class ObjectStore(ABC):
     @abstractmethod
     def delete(self, uri: str) -> None: ...
 
+    def delete_many(self, uris: list[str]) -> list[str]:
+        """Delete every object; return the URIs that could not be deleted (with a reason each)."""
+        failed = []
+        for uri in uris:
+            try:
+                self.delete(uri)
+            except StoreError as exc:
+                failed.append(f"{uri}: {exc}")
+        return failed
+
 
 def store_for(uri: str, **options: object) -> ObjectStore:
     """The store that serves this URI's scheme."""

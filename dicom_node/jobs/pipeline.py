@@ -127,6 +127,10 @@ class Pipeline:
         if self._backend is not None:
             self._backend.cancel()
         self._worker.stop(timeout=5)
+        if self.settings.cloud.backend == "ssh":
+            from cloud.backends.ssh import POOL
+
+            POOL.close_idle()
 
     def submit(self, job: Job) -> None:
         with self._lock:
