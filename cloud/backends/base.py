@@ -20,6 +20,9 @@ A backend only says how to start, poll and stop shards:
 
 Starting, feeding and collecting happen concurrently on all workers: the cost of adding a node is
 not paid one node after another (the flsshd proof of concept's beta).
+
+When several jobs run at once, each job's backend has the same `share` (cloud.backends.share): `run`
+then starts only as many shards as the job's fair share allows, by its `priority`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cloud.backends.share import FairShare
 from cloud.errors import Cancelled, DispatchError
 from cloud.worker import ShardTask
 
@@ -60,6 +64,8 @@ class Backend(ABC):
         self.retries = retries
         self.deadline_s = deadline_s
         self.cancelled = threading.Event()
+        self.share: FairShare | None = None  # set by the caller when jobs share the workers
+        self.priority = "normal"             # interactive | normal | batch, for the share
 
     def cancel(self) -> None:
         """Stop every worker of a running `run`, which then raises Cancelled."""
@@ -100,10 +106,15 @@ class Backend(ABC):
         if self.cancelled.is_set():
             raise Cancelled("stopped: the node is shutting down")
         running: list[Attempt] = []
+        job_id, share = tasks[0].job_id, self.share
+        if share is not None:
+            share.join(job_id, self.priority)
         try:
             pending = [Attempt(t) for t in self._open(tasks, key)]
             while pending or running:
                 room = self.workers() - len(running)
+                if share is not None:
+                    room = share.room(job_id, len(running), len(pending), room)
                 if pending and room > 0:
                     started = self._start(list(pending), room, key)
                     now = time.monotonic()
@@ -143,4 +154,6 @@ class Backend(ABC):
                 if running:
                     self._stop(running, "mcnode is stopping" if self.cancelled.is_set() else "another shard failed")
             finally:
+                if share is not None:
+                    share.leave(job_id)
                 self._close()

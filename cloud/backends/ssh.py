@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 import shlex
+import socket
 import stat
 import threading
 import time
@@ -211,7 +212,10 @@ class SshBackend(Backend):
         client.set_missing_host_key_policy(paramiko.RejectPolicy() if self.strict_host_keys
                                            else paramiko.AutoAddPolicy())
         try:
-            client.connect(host.host, port=host.port, username=host.user, key_filename=host.key_file,
+            # TCP_NODELAY: SFTP's small request/answer pairs otherwise meet delayed ACKs (~40 ms each)
+            sock = socket.create_connection((host.host, host.port), timeout=self.connect_timeout_s)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client.connect(host.host, port=host.port, username=host.user, key_filename=host.key_file, sock=sock,
                            timeout=self.connect_timeout_s, banner_timeout=self.connect_timeout_s,
                            auth_timeout=self.connect_timeout_s, allow_agent=False,
                            look_for_keys=host.key_file is None)
@@ -403,12 +407,12 @@ class SshBackend(Backend):
         for a in attempts:
             if len(started) >= room:
                 break
-            usable = [c for c in self._free if c.alive]
+            usable = [c for c in self._free if c.alive and self._may_use(c)]
             # another host if there is one; the same one only when every live host failed this shard
             fresh = [c for c in usable if c.host.label not in a.avoid]
             everywhere = all(c.host.label in a.avoid for c in alive)
             conn = fresh[0] if fresh else (usable[0] if usable and everywhere else None)
-            if conn is None:
+            if conn is None or not self._book(conn):
                 continue
             self._free.remove(conn)
             stop = threading.Event()
@@ -417,12 +421,25 @@ class SshBackend(Backend):
             started.append(a)
         return started
 
+    # A host's slots are booked in the share when jobs run at once: every job has its own
+    # connection to the host, but the host has `slots` places for all of them together.
+    def _may_use(self, conn: _Conn) -> bool:
+        return self.share is None or self.share.free_at(conn.host.label, conn.host.slots)
+
+    def _book(self, conn: _Conn) -> bool:
+        return self.share is None or self.share.book(conn.host.label, conn.host.slots)
+
+    def _unbook(self, conn: _Conn) -> None:
+        if self.share is not None:
+            self.share.release(conn.host.label)
+
     def _poll(self, running: list[Attempt]) -> list[tuple[Attempt, str | None]]:
         ended: list[tuple[Attempt, str | None]] = []
         for a in running:
             shard: _Shard = a.handle
             if shard.future.done():
                 self._free.append(shard.conn)
+                self._unbook(shard.conn)
                 ended.append((a, shard.future.result()))
         return ended
 
@@ -433,6 +450,7 @@ class SshBackend(Backend):
         wait([s.future for s in shards])  # each thread stops its remote worker
         for shard in shards:
             self._free.append(shard.conn)
+            self._unbook(shard.conn)
 
     def _close(self) -> None:
         pool, conns = getattr(self, "_pool", None), getattr(self, "_conns", [])
