@@ -318,6 +318,17 @@ def _cmd_user(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    from dicom_node.intake.journal import Journal
+    from dicom_node.settings import load_settings
+
+    settings = load_settings(args.config)
+    with Journal.open(settings.node.data_dir) as journal:
+        job = journal.cancel(args.job, "mcnode cancel")
+    print(f"job {job.id} is {job.state}; a running node stops its shards within seconds")
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dicom_node.demo import run_demo
 
@@ -535,6 +546,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", required=True)
     p.add_argument("--replace", action="store_true", help="add: set a new password for an existing user")
     p.set_defaults(func=_cmd_user)
+
+    p = sub.add_parser("cancel", help="stop a job's shards on every backend and record CANCELLED (final)")
+    p.add_argument("job")
+    p.add_argument("-c", "--config", required=True)
+    p.set_defaults(func=_cmd_cancel)
 
     p = sub.add_parser("demo", help="phantom -> node -> result, end to end on this machine")
     p.add_argument("--out", default="demo-out")

@@ -237,6 +237,13 @@ class CloudSettings:
     s3: S3Settings = field(default_factory=S3Settings)
     aws: AwsSettings = field(default_factory=AwsSettings)
     sizing: SizingSettings = field(default_factory=SizingSettings)
+    # Jobs computed at the same time; their shards share the workers fairly. 0 = by backend:
+    # 1 for local (the server's cores are the limit), 4 for ssh and aws.
+    max_concurrent_jobs: int = field(default=0, metadata=_meta(_check_non_negative))
+
+    def concurrent_jobs(self) -> int:
+        """max_concurrent_jobs with 0 resolved for the backend."""
+        return self.max_concurrent_jobs or (1 if self.backend == "local" else 4)
 
     def backend_options(self) -> dict[str, Any]:
         """Keyword arguments for cloud.backends.get_backend(self.backend, ...)."""
@@ -271,6 +278,9 @@ class Destination:
     ae_title: str = field(default="", metadata=_meta(_check_ae_title))
     host: str = "127.0.0.1"
     port: int = field(default=11113, metadata=_meta(_check_port))
+    # Which kind of sender this is: "interactive" (a planner waits: served first), "normal", or
+    # "batch" (automatic second checks: served with what is left).
+    priority: str = field(default="normal", metadata=_meta(_choice("interactive", "normal", "batch")))
 
 
 def parse_criterion(text: str) -> tuple[float, float]:

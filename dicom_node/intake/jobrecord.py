@@ -7,8 +7,8 @@ place that says what those hold and who writes them. States (DESIGN.md at the re
     RECEIVING → READY → SEALED → RUNNING → MERGED → SENT (→ VERIFIED)
 
 with the side exits FAILED (retryable: `mcnode retry` puts the job back where it failed),
-REJECTED (the input can never work) and CANCELLED (a person stopped it from the web page before its
-dose was delivered; final).
+REJECTED (the input can never work) and CANCELLED (a person stopped it before its dose was
+delivered, with `mcnode cancel` or from the web page; final).
 
 Writers hand the journal a *patch*: a `JobData` whose fields left at their default keep the stored
 value, so stages on other threads (the outbox, the second check) never overwrite each other's keys

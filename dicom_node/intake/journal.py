@@ -410,6 +410,15 @@ class Journal:
         reason = _one_line(f"retry after: {job.reason}")
         return self.transition(job_id, back_to, reason=reason, expect=JobState.FAILED)
 
+    def cancel(self, job_id: str, who: str) -> Job:
+        """Record CANCELLED (final) for a job whose dose is not delivered yet; a running node stops its shards."""
+        job = self.job(job_id)
+        if JobState.CANCELLED not in TRANSITIONS[job.state]:
+            raise JournalError(f"job {job_id} is {job.state}: it cannot be cancelled (its dose was delivered "
+                               "or it has ended)")
+        return self.transition(job_id, JobState.CANCELLED, reason=f"cancelled by {who} (was {job.state})",
+                               expect=job.state)
+
     def history(self, job_id: str) -> list[tuple[JobState, str | None, float]]:
         rows = self._query("SELECT state, reason, at FROM transitions WHERE job_id=? ORDER BY seq", (job_id,))
         return [(JobState(r["state"]), r["reason"], r["at"]) for r in rows]

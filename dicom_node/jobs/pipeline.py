@@ -11,11 +11,20 @@ that is interrupted (crash, SIGKILL, restart) is simply done again from the last
 
 Errors are sorted at this boundary: a plan the engine can never compute is REJECTED with the
 reason, anything else FAILED with the reason (a retry starts from the state it failed in).
+
+Up to `[cloud] max_concurrent_jobs` jobs are worked on at once, one thread each, taken from the
+queue by priority (the sender's `[[destinations]] priority`: interactive, normal, batch), then in
+order of arrival. Their shards share the backend's workers through one FairShare
+(cloud.backends.share: equal shares per priority class, no pre-emption). A job recorded CANCELLED
+(`mcnode cancel`, from any process) has its running shards stopped within CANCEL_POLL_SECONDS and
+whatever its step was doing is dropped.
 """
 
 from __future__ import annotations
 
 import errno
+import heapq
+import itertools
 import logging
 import shutil
 import threading
@@ -33,6 +42,7 @@ from anonymizer.seal import new_data_key, unwrap_key, wrap_key
 from anonymizer.vault import Vault, reidentify
 from cloud.backends import get_backend
 from cloud.backends.base import Backend
+from cloud.backends.share import PRIORITIES, FairShare
 from cloud.bundle import make_bundle
 from cloud.dispatch import dispatch, plan_tasks, primaries_for_target
 from cloud.engines import dosegrid, engine_name_for, get_engine
@@ -46,7 +56,6 @@ from dicom_node.intake.journal import Job, Journal
 from dicom_node.jobs.compute import dose_notes, dose_options
 from dicom_node.jobs.ctcal import choose_ct_calibration
 from dicom_node.jobs.integrity import JobFiles
-from dicom_node.jobs.queue_worker import QueueWorker
 from dicom_node.jobs.rtdose import UNCERTAINTY_ABOVE_TARGET, write_rt_dose
 from dicom_node.net import uids
 from dicom_node.settings import Settings, read_site_key
@@ -77,6 +86,8 @@ def describe_error(exc: BaseException, data_dir: Path) -> str:
     if not isinstance(exc, (CloudError, AnonymizerError, NodeError)):
         text = f"internal error {type(exc).__name__}: {text}"
     return " ".join(text.split())
+# How often the journal is asked whether a job being computed was cancelled (by another process).
+CANCEL_POLL_SECONDS = 1.0
 
 
 def _load(paths: list[str]) -> list[Dataset]:
@@ -94,20 +105,27 @@ class Pipeline:
         # local workers open bundles here (one folder each); emptied at start: nothing in it survives a restart
         self.work_dir = data_dir / "work"
         self._on_merged = on_merged
-        self._worker = QueueWorker("pipeline", self._handle, on_error=self._fail_unexpected,
-                                   on_idle=self._pick_up_retries, idle_seconds=RETRY_SCAN_SECONDS)
         self.timings: dict[str, dict[str, float]] = {}
-        self._backend: Backend | None = None
+        self.concurrent = settings.cloud.concurrent_jobs()
         self._lock = threading.Lock()
-        self._queued: set[str] = set()
+        self._cond = threading.Condition(self._lock)
+        self._queued: set[str] = set()                       # waiting or being worked on
         self._parked: dict[str, float] = {}  # job id -> when to try again (its failure could not be recorded)
-        self._current: str | None = None  # the job a step is working on
+        self._heap: list[tuple[int, int, str]] = []          # (priority rank, arrival, job id)
+        self._arrival = itertools.count()
+        self._active: dict[str, Backend | None] = {}         # jobs being worked on -> their backend
+        self._share: FairShare | None = None
+        self._stopping = False
+        self._threads = [threading.Thread(target=self._run, name=f"pipeline-{i}", daemon=True)
+                         for i in range(self.concurrent)]
+        self._watcher = threading.Thread(target=self._watch, name="pipeline-cancel", daemon=True)
 
     # --- life cycle ---------------------------------------------------------------------
 
     def start(self) -> None:
         self._clean_work_dir()
-        self._worker.start()
+        for thread in [*self._threads, self._watcher]:
+            thread.start()
         for job in self.journal.jobs_in(JobState.READY, JobState.SEALED, JobState.RUNNING, JobState.MERGED):
             self.submit(job)
 
@@ -124,25 +142,37 @@ class Pipeline:
         self.work_dir.chmod(0o700)  # opened bundles: readable by the node's user only
 
     def stop(self) -> None:
-        if self._backend is not None:
-            self._backend.cancel()
-        self._worker.stop(timeout=5)
+        with self._cond:
+            self._stopping = True
+            backends = [b for b in self._active.values() if b is not None]
+            self._cond.notify_all()
+        for backend in backends:
+            backend.cancel()  # the jobs stay RUNNING and resume on the next start
+        for thread in [*self._threads, self._watcher]:
+            if thread.is_alive():
+                thread.join(timeout=5)
         if self.settings.cloud.backend == "ssh":
             from cloud.backends.ssh import POOL
 
             POOL.close_idle()
 
+    def priority(self, job: Job) -> str:
+        """interactive | normal | batch: the `priority` of the destination of the AE title that sent the plan."""
+        dest = self.settings.destination_for(job.calling_ae or "")
+        return dest.priority if dest is not None else "normal"
+
     def submit(self, job: Job) -> None:
-        with self._lock:
+        with self._cond:
             if job.id in self._queued:
                 return
             self._queued.add(job.id)
-        self._worker.put(job.id)
+            heapq.heappush(self._heap, (PRIORITIES[self.priority(job)], next(self._arrival), job.id))
+            self._cond.notify()
 
     def cancel(self, job_id: str) -> None:
-        """The job was recorded CANCELLED: stop its shards if they are running now."""
+        """The job was recorded CANCELLED: stop its shards now if they are running here."""
         with self._lock:
-            backend = self._backend if self._current == job_id else None
+            backend = self._active.get(job_id)
         if backend is not None:
             backend.cancel()
 
@@ -157,14 +187,68 @@ class Pipeline:
             self.submit(job)
 
     def wait_idle(self, timeout: float = 600) -> bool:
-        return self._worker.wait_idle(timeout)
+        """For tests and tools: wait until no job is waiting or being worked on."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queued:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
 
-    def _handle(self, job_id: str) -> None:
+    def _run(self) -> None:
+        """One of `concurrent` threads: take the most urgent waiting job, advance it, repeat."""
+        while True:
+            with self._cond:
+                if not self._heap and not self._stopping:
+                    self._cond.wait(RETRY_SCAN_SECONDS)
+                if self._stopping:
+                    return
+                if not self._heap:
+                    idle = not self._active
+                    job_id = None
+                else:
+                    _rank, _seq, job_id = heapq.heappop(self._heap)
+                    self._active[job_id] = None
+            if job_id is None:
+                if idle:
+                    self._scan_for_retries()
+                continue
+            try:
+                self.process(job_id)
+            except Exception as exc:  # noqa: BLE001 - one job's bug must not stop the thread
+                LOGGER.exception("pipeline failed on job %s", job_id)
+                self._fail_unexpected(job_id, exc)
+            finally:
+                with self._cond:
+                    self._active.pop(job_id, None)
+                    self._queued.discard(job_id)
+                    self._cond.notify_all()
+
+    def _scan_for_retries(self) -> None:
         try:
-            self.process(job_id)
-        finally:
-            with self._lock:
-                self._queued.discard(job_id)
+            self._pick_up_retries()
+        except Exception:  # noqa: BLE001 - the thread must survive
+            LOGGER.exception("pipeline: idle check failed")
+
+    def _watch(self) -> None:
+        """Stop the shards of jobs cancelled from another process (`mcnode cancel`)."""
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return
+                self._cond.wait(CANCEL_POLL_SECONDS)
+                if self._stopping:
+                    return
+                running = [(jid, b) for jid, b in self._active.items() if b is not None]
+            for job_id, backend in running:
+                try:
+                    if self.journal.job(job_id).state == JobState.CANCELLED:
+                        LOGGER.info("job %s was cancelled: stopping its shards", job_id)
+                        backend.cancel()
+                except JournalError as exc:
+                    LOGGER.warning("pipeline: cannot read job %s: %s", job_id, exc)
 
     def _fail_unexpected(self, job_id: str, exc: Exception) -> None:
         """An unexpected error: FAILED with its type, so the job is not taken up again in a loop."""
@@ -181,22 +265,22 @@ class Pipeline:
         """Advance one job as far as the pipeline takes it (or until it reaches state `until`)."""
         job = self.journal.job(job_id)
         steps = {JobState.READY: self._seal, JobState.SEALED: self._start_running, JobState.RUNNING: self._compute}
-        with self._lock:
-            self._current = job_id
         while job.state in steps and job.state != until:
             before = job.state
             try:
                 job = steps[job.state](job)
             except Cancelled:
-                if self.journal.job(job.id).state == JobState.CANCELLED:
-                    LOGGER.info("job %s: shards stopped (cancelled)", job.id)
+                if self._cancelled(job.id):
+                    LOGGER.info("job %s: cancelled while %s; its shards were stopped", job.id, before)
                 else:
                     LOGGER.info("job %s: stopped while %s; it resumes on the next start", job.id, before)
                 return job
             except UnsupportedPlan as exc:
+                if self._cancelled(job.id):
+                    return self.journal.job(job.id)
                 job = self.journal.transition(job.id, JobState.REJECTED, reason=str(exc))
             except (CloudError, AnonymizerError, NodeError, OSError) as exc:
-                if isinstance(exc, JournalError) and self._cancelled(job.id):
+                if isinstance(exc, JournalError) and self._cancelled(job.id):  # cancelled while the step worked
                     LOGGER.info("job %s: cancelled while %s; the step's result is dropped", job.id, before)
                     return self.journal.job(job.id)
                 job = self._fail(job, before, exc)
@@ -300,6 +384,25 @@ class Pipeline:
     def _start_running(self, job: Job) -> Job:
         return self.journal.transition(job.id, JobState.RUNNING, expect=JobState.SEALED)
 
+    def _backend_for(self, job: Job) -> Backend:
+        """A backend for this job's run, sharing the workers with the other jobs running now."""
+        cloud = self.settings.cloud
+        options = cloud.backend_options()
+        if cloud.backend == "local":
+            options["work_dir"] = self.work_dir
+        backend = get_backend(cloud.backend, **options)
+        backend.priority = self.priority(job)
+        with self._lock:
+            if self.concurrent > 1:
+                if self._share is None:
+                    self._share = FairShare(backend.workers())
+                backend.share = self._share
+            self._active[job.id] = backend
+            stopping = self._stopping
+        if stopping or self.journal.job(job.id).state == JobState.CANCELLED:
+            backend.cancel()
+        return backend
+
     def _compute(self, job: Job) -> Job:
         """Run the shards in waves until the uncertainty target is met (or max_primaries), merge, write.
 
@@ -334,14 +437,7 @@ class Pipeline:
             {"wave": 1, "first_shard": 0, "shards": shards, "primaries": eng.primaries, "uncertainty_percent": None}]
         self.journal.update_job_data(job.id, JobData(public=PublicData(sizing=sizing, waves=waves)))
         rbe = bool(getattr(eng, "rbe", False)) and inputs.engine == "mcsquare"  # RBE 1.1: protons only
-        options = cloud.backend_options()
-        if cloud.backend == "local":
-            options["work_dir"] = self.work_dir
-        backend = get_backend(cloud.backend, **options)
-        with self._lock:
-            self._backend = backend
-        if self.journal.job(job.id).state == JobState.CANCELLED:
-            raise Cancelled("cancelled")
+        backend = self._backend_for(job)
         bundle_uri, results_uri = (folder / "bundle.sealed").as_uri(), (folder / "results").as_uri()
         compute_s = merge_s = 0.0
         while True:
