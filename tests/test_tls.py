@@ -75,4 +75,7 @@ def test_silent_client_cannot_stall_tls_handshakes_of_others(config_dir, node_fa
                        "127.0.0.1", str(node.port), timeout=30)
         assert ok.returncode == 0, ok.stderr
         assert silent.recv(1) == b""  # closed by the node at the set-up deadline
-    assert "connection from 127.0.0.1 closed: TLS handshake failed" in caplog.text
+    # Which of the two deadlines fires first (the handshake's socket timeout or the set-up watchdog)
+    # depends on scheduling; either way the silent client was closed by the node and logged.
+    assert ("connection from 127.0.0.1 closed: TLS handshake failed" in caplog.text
+            or "connection from 127.0.0.1 closed: no association after 2 s" in caplog.text), caplog.text
