@@ -56,7 +56,11 @@ def _ssh_settings(config_dir: Path, server: Sshd, tmp_path: Path, tps_port: int,
 def test_five_plans_at_once_run_together_and_each_dose_goes_to_its_patient(config_dir, node_factory, storescp,
                                                                           server, tmp_path):
     tps_port, tps_dir = storescp(aet="TPS")
-    node = node_factory(_ssh_settings(config_dir, server, tmp_path, tps_port, jobs=5, hosts=5), compute=True)
+    # Each shard is the real worker + MCsquare, started 3 s late: shards of a few hundred primaries
+    # last ~1 s, shorter than the spread of five jobs' sealing on 2 cores, while real shards last minutes.
+    slow_worker = f"sh -c 'sleep 3; exec {WORKER} \"$@\"' sh"
+    node = node_factory(_ssh_settings(config_dir, server, tmp_path, tps_port, jobs=5, hosts=5,
+                                      command=slow_worker), compute=True)
     plans: dict[str, str] = {}  # patient id -> plan UID
     folders = []
     for i in range(5):
