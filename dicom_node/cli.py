@@ -26,12 +26,41 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 
+class LogGuard(logging.Filter):
+    """Keeps what libraries log from breaking the node's log.
+
+    - A record whose message cannot be formatted (a library passing an array to "%.3f", as pymedphys's
+      gamma does) becomes a plain line with its arguments, instead of a "--- Logging error ---"
+      traceback on stderr.
+    - Records logged on the root logger itself below WARNING are dropped: the node logs on named
+      loggers only, so these are a library's chatter (pymedphys calls logging.info directly).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "root" and record.levelno < logging.WARNING:
+            return False
+        try:
+            record.getMessage()
+        except Exception:  # noqa: BLE001 - any formatting error of any library
+            record.msg = f"{record.msg!s} (unformattable arguments: {record.args!r})"
+            record.args = None
+        return True
+
+
+def guard_log_handlers(logger: logging.Logger | None = None) -> None:
+    """Put a LogGuard on every handler of `logger` (the root logger by default), once."""
+    for handler in (logger or logging.getLogger()).handlers:
+        if not any(isinstance(f, LogGuard) for f in handler.filters):
+            handler.addFilter(LogGuard())
+
+
 def _setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    guard_log_handlers()
     # pynetdicom logs every PDU at INFO; keep its association-level messages only.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)

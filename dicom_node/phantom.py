@@ -480,3 +480,112 @@ def write_study(study: Study, out_dir: Path | str) -> list[Path]:
         ds.save_as(p, enforce_file_format=True)
         paths.append(p)
     return paths
+
+
+def _external_roi_number(rtstruct: Dataset) -> int | None:
+    """The ROI of type EXTERNAL (RTROIObservationsSequence), else one named like External/Body."""
+    for obs in rtstruct.get("RTROIObservationsSequence", []):
+        if str(obs.get("RTROIInterpretedType", "")).upper() == "EXTERNAL":
+            return int(obs.ReferencedROINumber)
+    for roi in rtstruct.get("StructureSetROISequence", []):
+        if str(roi.get("ROIName", "")).strip().lower() in EXTERNAL_NAMES:
+            return int(roi.ROINumber)
+    return None
+
+
+EXTERNAL_NAMES = ("external", "body", "outline", "skin", "ext")
+
+
+def water_ct_for_structure_set(rtstruct: Dataset, pixel_spacing_mm: float = 2.0, margin_mm: float = 30.0
+                               ) -> list[Dataset]:
+    """A water CT (HU 0 inside the External contour, air outside) carrying the UIDs the structure set names.
+
+    For TPS exports without their CT (plans made on water phantoms): every CT slice the structure set
+    references is made, with its SOP Instance UID, in its series, study and frame of reference, and the
+    patient of the structure set. A slice whose z no contour tells lies beyond the contoured planes, at
+    the contour plane spacing (half below, half above, in UID order). In-plane: the External's bounding
+    box plus `margin_mm` of air on every side.
+    """
+    from matplotlib.path import Path as MplPath
+
+    external = _external_roi_number(rtstruct)
+    if external is None:
+        raise ValueError("the structure set has no External ROI (type EXTERNAL or a name like BODY)")
+    series_ref = rtstruct.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0] \
+        .RTReferencedSeriesSequence[0]
+    referenced = [str(i.ReferencedSOPInstanceUID) for i in series_ref.ContourImageSequence]
+    z_of: dict[str, float] = {}
+    polygons: dict[float, list[np.ndarray]] = {}
+    for roi in rtstruct.ROIContourSequence:
+        for c in roi.get("ContourSequence", []):
+            pts = np.asarray([float(v) for v in c.ContourData]).reshape(-1, 3)
+            z = round(float(pts[0, 2]), 3)
+            for img in c.get("ContourImageSequence", []):
+                z_of[str(img.ReferencedSOPInstanceUID)] = z
+            if int(roi.ReferencedROINumber) == external and len(pts) >= 3:
+                polygons.setdefault(z, []).append(pts[:, :2])
+    if not polygons:
+        raise ValueError("the External ROI has no closed contour")
+    known = sorted(set(z_of.values()))
+    step = float(np.median(np.diff(known))) if len(known) > 1 else pixel_spacing_mm
+    unknown = sorted(u for u in referenced if u not in z_of)
+    below = len(unknown) // 2
+    for i, uid in enumerate(unknown):
+        z_of[uid] = known[0] - step * (below - i) if i < below else known[-1] + step * (i - below + 1)
+    every = np.concatenate([p for ps in polygons.values() for p in ps])
+    lo, hi = every.min(axis=0) - margin_mm, every.max(axis=0) + margin_mm
+    nx, ny = (int(math.ceil((hi[k] - lo[k]) / pixel_spacing_mm)) + 1 for k in (0, 1))
+    xs = lo[0] + pixel_spacing_mm * np.arange(nx)
+    ys = lo[1] + pixel_spacing_mm * np.arange(ny)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    centres = np.column_stack([xx.ravel(), yy.ravel()])
+    planes = np.array(sorted(polygons))
+    series_uid = str(series_ref.SeriesInstanceUID)
+    study_uid = str(rtstruct.StudyInstanceUID)
+    for_uid = str(rtstruct.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID)
+    slices = []
+    for k, uid in enumerate(sorted(referenced, key=lambda u: z_of[u])):
+        zpos = z_of[uid]
+        hu = np.full((ny, nx), HU_AIR, dtype=np.int16)
+        nearest = float(planes[np.argmin(np.abs(planes - zpos))])
+        if abs(nearest - zpos) <= step / 2.0 + 1e-6:
+            inside = np.zeros(yy.size, dtype=bool)
+            for poly in polygons[nearest]:
+                inside ^= MplPath(poly).contains_points(centres)
+            hu[inside.reshape(yy.shape)] = HU_WATER
+        ds = Dataset()
+        ds.file_meta = _file_meta(uids.CT_IMAGE, uid)
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.SOPClassUID = uids.CT_IMAGE
+        ds.SOPInstanceUID = uid
+        ds.Modality = "CT"
+        for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                   "StudyID", "AccessionNumber", "ReferringPhysicianName"):
+            setattr(ds, kw, rtstruct.get(kw, ""))
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.FrameOfReferenceUID = for_uid
+        ds.SeriesNumber = 1
+        ds.Manufacturer = "dicom-mc-node water CT"
+        ds.SeriesDescription = "Water CT from the External contour"
+        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+        ds.InstanceNumber = k + 1
+        ds.PatientPosition = "HFS"
+        ds.ImagePositionPatient = [float(xs[0]), float(ys[0]), float(zpos)]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.SliceThickness = step
+        ds.SliceLocation = float(zpos)
+        ds.PixelSpacing = [pixel_spacing_mm, pixel_spacing_mm]
+        ds.Rows, ds.Columns = ny, nx
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 1
+        ds.RescaleIntercept = 0
+        ds.RescaleSlope = 1
+        ds.RescaleType = "HU"
+        ds.KVP = 120
+        ds.PixelData = hu.astype("<i2").tobytes()
+        slices.append(ds)
+    return slices
