@@ -266,3 +266,59 @@ def test_structure_tolerance_decides_the_verdict():
                    )["verdict"] == "pass"
     strict = _decide(cmp.numbers, SecondCheckSettings(criteria=("3%/3mm",), structure_tolerances={"*": 1.0}))
     assert strict["verdict"] == "fail" and strict["reasons"][0].startswith("PTV mean")
+
+
+def test_per_beam_tps_doses_wait_for_every_beam_of_the_plan(tmp_path):
+    """Beam doses (DoseSummationType BEAM) count once every beam of the plan has one; a later PLAN dose wins."""
+    import dataclasses
+
+    from dicom_node.intake.jobrecord import JobData
+    from dicom_node.intake.journal import Instance, Journal
+    from dicom_node.net import uids
+    from dicom_node.phantom import PhantomSpec, build_study
+    from dicom_node.qa.secondcheck import SecondCheck, plan_beam_numbers
+    from dicom_node.settings import Settings
+
+    study = build_study(dataclasses.replace(PhantomSpec(), gantry_angles=(0.0, 90.0)))
+    plan_path = tmp_path / "RP.dcm"
+    study.plan.save_as(plan_path, enforce_file_format=True)
+    assert plan_beam_numbers(study.plan) == [1, 2]
+    journal = Journal.open(tmp_path)
+    plan_uid = str(study.plan.SOPInstanceUID)
+
+    def record(uid: str, sop_class: str, path, at: float) -> None:
+        journal.add_instance(Instance(uid, sop_class, "study", "series", None, "patient", str(path), "TPS", at),
+                             [] if sop_class != uids.RT_DOSE else [("plan", plan_uid)])
+
+    record(plan_uid, str(study.plan.SOPClassUID), plan_path, 1.0)
+    job = journal.create_job(plan_uid, "TPS", JobData(plan=str(plan_path)))
+    check = SecondCheck(Settings(), journal)
+
+    def dose(number: int | None, summation: str, at: float) -> str:
+        ds = _rtdose(np.ones((3, 4, 5)), summation=summation)
+        ds.SOPClassUID = uids.RT_DOSE
+        ds.SOPInstanceUID = f"1.2.3.{int(at * 10)}"
+        ref = Dataset()
+        ref.ReferencedSOPInstanceUID = plan_uid
+        if number is not None:
+            beam, fg = Dataset(), Dataset()
+            beam.ReferencedBeamNumber = number
+            fg.ReferencedBeamSequence = [beam]
+            ref.ReferencedFractionGroupSequence = [fg]
+        ds.ReferencedRTPlanSequence = [ref]
+        path = tmp_path / f"RD{at}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        record(ds.SOPInstanceUID, uids.RT_DOSE, path, at)
+        return ds.SOPInstanceUID
+
+    job = journal.job(job.id)
+    assert check._tps_doses(job) is None
+    first = dose(2, "BEAM", 2.0)
+    assert check._tps_doses(job) is None  # beam 1 is missing: wait
+    second = dose(1, "BEAM", 3.0)
+    assert [d.sop_instance_uid for d in check._tps_doses(job)] == [second, first]  # in beam order
+    again = dose(2, "BEAM", 4.0)  # beam 2 exported again: the newer one counts
+    assert [d.sop_instance_uid for d in check._tps_doses(job)] == [second, again]
+    plan_dose_uid = dose(None, "PLAN", 5.0)
+    assert [d.sop_instance_uid for d in check._tps_doses(job)] == [plan_dose_uid]
+    journal.close()

@@ -60,7 +60,10 @@ def test_tps_dose_with_the_plan_and_later_ends_verified_with_a_report(config_dir
     settings = settings_for(
         config_dir, engine={"primaries": PRIMARIES, "dose_grid": "tps"}, cloud={"shards": 2},
         outbox={"retry_initial_seconds": 0.5, "retry_max_seconds": 2},
-        secondcheck={"report_ae_title": "TPS", "report_port": tps_port, "max_gamma": 1.5},
+        # 20 000 primaries are far noisier than a check can use: the limit is raised here so that the
+        # verdict is pass/fail (test 2 shows "inconclusive" with the default)
+        secondcheck={"report_ae_title": "TPS", "report_port": tps_port, "max_gamma": 1.5,
+                     "max_mc_uncertainty_percent": 50.0},
         destinations=[{"calling_ae_title": "TPS", "ae_title": "TPS", "host": "127.0.0.1", "port": tps_port}])
     node = node_factory(settings, compute=True)
     study = build_study(SMALL)
@@ -76,7 +79,8 @@ def test_tps_dose_with_the_plan_and_later_ends_verified_with_a_report(config_dir
     # engine.dose_grid = "tps": the MC dose was computed on the grid of the TPS dose that came with the plan
     assert (first.data.public.dose_grid or {})["note"].startswith("dose grid: the TPS dose's")
     assert first.data.public.verdict in ("pass", "fail")
-    assert set(first.data.public.gamma_pass_rates or {}) == {"3%/3mm", "2%/2mm"}
+    assert set(first.data.public.gamma_pass_rates or {}) == {"3%/2mm", "2%/2mm"}
+    assert first.data.secondcheck["mc_uncertainty_percent"] > 2.0  # measured from the shards' spread
     assert [r["name"] for r in (first.data.secondcheck or {})["structures"]] == ["BODY", "PTV"]
 
     # 2. later, the TPS sends a dose equal to the MC dose it received (a new instance): compared again, 100 %
@@ -93,15 +97,15 @@ def test_tps_dose_with_the_plan_and_later_ends_verified_with_a_report(config_dir
     wait_for(lambda: node.journal.job(job.id).data.tps_dose_uid == mc.SOPInstanceUID, timeout=120)
     again = node.journal.job(job.id)
     assert again.state == JobState.VERIFIED and again.data.public.verdict == "pass"
-    assert again.data.public.gamma_pass_rates == {"3%/3mm": 100.0, "2%/2mm": 100.0}
+    assert again.data.public.gamma_pass_rates == {"3%/2mm": 100.0, "2%/2mm": 100.0}
 
     # the CLI shows the verdict and the pass rates, and where the report is
     rows = _jobs_json(config_dir / "mcnode.toml")
     assert rows[0]["state"] == JobState.VERIFIED and rows[0]["verdict"] == "pass"
-    assert rows[0]["gamma_pass_rates"]["3%/3mm"] == 100.0
+    assert rows[0]["gamma_pass_rates"]["3%/2mm"] == 100.0
     capsys.readouterr()
     assert main(["jobs", "-c", str(config_dir / "mcnode.toml")]) == 0
-    assert "UNCOMMISSIONED beam model; second check pass (gamma 3%/3mm 100.0 %, 2%/2mm 100.0 %)" in \
+    assert "UNCOMMISSIONED beam model; second check pass (gamma 3%/2mm 100.0 %, 2%/2mm 100.0 %)" in \
         capsys.readouterr().out
     assert main(["report", job.id, "-c", str(config_dir / "mcnode.toml")]) == 0
     out = capsys.readouterr().out
@@ -160,4 +164,6 @@ def test_unusable_tps_dose_fails_with_the_reason_then_retry_and_a_good_dose(conf
     assert storescu(node.port, [good]).returncode == 0
     done = wait_for(lambda: node.journal.job(job.id).state == JobState.VERIFIED and node.journal.job(job.id),
                     timeout=120)
-    assert done.data.public.verdict in ("pass", "fail") and done.data.report.pdf.endswith(".pdf")
+    # one shard: no spread between shards, so the MC uncertainty is unknown and the check cannot decide
+    assert done.data.public.verdict == "inconclusive" and done.data.report.pdf.endswith(".pdf")
+    assert done.reason.startswith("MC statistical uncertainty unknown")

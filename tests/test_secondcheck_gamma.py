@@ -3,8 +3,9 @@
 Brute force: for each reference point, the evaluated dose (scipy's trilinear RegularGridInterpolator)
 on every offset of a 0.2 mm lattice inside the sphere of radius max_gamma x DTA, and the smallest
 sqrt(|offset|^2/DTA^2 + dose difference^2/dD^2); then, because 0.2 mm is coarse where the dose
-is steep, a continuous minimisation (scipy Nelder-Mead) from the three best lattice points. The doses are smooth bumps plus voxel noise (a noisy
-reference as a Monte Carlo dose is), shifted and scaled, so points pass, fail and hit the cap.
+is steep, a continuous minimisation (scipy Nelder-Mead) from the three best lattice points. The doses
+are smooth bumps plus voxel noise (a noisy reference as a Monte Carlo dose is), shifted and scaled, so
+points pass, fail and hit the cap.
 """
 
 from __future__ import annotations

@@ -85,7 +85,7 @@ class PublicData:
     last_send_error: str | None = None
     resent: int | None = None                     # times a person had the dose sent again (web page)
     # second check (SENT → VERIFIED)
-    verdict: str | None = None                    # "pass" | "fail"
+    verdict: str | None = None                    # "pass" | "fail" | "inconclusive" (MC too noisy)
     gamma_pass_rates: dict[str, float] | None = None
     secondcheck_seconds: float | None = None
     report_pdf: str | None = None                 # where the report PDF went
