@@ -1,7 +1,7 @@
 """Second check on a real RayStation 12 export (plan, structure set, RayStation's own RT Dose).
 
-The export has no CT: a water CT is built from its External contour on the structure set's
-referenced CT UIDs (2 mm pixels, 5 mm slices, air around the body). Until an MC dose computed with a
+The export has no CT: the phantom CT is rebuilt from its External contour on the structure set's
+referenced CT UIDs (tests/realdata.py: 2 mm pixels, 5 mm slices, air around the body). Until an MC dose computed with a
 commissioned beam model is part of the tests, the "MC" dose here is RayStation's dose on that CT
 grid with realistic Monte Carlo noise (1 % relative SE at the maximum, growing as 1/sqrt(dose)) and
 noise spikes in the air around the body, as an MC scoring grid has them. The comparison then has to
@@ -17,7 +17,6 @@ import io
 import logging
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,30 +26,30 @@ from pydicom.dataset import Dataset
 from cloud.merge import MergedDose
 from dicom_node.cli import guard_log_handlers
 from dicom_node.jobs.rtdose import write_rt_dose
-from dicom_node.phantom import water_ct_for_structure_set
 from dicom_node.qa.compare import ct_from_datasets, dose_from_rtdose, resample
 from dicom_node.qa.report import write_report
 from dicom_node.qa.secondcheck import decide, referenced_beam_numbers, run_comparison
 from dicom_node.settings import SecondCheckSettings
+from tests.realdata import reference_folder
 
-DATA = Path(__file__).parent / "data" / "realdata" / "raystation12_tr3" / "reference"
 POLICY = SecondCheckSettings(report_criteria=())  # the verdict criterion only: lean
 SUMMARY = {"uncertainty_percent": 1.0}
 
 
 @pytest.fixture(scope="module")
-def case():
-    rs = dcmread(next(DATA.glob("RS*.dcm")))
-    rp = dcmread(next(DATA.glob("RP*.dcm")))
-    rd = dcmread(next(DATA.glob("RD*.dcm")))
-    cts = water_ct_for_structure_set(rs)
+def case(tmp_path_factory):
+    folder = reference_folder("reference", tmp_path_factory.mktemp("realdata"))
+    rs = dcmread(next(folder.glob("RS*.dcm")))
+    rp = dcmread(next(folder.glob("RP*.dcm")))
+    rd = dcmread(next(folder.glob("RD*.dcm")))
+    cts = [dcmread(p) for p in folder.glob("CT*.dcm")]
     ct = ct_from_datasets(cts)
     clean = np.nan_to_num(resample(dose_from_rtdose(rd), ct.axes), nan=0.0)
     rng = np.random.default_rng(2022)
     dmax = float(clean.max())
     noisy = clean + 0.01 * np.sqrt(np.clip(clean, 0, None) * dmax) * rng.standard_normal(clean.shape)
     air = ct.values < -500
-    noisy[air] = np.abs(rng.standard_normal(int(air.sum()))) * 0.3 * dmax * (rng.random(int(air.sum())) < 0.01)
+    noisy[air] = np.abs(rng.standard_normal(int(air.sum()))) * 0.6 * dmax * (rng.random(int(air.sum())) < 0.01)
     noisy = np.clip(noisy, 0.0, None)
     merged = MergedDose(per_fraction_gy=noisy, plan_gy=noisy, std_error_per_fraction_gy=None, fractions=1, rbe=False,
                         primaries=10**7, shards=4)
