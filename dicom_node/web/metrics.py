@@ -72,7 +72,7 @@ class NodeCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         by_state = dict.fromkeys(STATES, 0)
-        verdicts = {"pass": 0, "fail": 0}
+        verdicts = {"pass": 0, "fail": 0, "inconclusive": 0}
         for state, data in self._rows("SELECT state, data FROM jobs"):
             by_state[str(state)] = by_state.get(str(state), 0) + 1
             verdict = json.loads(str(data)).get("public", {}).get("verdict")
