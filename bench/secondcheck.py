@@ -42,6 +42,7 @@ from pydicom import dcmread
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import machine, today  # noqa: E402
+from cloud.engines.ct import ct_grid  # noqa: E402
 from cloud.merge import MergedDose  # noqa: E402
 from dicom_node.jobs.rtdose import write_rt_dose  # noqa: E402
 from dicom_node.qa.compare import ct_from_datasets, dose_from_rtdose, resample  # noqa: E402
@@ -71,7 +72,7 @@ def mc_dose(cts, ct, clean, plan, noise: float, seed: int = 7):
     d = np.clip(d, 0.0, None)
     merged = MergedDose(per_fraction_gy=d, plan_gy=d, std_error_per_fraction_gy=None, fractions=1, rbe=False,
                         primaries=0, shards=0)
-    return _roundtrip(write_rt_dose(merged, cts, plan))
+    return _roundtrip(write_rt_dose(merged, ct_grid(cts), cts[0], plan, dose_to_water=True))
 
 
 def pymedphys_rates(cmp, tps_ds, criteria, max_gamma):

@@ -562,6 +562,19 @@ def _check_destinations(settings: Settings) -> None:
         seen.add(dest.calling_ae_title)
 
 
+def mc_target_uncertainty_percent(settings: Settings) -> float:
+    """The statistical uncertainty (percent) an MC job runs waves to; 0 = one wave, no target.
+
+    With the second check on, a job asks for at least what the check needs
+    (secondcheck.max_mc_uncertainty_percent): the engine's own target when that is tighter. Without an
+    engine target (0) no waves are run; a check of a noisier dose then says "inconclusive".
+    """
+    target = float(settings.engine.target_uncertainty_percent)
+    if target <= 0 or not settings.secondcheck.enabled:
+        return target
+    return min(target, settings.secondcheck.max_mc_uncertainty_percent)
+
+
 def load_settings(path: Path | str) -> Settings:
     """Read and validate a config file; raise ConfigError naming the key that is wrong."""
     path = Path(path)

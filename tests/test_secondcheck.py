@@ -322,3 +322,17 @@ def test_per_beam_tps_doses_wait_for_every_beam_of_the_plan(tmp_path):
     plan_dose_uid = dose(None, "PLAN", 5.0)
     assert [d.sop_instance_uid for d in check._tps_doses(job)] == [plan_dose_uid]
     journal.close()
+
+
+def test_a_job_asks_for_the_uncertainty_the_second_check_needs():
+    from dicom_node.settings import EngineSettings, Settings, mc_target_uncertainty_percent
+
+    def target(engine: float, check: float, enabled: bool = True) -> float:
+        return mc_target_uncertainty_percent(Settings(
+            engine=EngineSettings(target_uncertainty_percent=engine),
+            secondcheck=SecondCheckSettings(enabled=enabled, max_mc_uncertainty_percent=check)))
+
+    assert target(3.0, 2.0) == 2.0  # the check needs 2 %: the job's waves go on to 2 %
+    assert target(1.0, 2.0) == 1.0  # the engine asks for less already
+    assert target(3.0, 2.0, enabled=False) == 3.0
+    assert target(0.0, 2.0) == 0.0  # no waves without an engine target: a noisier check is inconclusive

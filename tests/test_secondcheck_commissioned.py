@@ -24,9 +24,12 @@ from tests.realdata import PHANTOM_SCANNER, phantom_calibration, reference_folde
 pytestmark = pytest.mark.slow
 
 COMMISSION_PRIMARIES = 50_000
-# MCsquare on the 2 x 2 x 5 mm phantom CT: enough primaries for a pooled relative SE under the 2 % the
-# check needs (measured: see BENCHMARKS.md, second check on a commissioned model)
-PRIMARIES = 4_000_000
+# Waves of shards until the pooled relative SE reaches the target: at 4 M primaries on the CT grid it was
+# 2.3 % and 3%/2mm passed 94.98 % (noise in the high-dose slab); the second check itself caps the
+# target at its max_mc_uncertainty_percent (2 %), the test asks for 1.5 %.
+FIRST_WAVE = 1_000_000
+TARGET_PERCENT = 1.5
+MAX_PRIMARIES = 16_000_000
 
 
 def test_real_plan_with_a_commissioned_model_is_verified_pass(tmp_path, config_dir, node_factory, storescp):
@@ -42,7 +45,8 @@ def test_real_plan_with_a_commissioned_model_is_verified_pass(tmp_path, config_d
 
     tps_port, _tps_dir = storescp(aet="TPS")
     settings = settings_for(
-        config_dir, engine={"primaries": PRIMARIES, "beam_models": {"TR3": str(bdl)},
+        config_dir, engine={"primaries": FIRST_WAVE, "target_uncertainty_percent": TARGET_PERCENT,
+                            "max_primaries": MAX_PRIMARIES, "beam_models": {"TR3": str(bdl)},
                             "ct_calibrations": {scanner: [str(density), str(material)]}},
         cloud={"shards": 4}, outbox={"retry_initial_seconds": 0.5, "retry_max_seconds": 2},
         destinations=[{"calling_ae_title": "TPS", "ae_title": "TPS", "host": "127.0.0.1", "port": tps_port}])
@@ -57,7 +61,7 @@ def test_real_plan_with_a_commissioned_model_is_verified_pass(tmp_path, config_d
           check.get("seconds"))
     assert job.state == JobState.VERIFIED, job.reason
     assert job.data.public.verdict == "pass", job.reason
-    assert check["mc_uncertainty_percent"] <= 2.0
+    assert check["mc_uncertainty_percent"] <= TARGET_PERCENT
     assert check["gamma"]["3%/2mm"]["pass_rate_percent"] >= 95.0
     assert abs(check["dose_difference"]["high_dose_ratio_percent"]) < 3.0
 

@@ -23,6 +23,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from cloud.engines.ct import ct_grid
 from cloud.merge import MergedDose
 from dicom_node.cli import guard_log_handlers
 from dicom_node.jobs.rtdose import write_rt_dose
@@ -53,7 +54,7 @@ def case(tmp_path_factory):
     noisy = np.clip(noisy, 0.0, None)
     merged = MergedDose(per_fraction_gy=noisy, plan_gy=noisy, std_error_per_fraction_gy=None, fractions=1, rbe=False,
                         primaries=10**7, shards=4)
-    mc = write_rt_dose(merged, cts, rp)
+    mc = write_rt_dose(merged, ct_grid(cts), cts[0], rp, dose_to_water=True)
     mc = dcmread(_roundtrip(mc))
     return {"rs": rs, "rp": rp, "rd": rd, "ct": ct, "mc": mc, "air_max": float(noisy[air].max()), "dmax": dmax}
 

@@ -58,7 +58,7 @@ from dicom_node.jobs.ctcal import choose_ct_calibration
 from dicom_node.jobs.integrity import JobFiles
 from dicom_node.jobs.rtdose import UNCERTAINTY_ABOVE_TARGET, write_rt_dose
 from dicom_node.net import uids
-from dicom_node.settings import Settings, read_site_key
+from dicom_node.settings import Settings, mc_target_uncertainty_percent, read_site_key
 
 LOGGER = logging.getLogger(__name__)
 
@@ -429,7 +429,7 @@ class Pipeline:
         sizing = job.data.public.sizing or plan_job(
             self.journal.list_jobs(), eng.primaries, cloud.shards, cost,
             deadline_s=sz.deadline_seconds, cost_cap=sz.cost_cap, max_shards=sz.max_shards)
-        target = float(eng.target_uncertainty_percent)
+        target = mc_target_uncertainty_percent(self.settings)  # the second check's need included
         shards = int(sizing["shards"])
         if target > 0:
             shards = max(2, shards)  # the uncertainty comes from the spread between shards

@@ -2,8 +2,8 @@
 
 Pictures (dose and gamma maps on axial, sagittal and coronal CT planes through the isocenter, DVH of
 both doses, gamma histogram) are drawn once with matplotlib (Agg) and go into both documents: as
-base64 PNG inside the HTML, as pages of the PDF (PdfPages). The report is for the clinic and shows
-the patient ID and plan label; nothing here is logged.
+base64 PNG inside the HTML, as pages of the PDF (each drawn once; Pillow writes the PDF). The report
+is for the clinic and shows the patient ID and plan label; nothing here is logged.
 
 `encapsulated_pdf` wraps the PDF as a DICOM Encapsulated PDF for sending to a document archive.
 """
@@ -26,8 +26,8 @@ matplotlib.use("Agg")
 import matplotlib.patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from PIL import Image  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 
 from cloud.engines.base import UNCOMMISSIONED  # noqa: E402
@@ -64,11 +64,21 @@ def _overlay_ct(ax: Any, ct: np.ndarray | None, plane: str, idx: tuple[int, int,
 
 def _contours(ax: Any, cmp: Comparison, plane: str, idx: tuple[int, int, int], ext: list[float], origin: str
               ) -> None:
+    """Every structure's outline on the plane, in its colour: one image of edge voxels (a contour() per
+    structure and plane costs far more)."""
+    from scipy.ndimage import binary_erosion
+
+    overlay = None
     for name, mask in cmp.masks.items():
         m = _slice(mask, plane, idx)
-        if m.any() and not m.all():
-            ax.contour(m.astype(float), levels=[0.5], colors=[_rgb(cmp.colors[name])], linewidths=0.7,
-                       extent=ext, origin=origin)
+        if not m.any() or m.all():
+            continue
+        edge = m & ~binary_erosion(m)
+        if overlay is None:
+            overlay = np.zeros((*m.shape, 4))
+        overlay[edge] = (*_rgb(cmp.colors[name]), 1.0)
+    if overlay is not None:
+        ax.imshow(overlay, extent=ext, origin=origin, interpolation="nearest")
 
 
 PLANES = ("axial", "coronal", "sagittal")
@@ -120,7 +130,8 @@ def gamma_maps_figure(cmp: Comparison, ct: np.ndarray | None, centre: tuple[int,
                          fontsize=10)
             ax.set_xlabel("mm")
     fig.suptitle(f"Gamma {criterion} (evaluated voxels only; black line: gamma = 1)", fontsize=12)
-    fig.tight_layout(rect=(0, 0, 0.93, 1))
+    fig.subplots_adjust(left=0.05, right=0.92, bottom=0.06, top=0.86 if len(rows) == 1 else 0.91, wspace=0.25,
+                        hspace=0.3)
     fig.colorbar(im, cax=fig.add_axes((0.945, 0.1, 0.015, 0.8)), label="gamma")
     return fig
 
@@ -147,7 +158,7 @@ def dose_maps_figure(cmp: Comparison, ct: np.ndarray | None, centre: tuple[int, 
         ax.set_xlabel("mm")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
     fig.suptitle(f"Doses through the isocenter, {_plane_label(plane, cmp.axes, centre)}", fontsize=12)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.08, right=0.97, bottom=0.12, top=0.9, wspace=0.3, hspace=0.45)
     return fig
 
 
@@ -165,7 +176,7 @@ def difference_histogram(cmp: Comparison) -> Figure:
     ax.set_ylabel("voxels")
     ax.set_title("Dose difference in the evaluated region (dotted: +-2 %, dashed: +-3 %)")
     ax.legend()
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.08, right=0.97, bottom=0.12, top=0.9, wspace=0.3, hspace=0.45)
     return fig
 
 
@@ -186,7 +197,7 @@ def dvh_figure(cmp: Comparison) -> Figure:
     ax.grid(alpha=0.3)
     if cmp.masks:
         ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.08, right=0.97, bottom=0.12, top=0.9, wspace=0.3, hspace=0.45)
     return fig
 
 
@@ -202,7 +213,7 @@ def gamma_histogram(cmp: Comparison) -> Figure:
     ax.set_yscale("log")
     ax.set_title("Gamma histogram (evaluated voxels)")
     ax.legend()
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.08, right=0.97, bottom=0.12, top=0.9, wspace=0.3, hspace=0.45)
     return fig
 
 
@@ -290,14 +301,14 @@ def depth_dose_figure(cmp: Comparison, beams: list[BeamAxis]) -> Figure | None:
     for b in range(n, rows * cols):
         axs[b // cols, b % cols].axis("off")
     fig.suptitle("Depth-dose along each beam's central axis (through the isocenter)", fontsize=12)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.08, right=0.97, bottom=0.12, top=0.9, wspace=0.3, hspace=0.45)
     return fig
 
 
-def _png(fig: Figure) -> str:
+def _png(fig: Figure, dpi: int = 90) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
 
 
 def _fmt(v: Any) -> str:
@@ -460,32 +471,37 @@ def write_report(out_dir: Path, cmp: Comparison, result: dict[str, Any], header:
     figs += [("Dose-volume histograms, MC and TPS", dvh_figure(cmp)),
              ("Doses and their difference through the isocenter", dose_maps_figure(cmp, ct_vol, centre)),
              ("Gamma histogram", gamma_histogram(cmp))]
-    images = [(title, _png(fig)) for title, fig in figs]
+    # each figure is drawn once, as PNG: into the HTML and, as pages, into the PDF
+    pngs = [(title, _png(fig)) for title, fig in figs]
+    for _title, fig in figs:
+        plt.close(fig)
+    images = [(title, base64.b64encode(png).decode("ascii")) for title, png in pngs]
     html_path = out_dir / "secondcheck.html"
     html_path.write_text(_html(result, header, images), encoding="utf-8")
     pdf_path = out_dir / "secondcheck.pdf"
-    with PdfPages(pdf_path) as pdf:
-        page = plt.figure(figsize=(8.27, 11.69))
-        colour = VERDICT_COLOURS.get(result["verdict"], "#444")
-        lines = summary_lines(result, header)
-        page.patches.append(matplotlib.patches.Rectangle((0.04, 0.935), 0.92, 0.05, transform=page.transFigure,
-                                                         color=colour, figure=page))
-        page.text(0.06, 0.96, lines[0], fontsize=20, weight="bold", color="white", va="center")
-        why = textwrap.fill(lines[1], 95)
-        page.text(0.05, 0.92, why, fontsize=9, weight="bold", va="top")
-        body = [textwrap.shorten(x, 150) if len(x) > 150 else x for x in lines[2:]]
-        page.text(0.05, 0.92 - 0.015 * (why.count("\n") + 2), "\n".join(body), fontsize=6, family="monospace",
-                  va="top")
-        pdf.savefig(page)
-        plt.close(page)
-        for _title, fig in figs:
-            pdf.savefig(fig)
-        info = pdf.infodict()
-        info["Title"] = "Dose second check"
-        info["CreationDate"] = datetime.now()
-    for _title, fig in figs:
-        plt.close(fig)
+    first = _first_page(result, header)
+    pages = [Image.open(io.BytesIO(png)).convert("RGB") for png in (first, *(p for _t, p in pngs))]
+    pages[0].save(pdf_path, "PDF", resolution=150.0, save_all=True, append_images=pages[1:],
+                  title="Dose second check", creationDate=datetime.now().strftime("D:%Y%m%d%H%M%S"))
     return html_path, pdf_path
+
+
+def _first_page(result: dict[str, Any], header: dict[str, str]) -> bytes:
+    """The PDF's first page (A4): the verdict in its colour, the reason, then the numbers."""
+    page = plt.figure(figsize=(8.27, 11.69))
+    colour = VERDICT_COLOURS.get(result["verdict"], "#444")
+    lines = summary_lines(result, header)
+    page.patches.append(matplotlib.patches.Rectangle((0.04, 0.935), 0.92, 0.05, transform=page.transFigure,
+                                                     color=colour, figure=page))
+    page.text(0.06, 0.96, lines[0], fontsize=20, weight="bold", color="white", va="center")
+    why = textwrap.fill(lines[1], 95)
+    page.text(0.05, 0.92, why, fontsize=9, weight="bold", va="top")
+    body = [textwrap.shorten(x, 150) if len(x) > 150 else x for x in lines[2:]]
+    page.text(0.05, 0.92 - 0.015 * (why.count("\n") + 2), "\n".join(body), fontsize=6, family="monospace",
+              va="top")
+    png = _png(page, dpi=150)
+    plt.close(page)
+    return png
 
 
 def encapsulated_pdf(pdf: bytes, source: Dataset, title: str = "Dose second check") -> Dataset:

@@ -170,20 +170,6 @@ def mc_uncertainty(summary: dict[str, Any] | None) -> tuple[float | None, str]:
     return None, "not measured"
 
 
-def required_uncertainty_percent(settings: Settings) -> float:
-    """The statistical uncertainty an MC job should reach (percent; 0 = no target).
-
-    With the second check on, a job asks for at least what the check needs
-    (secondcheck.max_mc_uncertainty_percent): the engine's own target when that is tighter. With no
-    engine target (0: one wave of engine.primaries), 0: the check then reports "inconclusive" when the
-    primaries were too few.
-    """
-    engine_target = float(getattr(settings.engine, "target_uncertainty_percent", 0.0) or 0.0)
-    if not settings.secondcheck.enabled or engine_target <= 0:
-        return engine_target
-    return min(engine_target, settings.secondcheck.max_mc_uncertainty_percent)
-
-
 def run_comparison(mc_ds: Any, tps_doses: Any, policy: SecondCheckSettings, rtstruct: Any = None,
                    fractions: int | None = None, *, ct: Grid | None = None, plan: Any = None,
                    summary: dict[str, Any] | None = None) -> tuple[Comparison, dict[str, Any]]:
