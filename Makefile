@@ -5,8 +5,8 @@ BIN    := $(VENV)/bin
 # MCsquare's binaries and material database ship inside this wheel; its Python dependencies are
 # not needed (we only use the engine files), so it is installed without them.
 OPENTPS := opentps-core==3.0.1
-SYSTEM_PACKAGES := dcmtk openssh-server poppler-utils chromium chromium-driver
-SYSTEM_COMMANDS := storescu sshd pdftoppm chromium chromedriver
+SYSTEM_PACKAGES := dcmtk openssh-server poppler-utils chromium chromium-driver orthanc
+SYSTEM_COMMANDS := storescu sshd pdftoppm chromium chromedriver Orthanc
 
 .PHONY: demo test venv system-deps bench lint clean
 
@@ -21,7 +21,7 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 
 venv: $(VENV)/.installed
 
-# System packages the tests talk to (dcmtk as the TPS, sshd for the ssh backend, pdftoppm for
+# System packages the tests talk to (dcmtk and Orthanc as the TPS, sshd for the ssh backend, pdftoppm for
 # reports, headless Chromium + chromedriver for the web page). Installed only when running as root and only when missing.
 system-deps:
 	@missing=""; for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null 2>&1 || \

@@ -6,7 +6,7 @@ the default); Orthanc syncs its storage area too (SyncStorageArea, its default);
 fsync. Each receiver gets a new series (new UIDs) every round, as from a TPS; the median is reported.
 
 Orthanc binds every interface and has no listen-address option, so as root the whole benchmark runs
-in its own network namespace (`unshare -n`, loopback only): nothing is reachable from outside.
+in its own network namespace (tests.peers.loopback_network: loopback only): nothing is reachable from outside.
 Orthanc comes from Debian (`apt-get install --no-install-recommends orthanc`; its service is not
 used); without it, or not as root, Orthanc is left out and the line says so.
 
@@ -19,6 +19,7 @@ Last line: {"receiver": "pynetdicom", "ours_images_per_s": ..., "orthanc_images_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import DCMTK_ENV, free_port, machine, today, wait_echo  # noqa: E402
 from dicom_node.phantom import PhantomSpec, build_study, write_study  # noqa: E402
 from dicom_node.settings import init_config_dir  # noqa: E402
+from tests.peers import ORTHANC, loopback_network, orthanc_config  # noqa: E402
 
 
 def send(port: int, aec: str, files: list[str]) -> float:
@@ -46,32 +48,9 @@ def send(port: int, aec: str, files: list[str]) -> float:
     return elapsed
 
 
-ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-
-
-def in_own_network() -> bool:
-    """Run this script again inside a new network namespace (root only); True when we now are in one."""
-    if os.environ.get("MCNODE_BENCH_NETNS") == "1":
-        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-        return True
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        return False
-    env = {**os.environ, "MCNODE_BENCH_NETNS": "1"}
-    sys.exit(subprocess.run(["unshare", "-n", sys.executable, *sys.argv], env=env).returncode)
-
-
 def start_orthanc(work: Path, port: int) -> subprocess.Popen[bytes]:
-    folder = work / "orthanc"
-    folder.mkdir()
-    config = {
-        "Name": "bench", "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "index"),
-        "HttpPort": free_port(), "DicomPort": port, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
-        "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": True,
-        "StorageCompression": False, "SyncStorageArea": True, "Plugins": [], "ConcurrentJobs": 1,
-    }
-    (folder / "orthanc.json").write_text(json.dumps(config))
-    return subprocess.Popen([ORTHANC, str(folder / "orthanc.json")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    config = orthanc_config(work / "orthanc", port, free_port())
+    return subprocess.Popen([ORTHANC, str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def main() -> int:
@@ -83,12 +62,17 @@ def main() -> int:
     ap.add_argument("--no-orthanc", action="store_true", help="leave Orthanc out")
     args = ap.parse_args()
     use_orthanc = not args.no_orthanc and Path(ORTHANC).exists()
-    isolated = in_own_network() if use_orthanc else False
     orthanc_note = None
-    if use_orthanc and not isolated:
+    if use_orthanc and os.geteuid() != 0:
         use_orthanc, orthanc_note = False, "left out: needs root to run in its own network namespace"
     elif not args.no_orthanc and not Path(ORTHANC).exists():
         orthanc_note = "left out: not installed (apt-get install --no-install-recommends orthanc)"
+    # Everything started from here on (node, storescp, Orthanc, storescu) is in that namespace.
+    with loopback_network() if use_orthanc else contextlib.nullcontext():
+        return measure(args, use_orthanc, orthanc_note)
+
+
+def measure(args: argparse.Namespace, use_orthanc: bool, orthanc_note: str | None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     procs: list[subprocess.Popen[bytes]] = []
     try:

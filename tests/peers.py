@@ -1,16 +1,20 @@
-"""Real network peers for the cloud tests and the overhead benchmark: OpenSSH's sshd and moto_server.
+"""Real network peers for the tests and the benchmarks: OpenSSH's sshd, moto_server and Orthanc.
 
-Both listen on 127.0.0.1 only, on free ports, with everything (host key, client key, config) in a
-temporary folder; the context managers stop the process they started and wait for it. Imports
-nothing from dicom_node, so these tests run without the node's conftest chain.
+They listen on 127.0.0.1 only, on free ports, with everything (host key, client key, config) in a
+temporary folder; the context managers stop the process they started and wait for it. Orthanc binds
+every interface and has no listen-address option, so it runs only inside `loopback_network()`: a
+network namespace of its own that has nothing but loopback. Imports nothing from dicom_node, so
+these tests run without the node's conftest chain.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -19,8 +23,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 FAKE_AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                 "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -149,3 +155,87 @@ def moto_batch(url: str, bucket: str = "mcnode-test", queue: str = "mcnode-q",
     batch.register_job_definition(jobDefinitionName=definition, type="container",
                                   containerProperties={"image": "mcnode", "vcpus": 1, "memory": 512})
     return key_id
+
+
+def _loopback_up() -> None:
+    """`ip link set lo up` without needing iproute2: SIOCGIFFLAGS, then SIOCSIFFLAGS with IFF_UP."""
+    get_flags, set_flags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        request = struct.pack("16sH22x", b"lo", 0)
+        flags = struct.unpack("16sH22x", fcntl.ioctl(s, get_flags, request))[1]
+        fcntl.ioctl(s, set_flags, struct.pack("16sH22x", b"lo", flags | iff_up))
+
+
+@contextmanager
+def loopback_network() -> Iterator[None]:
+    """Put the calling thread in a new network namespace that has only loopback (root only).
+
+    Every socket it opens, and every thread and process it starts from then on, is in that
+    namespace: servers that bind 0.0.0.0 there are reachable from nowhere else. On leaving, the
+    thread returns to its own network; what it started stays where it was started.
+    """
+    if os.geteuid() != 0:
+        raise RuntimeError("a network namespace of its own needs root (make test runs as root)")
+    original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        os.unshare(os.CLONE_NEWNET)
+        _loopback_up()
+        yield
+    finally:
+        os.setns(original, os.CLONE_NEWNET)
+        os.close(original)
+
+
+def orthanc_config(folder: Path, dicom_port: int, http_port: int, aet: str = "ORTHANC",
+                   modalities: dict[str, list[object]] | None = None) -> Path:
+    """A configuration file for Orthanc with its storage and index under folder; returns its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "Name": "test", "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "index"),
+        "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": aet, "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True,
+        "DicomAlwaysAllowEcho": True, "StorageCompression": False, "SyncStorageArea": True, "Plugins": [],
+        "ConcurrentJobs": 1, "DicomModalities": modalities or {},
+    }
+    path = folder / "orthanc.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+@dataclass(frozen=True)
+class Orthanc:
+    dicom_port: int
+    aet: str
+    url: str  # its REST API, http://127.0.0.1:PORT
+
+    def get(self, path: str) -> Any:
+        return json.loads(self.text(path))
+
+    def text(self, path: str) -> str:
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return r.read().decode()
+
+    def post(self, path: str, body: bytes | object, content_type: str = "application/json") -> Any:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method="POST",
+                                     headers={"Content-Type": content_type})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read())
+
+
+@contextmanager
+def orthanc(folder: Path, aet: str = "ORTHANC", modalities: dict[str, list[object]] | None = None) -> Iterator[Orthanc]:
+    """A real Orthanc (Debian's package, not its service); call it inside loopback_network()."""
+    if not Path(ORTHANC).exists():
+        raise RuntimeError("Orthanc not found: run 'make system-deps' (apt-get install orthanc)")
+    dicom_port, http_port = free_port(), free_port()
+    config = orthanc_config(folder, dicom_port, http_port, aet, modalities)
+    log = open(folder / "orthanc.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([ORTHANC, str(config)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_port(http_port, proc, timeout=60)
+        _wait_port(dicom_port, proc, timeout=60)
+        yield Orthanc(dicom_port, aet, f"http://127.0.0.1:{http_port}")
+    finally:
+        stop_process(proc)
+        log.close()
