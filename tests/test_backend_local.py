@@ -41,6 +41,7 @@ def test_failed_shard_is_retried_then_reported_with_its_last_reason(tmp_path, ca
     starts = log.read_text().splitlines()
     assert len(starts) >= 3 and all("--key-uri" not in s and "6b6b" not in s for s in starts)
     assert "(attempt 1)" in caplog.text and "(attempt 2)" in caplog.text
+    assert 3 <= backend.shard_failures <= len(starts)  # counted for the job's record (/metrics)
 
 
 def test_shard_past_its_deadline_is_killed(tmp_path):

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 
 from dicom_node.cli import main
-from dicom_node.intake.jobrecord import JobState
+from dicom_node.intake.jobrecord import JobData, JobState, PublicData
 from dicom_node.web.server import WebServer
 from dicom_node.web.users import UserStore
 from tests.conftest import free_port, settings_for, storescu, wait_for
@@ -104,7 +104,9 @@ def test_basic_auth_api_jobs_is_what_mcnode_jobs_json_prints(web, config_dir):
 
 
 def test_metrics_parse_as_prometheus_text(web):
-    node, server, _job = web
+    node, server, job = web
+    # as the pipeline records it after shards failed and were retried on another worker
+    node.journal.update_job_data(job.id, JobData(public=PublicData(shard_failures=3)))
     reply = Client(server.url, basic=("alice", PASSWORD)).get("/metrics")
     assert reply.status == 200 and reply.headers["content-type"].startswith("text/plain")
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -114,7 +116,7 @@ def test_metrics_parse_as_prometheus_text(web):
     assert samples[("mcnode_queue_length", (("queue", "pipeline"),))] == 1
     assert samples[("mcnode_instances_received_total", (("kind", "CT"),))] == node.journal.count_instances() - 2
     assert samples[("mcnode_instances_received_total", (("kind", "RTIONPLAN"),))] == 1
-    assert samples[("mcnode_shard_failures_total", ())] == 0
+    assert samples[("mcnode_shard_failures_total", ())] == 3
     spool = sum(p.stat().st_size for p in (node.settings.node.data_dir / "spool").rglob("*") if p.is_file())
     assert samples[("mcnode_data_dir_bytes", (("part", "spool"),))] == spool > 0
     assert samples[("mcnode_data_dir_bytes", (("part", "total"),))] > spool

@@ -122,6 +122,7 @@ def test_physicist_logs_in_sees_a_verified_dose_and_retries_a_failed_job(config_
         assert "PAT-4471920" in table and "PAT-7730015" in table and "HEAD_MC" in table  # re-identified
         row_a = driver.find_element(By.CSS_SELECTOR, f"tr[data-job='{job_a.id}']").text
         assert "VERIFIED" in row_a and verdict.upper() in row_a and "3%/2mm" in row_a and "compute + merge" in row_a
+        assert "shards 2/2" in row_a and "uncertainty" in row_a
         assert "FAILED" in driver.find_element(By.CSS_SELECTOR, f"tr[data-job='{job_b.id}']").text
         # the rows refresh without a reload: the "updated" clock changes
         first = driver.find_element(By.ID, "updated").text

@@ -66,6 +66,7 @@ class Backend(ABC):
         self.cancelled = threading.Event()
         self.share: FairShare | None = None  # set by the caller when jobs share the workers
         self.priority = "normal"             # interactive | normal | batch, for the share
+        self.shard_failures = 0  # failed shard attempts (each retried or ending the run), for the job's record
 
     def cancel(self) -> None:
         """Stop every worker of a running `run`, which then raises Cancelled."""
@@ -143,6 +144,7 @@ class Backend(ABC):
                     if self.cancelled.is_set():
                         raise Cancelled("stopped: the node is shutting down")
                     where = f" on {a.place}" if a.place else ""
+                    self.shard_failures += 1
                     LOGGER.warning("job %s shard %d (attempt %d)%s %s", a.task.job_id, a.task.index, a.number + 1,
                                    where, why)
                     if a.number >= self.retries:

@@ -80,6 +80,7 @@ class PublicData:
     dose_grid: dict[str, Any] | None = None       # the scoring grid, why it was chosen, the body, the quantity
     waves: list[dict[str, Any]] | None = None     # per wave: first_shard, shards, primaries, uncertainty_percent
     uncertainty_target_met: bool | None = None    # None: no engine.target_uncertainty_percent
+    shard_failures: int | None = None             # failed shard attempts, over every attempt of the job
     # outbox (MERGED → SENT)
     send_attempts: int | None = None
     last_send_error: str | None = None

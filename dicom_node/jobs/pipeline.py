@@ -444,8 +444,15 @@ class Pipeline:
             tasks = [t for w in waves for t in plan_tasks(job.id, int(w["shards"]), int(w["primaries"]), bundle_uri,
                                                           results_uri, first_index=int(w["first_shard"]))]
             start = time.perf_counter()
-            results = dispatch(tasks, key, backend,
-                               on_progress=lambda d, t: self.journal.set_progress(job.id, d, t))
+            failures_before = backend.shard_failures
+            try:
+                results = dispatch(tasks, key, backend,
+                                   on_progress=lambda d, t: self.journal.set_progress(job.id, d, t))
+            finally:
+                if backend.shard_failures > failures_before:  # over every attempt of the job (/metrics)
+                    recorded = self.journal.job(job.id).data.public.shard_failures or 0
+                    total = recorded + backend.shard_failures - failures_before
+                    self.journal.update_job_data(job.id, JobData(public=PublicData(shard_failures=total)))
             compute_s += time.perf_counter() - start
             start = time.perf_counter()
             tallies = [Tally.from_bytes(b) for b in results]

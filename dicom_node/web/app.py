@@ -318,12 +318,7 @@ class Site:
                 self.ctx.pipeline.submit(job)
             return f"retried: the job is {job.state} again"
         if what == "cancel":
-            view = views.decorate({"id": job.id, "shards_done": 0, "shards_total": 0}, job, views.UNKNOWN, [])
-            if not view["can_cancel"]:
-                raise JournalError(f"job {job.id} is {job.state}: it cannot be cancelled (its dose was delivered "
-                                   "or it has ended)")
-            job = journal.transition(job.id, JobState.CANCELLED, reason=f"cancelled by {user} (was {job.state})",
-                                     expect=job.state)
+            job = journal.cancel(job.id, user)  # as `mcnode cancel`
             LOGGER.info("web: user %s cancelled job %s", user, job.id)
             if self.ctx.pipeline is not None:
                 self.ctx.pipeline.cancel(job.id)

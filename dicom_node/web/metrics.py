@@ -73,11 +73,14 @@ class NodeCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         by_state = dict.fromkeys(STATES, 0)
         verdicts = {"pass": 0, "fail": 0, "inconclusive": 0}
+        shard_failures = 0
         for state, data in self._rows("SELECT state, data FROM jobs"):
             by_state[str(state)] = by_state.get(str(state), 0) + 1
-            verdict = json.loads(str(data)).get("public", {}).get("verdict")
-            if verdict in verdicts:
-                verdicts[verdict] += 1
+            public = json.loads(str(data)).get("public", {})
+            if public.get("verdict") in verdicts:
+                verdicts[public["verdict"]] += 1
+            if isinstance(public.get("shard_failures"), int):
+                shard_failures += public["shard_failures"]
         jobs = GaugeMetricFamily("mcnode_jobs", "Jobs in each state", labels=["state"])
         for state, n in by_state.items():
             jobs.add_metric([state], n)
@@ -98,9 +101,9 @@ class NodeCollector(Collector):
         for stage, n in sorted(counts.items()):
             failures.add_metric([stage], n)
         yield failures
-        shard = CounterMetricFamily("mcnode_shard_failures", "Jobs whose shards failed beyond their retries "
-                                    "(FAILED from RUNNING)")
-        shard.add_metric([], counts.get("RUNNING", 0))
+        shard = CounterMetricFamily("mcnode_shard_failures", "Failed shard attempts (each one retried on another "
+                                    "worker, or failing its job once the retries were used up)")
+        shard.add_metric([], shard_failures)
         yield shard
         ingest = CounterMetricFamily("mcnode_instances_received", "DICOM instances received and journaled, by kind",
                                      labels=["kind"])

@@ -20,7 +20,7 @@ from pydicom.errors import InvalidDicomError
 
 from anonymizer.errors import VaultError
 from anonymizer.vault import Vault
-from dicom_node.intake.jobrecord import JobState
+from dicom_node.intake.jobrecord import TRANSITIONS, JobState
 from dicom_node.intake.journal import Job, Journal
 from dicom_node.net import uids
 from dicom_node.settings import Settings
@@ -41,7 +41,6 @@ STAGE_NAMES = {
 }
 # States from which the page offers each action.
 CAN_RETRY = (FAILED,)
-CAN_CANCEL = (RECEIVING, READY, SEALED, RUNNING, MERGED, FAILED)
 CAN_RESEND = (MERGED, SENT, VERIFIED)
 
 
@@ -52,7 +51,6 @@ class Identity:
     plan_label: str
 
 
-UNKNOWN = Identity("?", "", "?")
 
 
 class Identities:
@@ -128,14 +126,21 @@ def decorate(row: dict[str, Any], job: Job, ident: Identity, history: list[tuple
     """A `list_jobs` row plus what the page shows about it."""
     sizing = row.get("sizing") or {}
     summary = row.get("summary") or {}
-    unc = row.get("current_uncertainty", summary.get("mean_relative_uncertainty_high_dose"))
+    # waves (engine.target_uncertainty_percent): each finished wave records the uncertainty reached so far
+    waves = [w for w in row.get("waves") or [] if isinstance(w, dict)]
+    measured = [w["uncertainty_percent"] for w in waves if isinstance(w.get("uncertainty_percent"), int | float)]
+    unc = summary.get("uncertainty_percent")
+    if not isinstance(unc, int | float) and measured:
+        unc = measured[-1]
     progress = []
     if row.get("shards_total"):
         progress.append(f"shards {row['shards_done']}/{row['shards_total']}")
-    if row.get("waves"):
-        progress.append(f"waves {row['waves']}")
+    if len(waves) > 1 or (waves and row.get("uncertainty_target_met") is not None):
+        progress.append(f"wave {len(waves)}")
     if isinstance(unc, int | float):
-        progress.append(f"uncertainty {100 * float(unc):.2f} %")
+        met = row.get("uncertainty_target_met")
+        progress.append(f"uncertainty {float(unc):.2f} %" + ("" if met is None else
+                                                               " (target met)" if met else " (above target)"))
     rates = row.get("gamma_pass_rates") or {}
     timings = stage_timings(history)
     return {
@@ -149,7 +154,7 @@ def decorate(row: dict[str, Any], job: Job, ident: Identity, history: list[tuple
         "cost_actual": _money(sizing.get("estimated_cost")),
         "rates_text": ", ".join(f"{k} {float(v):.1f} %" for k, v in rates.items() if v is not None),
         "can_retry": job.state in CAN_RETRY,
-        "can_cancel": job.state in CAN_CANCEL and not (job.state == FAILED and job.data.failed_in == SENT),
+        "can_cancel": JobState.CANCELLED in TRANSITIONS[job.state],
         "can_resend": job.state in CAN_RESEND and bool(job.data.rtdose),
         "has_dose": bool(job.data.rtdose) and Path(job.data.rtdose).is_file(),
     }
