@@ -231,3 +231,23 @@ def test_https_with_the_nodes_certificate_and_secure_cookies(config_dir, node_fa
             urllib.request.urlopen(server.url + "healthz", timeout=10, context=ssl.create_default_context())
         with pytest.raises((urllib.error.URLError, ConnectionError)):
             urllib.request.urlopen(server.url.replace("https", "http") + "healthz", timeout=10)
+
+
+def test_jobs_rows_filter_by_state_and_creation_day(web):
+    from datetime import UTC, datetime, timedelta
+
+    _node, server, job = web
+    client = Client(server.url, basic=("alice", PASSWORD))
+    today = datetime.now(UTC).date()
+    tomorrow, yesterday = today + timedelta(days=1), today - timedelta(days=1)
+
+    def shown(query: str) -> bool:
+        reply = client.get(f"/jobs/rows?{query}")
+        assert reply.status == 200
+        return f'data-job="{job.id}"' in reply.text
+
+    assert shown("") and shown("state=READY") and not shown("state=SENT")
+    assert shown(f"from={yesterday}&to={today}") and shown(f"from={today}")
+    assert not shown(f"from={tomorrow}") and not shown(f"to={yesterday}")
+    page = client.get("/jobs?state=SENT", headers={"Accept": "text/html"})
+    assert page.status == 200 and "No jobs match the filter" in page.text and job.id not in page.text
