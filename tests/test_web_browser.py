@@ -169,6 +169,7 @@ def test_physicist_logs_in_sees_a_verified_dose_and_retries_a_failed_job(config_
         # the job really runs now; the page follows it (it reloads when the state changes)
         wait_for(lambda: node.journal.job(job_b.id).state == JobState.SENT, timeout=300)
         WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "state").text == "SENT")
+        assert not driver.find_elements(By.ID, "message")  # the retry message went with the old state
         assert driver.find_element(By.ID, "dose-picture")
         driver.save_screenshot(str(tmp_path / "web-job-sent.png"))
         time.sleep(0.2)

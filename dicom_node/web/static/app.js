@@ -27,7 +27,8 @@
       const r = await fetch("/api/jobs", { credentials: "same-origin", cache: "no-store" });
       if (!r.ok) return;
       const job = (await r.json()).find(function (j) { return j.id === head.dataset.job; });
-      if (job && job.state !== badge.textContent.trim()) window.location.reload();
+      // reload without "?done=...": the message of an action taken before is stale once the state moved on
+      if (job && job.state !== badge.textContent.trim()) window.location.replace(window.location.pathname);
     });
   }
 })();
