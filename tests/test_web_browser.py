@@ -143,6 +143,12 @@ def test_physicist_logs_in_sees_a_verified_dose_and_retries_a_failed_job(config_
             assert state in transitions
         assert "UNCOMMISSIONED" in driver.find_element(By.CSS_SELECTOR, ".warnings").text  # the generic model
         driver.save_screenshot(str(tmp_path / "web-job-verified.png"))
+        frame = driver.find_element(By.CSS_SELECTOR, "iframe.report")  # the second-check report, embedded
+        driver.execute_script("arguments[0].scrollIntoView()", frame)
+        driver.switch_to.frame(frame)
+        assert "PASS" in driver.find_element(By.TAG_NAME, "body").text.upper()
+        driver.switch_to.default_content()
+        driver.save_screenshot(str(tmp_path / "web-job-report.png"))
         png = node.settings.node.data_dir / "jobs" / job_a.id / "web" / "dose.png"
         shutil.copy(png, tmp_path / "web-dose.png")
         # send A's dose to the TPS once more (it lost it): the outbox delivers it again
