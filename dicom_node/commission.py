@@ -52,6 +52,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import CTImageStorage, RTDoseStorage
 
 from cloud.engines import get_engine
 from cloud.engines.base import GENERIC_MODEL, ShardInputs
@@ -123,9 +124,9 @@ def load_reference(folder: Path) -> Reference:
         cls = str(ds.get("SOPClassUID", ""))
         if cls in uids.PLAN_CLASSES:
             plans.append(ds)
-        elif cls == uids.CT_IMAGE:
+        elif cls == CTImageStorage:
             cts.append(ds)
-        elif cls == uids.RT_DOSE:
+        elif cls == RTDoseStorage:
             doses.append(ds)
         else:
             continue
@@ -191,7 +192,7 @@ def simulate(datasets: list[Dataset], machine: str, base: Path | str, work: Path
     The CT's HU tables are chosen as the node chooses them (``[engine] ct_calibrations``).
     """
     engine = get_engine("mcsquare")
-    cts = [ds for ds in datasets if str(ds.get("SOPClassUID", "")) == uids.CT_IMAGE]
+    cts = [ds for ds in datasets if str(ds.get("SOPClassUID", "")) == CTImageStorage]
     calibration = choose_ct_calibration(cts, ct_calibrations or {})
     inputs = engine.prepare(datasets, work, beam_models={machine: base}, ct_calibration=calibration.for_engine())
     tally = engine.run_shard(inputs, primaries, seed, threads)

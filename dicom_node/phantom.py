@@ -20,9 +20,14 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
-
-from dicom_node.net import uids
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    RTIonPlanStorage,
+    RTStructureSetStorage,
+    generate_uid,
+)
 
 HU_AIR = -1000
 HU_WATER = 0
@@ -202,7 +207,7 @@ def _ct_series(spec: PhantomSpec, ident: FakeIdentity, study_uid: str, for_uid: 
     series_uid = generate_uid()
     slices = []
     for k, zpos in enumerate(zs):
-        ds = _base(uids.CT_IMAGE, "CT", ident, study_uid, series_uid, for_uid)
+        ds = _base(CTImageStorage, "CT", ident, study_uid, series_uid, for_uid)
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.SeriesDescription = "Phantom CT"
         ds.InstanceNumber = k + 1
@@ -239,7 +244,7 @@ def _polygon(points: list[tuple[float, float]], z: float) -> list[float]:
 
 def _rtstruct(spec: PhantomSpec, ident: FakeIdentity, study_uid: str, for_uid: str,
               ct: list[Dataset]) -> Dataset:
-    ds = _base(uids.RT_STRUCTURE_SET, "RTSTRUCT", ident, study_uid, generate_uid(), for_uid)
+    ds = _base(RTStructureSetStorage, "RTSTRUCT", ident, study_uid, generate_uid(), for_uid)
     ds.StructureSetLabel = "PHANTOM_SS"
     ds.StructureSetName = "Phantom structures"
     ds.StructureSetDate = ident.study_date
@@ -348,7 +353,7 @@ def _layers(spec: PhantomSpec, energies: list[float], grid: list[tuple[float, fl
 
 def _ion_plan(spec: PhantomSpec, ident: FakeIdentity, study_uid: str, for_uid: str,
               rtstruct: Dataset) -> Dataset:
-    ds = _base(uids.RT_ION_PLAN, "RTPLAN", ident, study_uid, generate_uid(), for_uid)
+    ds = _base(RTIonPlanStorage, "RTPLAN", ident, study_uid, generate_uid(), for_uid)
     ds.RTPlanLabel = spec.plan_label
     ds.RTPlanName = spec.plan_label
     ds.RTPlanDescription = f"Phantom PBS plan for {ident.patient_name}"
@@ -357,7 +362,7 @@ def _ion_plan(spec: PhantomSpec, ident: FakeIdentity, study_uid: str, for_uid: s
     ds.RTPlanGeometry = "PATIENT"
     ds.ApprovalStatus = "UNAPPROVED"
     ref_ss = Dataset()
-    ref_ss.ReferencedSOPClassUID = uids.RT_STRUCTURE_SET
+    ref_ss.ReferencedSOPClassUID = RTStructureSetStorage
     ref_ss.ReferencedSOPInstanceUID = rtstruct.SOPInstanceUID
     ds.ReferencedStructureSetSequence = Sequence([ref_ss])
     setup = Dataset()

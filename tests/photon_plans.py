@@ -6,9 +6,8 @@ from collections.abc import Sequence as Seq
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import generate_uid
+from pydicom.uid import RTPlanStorage, generate_uid
 
-from dicom_node.net import uids
 from dicom_node.phantom import PhantomSpec, Study, build_study
 
 MACHINE = "TEST_LINAC"
@@ -33,13 +32,13 @@ def photon_plan(study: Study, *, gantry: float = 0.0, collimator: float = 0.0, c
     ds = Dataset()
     ds.file_meta = ref.file_meta.__class__()
     ds.file_meta.update(ref.file_meta)
-    ds.file_meta.MediaStorageSOPClassUID = uids.RT_PLAN
+    ds.file_meta.MediaStorageSOPClassUID = RTPlanStorage
     for kw in ("SpecificCharacterSet", "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
                "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName", "FrameOfReferenceUID",
                "ReferencedStructureSetSequence", "PatientSetupSequence"):
         if kw in ref:
             setattr(ds, kw, ref.get(kw))
-    ds.SOPClassUID = uids.RT_PLAN
+    ds.SOPClassUID = RTPlanStorage
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.SeriesInstanceUID = generate_uid()

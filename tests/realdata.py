@@ -11,9 +11,7 @@ import numpy as np
 from matplotlib.path import Path as Polygon
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
-
-from dicom_node.net import uids
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 RAYSTATION = Path(__file__).parent / "data" / "realdata" / "raystation12_tr3"
 PHANTOM_SCANNER = ("dicom-mc-node", "RayStation phantom rebuilt from its External ROI")
@@ -88,11 +86,11 @@ def phantom_ct(rs: Dataset, plan: Dataset, out_dir: Path, spacing_mm: float = 2.
         hu = np.where(inside.reshape(rows, cols), PHANTOM_HU, AIR_HU).astype(np.int16)
         ds = Dataset()
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = uids.CT_IMAGE
+        meta.MediaStorageSOPClassUID = CTImageStorage
         meta.MediaStorageSOPInstanceUID = uid
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = uids.CT_IMAGE, uid, "CT"
+        ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, uid, "CT"
         for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
                         "StudyDate", "StudyTime", "StudyID"):
             if keyword in rs:

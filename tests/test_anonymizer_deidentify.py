@@ -18,6 +18,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
+from pydicom.uid import RTIonPlanStorage, RTStructureSetStorage
 
 import anonymizer
 from anonymizer.deidentify import (
@@ -29,7 +30,6 @@ from anonymizer.deidentify import (
 from anonymizer.errors import AnonymizationError
 from anonymizer.profile import PROFILE, rule_for, vr_of
 from anonymizer.seal import new_data_key, open_bytes, seal_bytes
-from dicom_node.net import uids
 from tests.anon_data import IDENTITY, PLANTED, leaks, new_key, planted_study, to_bytes
 
 
@@ -81,7 +81,7 @@ def test_references_still_resolve():
     ct_uids = {c.SOPInstanceUID for c in ct}
     assert len(ct_uids) == len(study.ct)
     assert plan.ReferencedStructureSetSequence[0].ReferencedSOPInstanceUID == rs.SOPInstanceUID
-    assert plan.ReferencedStructureSetSequence[0].ReferencedSOPClassUID == uids.RT_STRUCTURE_SET
+    assert plan.ReferencedStructureSetSequence[0].ReferencedSOPClassUID == RTStructureSetStorage
     for_item = rs.ReferencedFrameOfReferenceSequence[0]
     assert for_item.FrameOfReferenceUID == ct[0].FrameOfReferenceUID == plan.FrameOfReferenceUID
     study_item = for_item.RTReferencedStudySequence[0]
@@ -98,7 +98,7 @@ def test_references_still_resolve():
         assert c.SourceImageSequence[0].ReferencedSOPInstanceUID in ct_uids
         assert c.file_meta.MediaStorageSOPInstanceUID == c.SOPInstanceUID
     # Class UIDs and transfer syntax are not remapped.
-    assert plan.SOPClassUID == uids.RT_ION_PLAN and rs.SOPClassUID == uids.RT_STRUCTURE_SET
+    assert plan.SOPClassUID == RTIonPlanStorage and rs.SOPClassUID == RTStructureSetStorage
     assert ct[0].file_meta.TransferSyntaxUID == study.ct[0].file_meta.TransferSyntaxUID
     assert study_item.ReferencedSOPClassUID == "1.2.840.10008.3.1.2.3.1"
     # Every instance UID changed and has the keyed form.

@@ -9,12 +9,11 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import generate_uid
+from pydicom.uid import RTDoseStorage, RTIonPlanStorage, RTStructureSetStorage, generate_uid
 
 from anonymizer.deidentify import deidentify_job
 from anonymizer.errors import AnonymizationError, VaultError
 from anonymizer.vault import IdentityRecord, Vault, reidentify
-from dicom_node.net import uids
 from tests.anon_data import IDENTITY, leaks, new_key, planted_study, to_bytes
 
 
@@ -29,7 +28,7 @@ def _dose_from(anonymized: list[Dataset]) -> Dataset:
     """An RT Dose as the node's writer makes it: from anonymized data, with its own new UIDs."""
     ct, plan = anonymized[0], anonymized[-1]
     dose = Dataset()
-    dose.SOPClassUID = uids.RT_DOSE
+    dose.SOPClassUID = RTDoseStorage
     dose.SOPInstanceUID = generate_uid()
     dose.SeriesInstanceUID = generate_uid()
     dose.Modality = "RTDOSE"
@@ -45,11 +44,11 @@ def _dose_from(anonymized: list[Dataset]) -> Dataset:
     dose.ReferringPhysicianName = ""
     dose.FrameOfReferenceUID = ct.FrameOfReferenceUID
     ref = Dataset()
-    ref.ReferencedSOPClassUID = uids.RT_ION_PLAN
+    ref.ReferencedSOPClassUID = RTIonPlanStorage
     ref.ReferencedSOPInstanceUID = plan.SOPInstanceUID
     dose.ReferencedRTPlanSequence = Sequence([ref])
     ref_ss = Dataset()
-    ref_ss.ReferencedSOPClassUID = uids.RT_STRUCTURE_SET
+    ref_ss.ReferencedSOPClassUID = RTStructureSetStorage
     ref_ss.ReferencedSOPInstanceUID = anonymized[-2].SOPInstanceUID
     dose.ReferencedStructureSetSequence = Sequence([ref_ss])
     dose.DoseUnits = "GY"
@@ -70,7 +69,7 @@ def test_reidentify_rt_dose_gives_back_original_links():
     assert back.AccessionNumber == IDENTITY.accession and back.StudyID == study.plan.StudyID
     assert back.FrameOfReferenceUID == study.ct[0].FrameOfReferenceUID
     assert back.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID == study.plan.SOPInstanceUID
-    assert back.ReferencedRTPlanSequence[0].ReferencedSOPClassUID == uids.RT_ION_PLAN
+    assert back.ReferencedRTPlanSequence[0].ReferencedSOPClassUID == RTIonPlanStorage
     assert back.ReferencedStructureSetSequence[0].ReferencedSOPInstanceUID == study.rtstruct.SOPInstanceUID
     # The dose's own new UIDs stay; the input is untouched; no de-identification flag remains.
     assert back.SOPInstanceUID == dose.SOPInstanceUID and back.SeriesInstanceUID == dose.SeriesInstanceUID

@@ -26,6 +26,7 @@ import sys
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import RTPlanStorage
 
 from cloud.engines import engine_names, get_engine
 from cloud.engines.base import ShardInputs
@@ -108,7 +109,7 @@ def test_ompmc_is_registered_but_not_imported_until_it_runs() -> None:
 
 def test_ompmc_refuses_ion_plans_and_plans_without_beams() -> None:
     plan = Dataset()
-    plan.SOPClassUID = "1.2.840.10008.5.1.4.1.1.481.5"
+    plan.SOPClassUID = RTPlanStorage
     plan.BeamSequence = []
     engine = get_engine("ompmc")
     with pytest.raises(UnsupportedPlan, match="no treatment beam"):

@@ -19,15 +19,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, JPEGBaseline8Bit
+from pydicom.uid import JPEG2000, CTImageStorage, ExplicitVRLittleEndian, JPEGBaseline8Bit, MRImageStorage
 from pynetdicom import AE, build_context
 from pynetdicom.pdu_primitives import AsynchronousOperationsWindowNegotiation, SCP_SCU_RoleSelectionNegotiation
 
 from dicom_node.net import status, uids
 from dicom_node.net.scu import send_paths
 from tests.conftest import free_port, run_dcmtk, settings_for, storescu, wait_for
-
-MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 
 def _associate_rq(called: str = "MCNODE", calling: str = "TPS") -> bytes:
@@ -171,23 +169,23 @@ def test_unsupported_contexts_rejected_others_work(node_factory, phantom_dir):
     node = node_factory()
     ae = AE(ae_title="TPS")
     ae.requested_contexts = [
-        build_context(MR_IMAGE),                          # not a class we store
-        build_context(uids.CT_IMAGE, JPEGBaseline8Bit),   # a class we store, lossy: refused
-        build_context(uids.CT_IMAGE, JPEG2000),           # lossy (or lossless) JPEG 2000: refused
-        build_context(uids.CT_IMAGE, ExplicitVRLittleEndian),
+        build_context(MRImageStorage),                          # not a class we store
+        build_context(CTImageStorage, JPEGBaseline8Bit),   # a class we store, lossy: refused
+        build_context(CTImageStorage, JPEG2000),           # lossy (or lossless) JPEG 2000: refused
+        build_context(CTImageStorage, ExplicitVRLittleEndian),
         build_context(uids.VERIFICATION),
     ]
     role = SCP_SCU_RoleSelectionNegotiation()
-    role.sop_class_uid, role.scu_role, role.scp_role = uids.CT_IMAGE, True, False
+    role.sop_class_uid, role.scu_role, role.scp_role = CTImageStorage, True, False
     window = AsynchronousOperationsWindowNegotiation()
     window.maximum_number_operations_invoked = window.maximum_number_operations_performed = 1
     assoc = ae.associate("127.0.0.1", node.port, ae_title="MCNODE", ext_neg=[role, window])
     assert assoc.is_established
     results = {(cx.abstract_syntax, tuple(cx.transfer_syntax)): cx.result for cx in assoc.rejected_contexts}
-    assert results[(MR_IMAGE, tuple(build_context(MR_IMAGE).transfer_syntax[:1]))] == 3  # abstract syntax
-    assert results[(uids.CT_IMAGE, (JPEGBaseline8Bit,))] == 4  # transfer syntax not supported
-    assert results[(uids.CT_IMAGE, (JPEG2000,))] == 4
-    assert [cx.abstract_syntax for cx in assoc.accepted_contexts][-2:] == [uids.CT_IMAGE, uids.VERIFICATION]
+    assert results[(MRImageStorage, tuple(build_context(MRImageStorage).transfer_syntax[:1]))] == 3  # abstract syntax
+    assert results[(CTImageStorage, (JPEGBaseline8Bit,))] == 4  # transfer syntax not supported
+    assert results[(CTImageStorage, (JPEG2000,))] == 4
+    assert [cx.abstract_syntax for cx in assoc.accepted_contexts][-2:] == [CTImageStorage, uids.VERIFICATION]
     assert assoc.send_c_echo().Status == status.SUCCESS
     rsp = assoc.send_c_store(phantom_dir / "CT_0001.dcm")
     assoc.release()

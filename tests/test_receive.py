@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.uid import CTImageStorage, RTIonPlanStorage
 from pynetdicom import AE
 
 from dicom_node.cli import main
 from dicom_node.intake.jobrecord import JobState
-from dicom_node.net import status, uids
+from dicom_node.net import status
 from dicom_node.phantom import FakeIdentity, write_study
 from tests.conftest import run_dcmtk, settings_for, storescu, wait_for
 
@@ -46,7 +47,7 @@ def test_storescu_study_becomes_ready(node_factory, phantom_dir):
     assert node.journal.count_instances() == len(files)
     # the spooled file is the data set as sent
     plan = dcmread(job.data.plan)
-    assert plan.SOPClassUID == uids.RT_ION_PLAN
+    assert plan.SOPClassUID == RTIonPlanStorage
     assert plan.PatientID == FakeIdentity().patient_id
 
 
@@ -91,7 +92,7 @@ def test_undecodable_stream_gets_failure_status_and_node_keeps_serving(node_fact
     meta_end = original.index(b"\x08\x00\x05\x00")  # first data set element (0008,0005)
     garbage.write_bytes(original[:meta_end] + b"\x08\x00\x16\x00UI\xff\xff" + os.urandom(64))
     ae = AE(ae_title="TPS")
-    ae.add_requested_context(uids.CT_IMAGE)
+    ae.add_requested_context(CTImageStorage)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="MCNODE")
     assert assoc.is_established
     with caplog.at_level(logging.WARNING, logger="dicom_node.net.scp"):
@@ -120,7 +121,7 @@ def test_unwritable_storage_answers_out_of_resources(node_factory, phantom_dir):
     shutil.rmtree(node.spool.root)
     node.spool.root.write_text("not a folder")
     ae = AE(ae_title="TPS")
-    ae.add_requested_context(uids.CT_IMAGE)
+    ae.add_requested_context(CTImageStorage)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="MCNODE")
     rsp = assoc.send_c_store(phantom_dir / "CT_0001.dcm")
     assoc.release()

@@ -12,13 +12,14 @@ from cloud.errors import UnsupportedPlan
 if TYPE_CHECKING:  # pydicom costs ~0.5 s to import; a worker only needs it for type hints
     from pydicom.dataset import Dataset
 
-CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 _TOL_MM = 1e-3
 
 
 def ct_slices(datasets: list[Dataset], frame_of_reference_uid: str = "") -> list[Dataset]:
     """The CT images (of the plan's frame of reference when given), sorted by ascending z."""
-    cts = [ds for ds in datasets if str(ds.get("SOPClassUID", "")) == CT_IMAGE]
+    from pydicom.uid import CTImageStorage  # here: a worker never loads pydicom
+
+    cts = [ds for ds in datasets if str(ds.get("SOPClassUID", "")) == CTImageStorage]
     if frame_of_reference_uid:
         cts = [ds for ds in cts if str(ds.get("FrameOfReferenceUID", "")) == frame_of_reference_uid]
     if not cts:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from pydicom.uid import CTImageStorage, RTStructureSetStorage
 
 from cloud.errors import UnsupportedPlan
 from dicom_node.intake.checks import InputCheck
@@ -178,7 +179,7 @@ class Assembler:
                 return inst.path
         ct_uids = {i.sop_instance_uid for i in ct}
         best: tuple[int, float, str] | None = None
-        for ss in self.journal.instances_where(for_uid=plan.for_uid, sop_class_uid=uids.RT_STRUCTURE_SET):
+        for ss in self.journal.instances_where(for_uid=plan.for_uid, sop_class_uid=RTStructureSetStorage):
             if ss.patient_key != plan.patient_key:
                 continue
             shared = len(ct_uids.intersection(self.journal.refs(ss.sop_instance_uid, "image")))
@@ -199,14 +200,14 @@ class Assembler:
             if len(present) < len(images):
                 return None, "", True
             ct = [self.journal.instance(u) for u in images]
-            return ([i for i in ct if i is not None and i.sop_class_uid == uids.CT_IMAGE],
+            return ([i for i in ct if i is not None and i.sop_class_uid == CTImageStorage],
                     "structure set references", False)
         return None, "", False
 
     def _ct_by_frame_of_reference(self, plan: Instance, job: Job) -> tuple[list[Instance] | None, str]:
         if not plan.for_uid:
             return None, ""
-        candidates = [i for i in self.journal.instances_where(for_uid=plan.for_uid, sop_class_uid=uids.CT_IMAGE)
+        candidates = [i for i in self.journal.instances_where(for_uid=plan.for_uid, sop_class_uid=CTImageStorage)
                       if i.patient_key == plan.patient_key]
         if not candidates:
             return None, ""

@@ -15,6 +15,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import CTImageStorage, RTDoseStorage
 
 from cloud.dispatch import split_primaries
 from cloud.engines import engine_name_for, get_engine
@@ -74,7 +75,7 @@ def dose_notes(summary: dict[str, object]) -> list[str]:
 def tps_dose_in(datasets: list[Dataset], plan_uid: str) -> Dataset | None:
     """An RT Dose among ``datasets`` that names the plan (the TPS's own), else None."""
     for ds in datasets:
-        if str(ds.get("SOPClassUID", "")) != uids.RT_DOSE:
+        if str(ds.get("SOPClassUID", "")) != RTDoseStorage:
             continue
         refs = [str(r.get("ReferencedSOPInstanceUID", "")) for r in ds.get("ReferencedRTPlanSequence", [])]
         if plan_uid in refs:
@@ -110,7 +111,7 @@ def compute_folder(in_dir: Path, out_dir: Path, *, primaries: int, shards: int,
     try:
         engine.check_plan(plan, beam_models=settings.beam_models)
         counts = split_primaries(primaries, shards)
-        cts = [ds for ds in datasets if str(ds.get("SOPClassUID", "")) == uids.CT_IMAGE]
+        cts = [ds for ds in datasets if str(ds.get("SOPClassUID", "")) == CTImageStorage]
         calibration = choose_ct_calibration(cts, settings.ct_calibrations)
         options, grid_note = dose_options(settings, tps_dose_in(datasets, str(plan.SOPInstanceUID)))
         LOGGER.info("%s", grid_note)
@@ -132,7 +133,7 @@ def compute_folder(in_dir: Path, out_dir: Path, *, primaries: int, shards: int,
         raise PlanRejected(str(exc)) from exc
     except (EngineError, MergeError, DispatchError) as exc:
         raise ComputeError(f"dose computation failed: {exc}") from exc
-    cts = [ds for ds in datasets if str(ds.get("SOPClassUID", "")) == uids.CT_IMAGE
+    cts = [ds for ds in datasets if str(ds.get("SOPClassUID", "")) == CTImageStorage
            and ds.get("FrameOfReferenceUID") == plan.get("FrameOfReferenceUID")]
     del datasets
     notes = [f"beam model {inputs.extra.get('beam_model', '?')}", f"CT calibration {calibration.description}",

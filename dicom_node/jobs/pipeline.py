@@ -35,6 +35,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, RTDoseStorage
 
 from anonymizer.deidentify import deidentify_job
 from anonymizer.errors import AnonymizerError
@@ -332,7 +333,7 @@ class Pipeline:
         engine = get_engine(engine_name_for(datasets[0], self.settings.engine.name))
         engine.check_plan(datasets[0], beam_models=self._beam_models())
         # Chosen on the original CT: the scanner's name does not survive de-identification.
-        calibration = choose_ct_calibration([ds for ds in datasets if str(ds.SOPClassUID) == uids.CT_IMAGE],
+        calibration = choose_ct_calibration([ds for ds in datasets if str(ds.SOPClassUID) == CTImageStorage],
                                             self.settings.engine.ct_calibrations)
         anonymized, record = deidentify_job(datasets, self.site_key, job.id)
         self.vault.store(job.id, record)
@@ -372,7 +373,7 @@ class Pipeline:
     def _tps_dose(self, job: Job) -> Dataset | None:
         """The newest RT Dose the TPS sent for this plan (same patient), header only; None if none yet."""
         plan = self.journal.instance(job.plan_uid)
-        doses = [d for d in self.journal.referencing(job.plan_uid, "plan") if d.sop_class_uid == uids.RT_DOSE
+        doses = [d for d in self.journal.referencing(job.plan_uid, "plan") if d.sop_class_uid == RTDoseStorage
                  and (plan is None or d.patient_key == plan.patient_key)]
         if not doses:
             return None
@@ -488,7 +489,7 @@ class Pipeline:
             LOGGER.warning("job %s: %s", job.id, warnings[-1])
         start = time.perf_counter()
         plan = next(ds for ds in anon if str(ds.SOPClassUID) in uids.PLAN_CLASSES)
-        ct = next(ds for ds in anon if str(ds.SOPClassUID) == uids.CT_IMAGE)
+        ct = next(ds for ds in anon if str(ds.SOPClassUID) == CTImageStorage)
         public = job.data.public
         notes = [f"beam model {public.beam_model or inputs.extra.get('beam_model', '?')}",
                  f"CT calibration {public.ct_calibration or inputs.ct_calibration}", *dose_notes(merged.summary)]

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pydicom.uid import RTDoseStorage
+
 from anonymizer.vault import Vault
 from dicom_node.intake.jobrecord import JobData, PublicData
 from dicom_node.intake.journal import FINAL_STATES, Job, Journal
-from dicom_node.net import uids
 from dicom_node.settings import Settings, read_site_key
 
 LOGGER = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def plan_purge(settings: Settings, journal: Journal, now: float | None = None) -
         item = Purged(job.id, str(job.state), datetime.fromtimestamp(job.updated, UTC).strftime("%Y-%m-%d %H:%M"))
         files = _used_files(job)
         if job.plan_uid not in kept_plans:  # the TPS's own doses of the plan (second check) go with it
-            files |= {d.path for d in journal.referencing(job.plan_uid, "plan") if d.sop_class_uid == uids.RT_DOSE}
+            files |= {d.path for d in journal.referencing(job.plan_uid, "plan") if d.sop_class_uid == RTDoseStorage}
         for path in sorted(files - kept_files):  # a file a kept job uses (a resent plan's CT) stays
             file = Path(path)
             if file.exists():

@@ -16,11 +16,10 @@ from datetime import datetime
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, RTDoseStorage, generate_uid
 
 from cloud.engines.base import UNCOMMISSIONED, Grid
 from cloud.merge import MergedDose
-from dicom_node.net import uids
 
 _PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
                   "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName", "SpecificCharacterSet")
@@ -88,7 +87,7 @@ def write_rt_dose(merged: MergedDose, grid: Grid, reference: Dataset, plan_ds: D
         raise ValueError(f"dose array {dose.shape} is not on the dose grid {grid.shape}")
     nz, ny, nx = grid.shape
 
-    ds = new_instance(uids.RT_DOSE, reference)
+    ds = new_instance(RTDoseStorage, reference)
     ds.Modality = "RTDOSE"
     marks = [*([UNCOMMISSIONED] if uncommissioned else []), *(m.upper() for m in marks)]
     if marks:

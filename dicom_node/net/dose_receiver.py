@@ -6,6 +6,7 @@ import logging
 import threading
 from pathlib import Path
 
+from pydicom.uid import RTDoseStorage
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 
@@ -25,7 +26,7 @@ class DoseReceiver:
         self.received: list[Path] = []
         self.arrived = threading.Event()
         self._ae = AE(ae_title=ae_title)
-        self._ae.add_supported_context(uids.RT_DOSE)
+        self._ae.add_supported_context(RTDoseStorage)
         self._ae.add_supported_context(uids.VERIFICATION)
         self._port = port
         self._server = None

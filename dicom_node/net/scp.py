@@ -23,7 +23,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, CTImageStorage, RTDoseStorage, RTStructureSetStorage
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 
@@ -70,13 +70,13 @@ def _refs(ds: Dataset, sop_class: str) -> list[tuple[str, str]]:
     if sop_class in uids.PLAN_CLASSES:
         for item in ds.get("ReferencedStructureSetSequence", []):
             out.append(("structure_set", str(_required(item, "ReferencedSOPInstanceUID"))))
-    elif sop_class == uids.RT_STRUCTURE_SET:
+    elif sop_class == RTStructureSetStorage:
         for for_item in ds.get("ReferencedFrameOfReferenceSequence", []):
             for study in for_item.get("RTReferencedStudySequence", []):
                 for series in study.get("RTReferencedSeriesSequence", []):
                     for image in series.get("ContourImageSequence", []):
                         out.append(("image", str(_required(image, "ReferencedSOPInstanceUID"))))
-    elif sop_class == uids.RT_DOSE:
+    elif sop_class == RTDoseStorage:
         for item in ds.get("ReferencedRTPlanSequence", []):
             out.append(("plan", str(_required(item, "ReferencedSOPInstanceUID"))))
     return out
@@ -89,14 +89,14 @@ def describe_instance(ds: Dataset, sop_class: str, path: str, calling_ae: str | 
         raise InvalidInstance(f"SOPClassUID {ds_class} does not match the presentation context ({sop_class})",
                               status.DATASET_DOES_NOT_MATCH_SOP_CLASS)
     for_uid = ds.get("FrameOfReferenceUID") or None
-    if sop_class == uids.CT_IMAGE:
+    if sop_class == CTImageStorage:
         for_uid = str(_required(ds, "FrameOfReferenceUID"))
         position = _required(ds, "ImagePositionPatient")
         if len(position) != 3:
             raise InvalidInstance("ImagePositionPatient must have 3 values")
         if "PixelData" not in ds:
             raise InvalidInstance("missing required attribute PixelData")
-    elif sop_class == uids.RT_STRUCTURE_SET and for_uid is None:
+    elif sop_class == RTStructureSetStorage and for_uid is None:
         seq = ds.get("ReferencedFrameOfReferenceSequence") or []
         for_uid = str(seq[0].FrameOfReferenceUID) if seq and "FrameOfReferenceUID" in seq[0] else None
     inst = Instance(
@@ -160,7 +160,7 @@ def decode_for_filing(raw: bytes, transfer_syntax: UID, sop_class: str) -> Datas
     if transfer_syntax.is_deflated:
         raw = zlib.decompress(raw, -zlib.MAX_WBITS)
     fp = BytesIO(raw)
-    if sop_class == uids.CT_IMAGE:
+    if sop_class == CTImageStorage:
         ds = read_dataset(fp, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian,
                           specific_tags=[*_CT_TAGS, _PIXEL_DATA], defer_size=64)
     else:

@@ -1,6 +1,12 @@
-"""SOP class UIDs the node handles and the transfer syntaxes it accepts."""
+"""The SOP classes the node handles and the transfer syntaxes it accepts.
+
+The UIDs themselves are pydicom's constants (pydicom.uid.CTImageStorage, RTIonPlanStorage, ...);
+modules import them from there. This module holds only the node's choices among them.
+"""
 
 from pydicom.uid import (
+    UID,
+    CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -10,16 +16,17 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     JPEGLSLossless,
     RLELossless,
+    RTDoseStorage,
+    RTIonPlanStorage,
+    RTPlanStorage,
+    RTStructureSetStorage,
 )
 
-CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
-RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"
-RT_STRUCTURE_SET = "1.2.840.10008.5.1.4.1.1.481.3"
-RT_PLAN = "1.2.840.10008.5.1.4.1.1.481.5"
-RT_ION_PLAN = "1.2.840.10008.5.1.4.1.1.481.8"
-VERIFICATION = "1.2.840.10008.1.1"
+# pydicom exports no constant for the Verification SOP Class (C-ECHO); pynetdicom.sop_class does, but
+# this module is imported where pynetdicom is not needed (assembler, pipeline, phantom).
+VERIFICATION = UID("1.2.840.10008.1.1")
 
-PLAN_CLASSES = (RT_PLAN, RT_ION_PLAN)
+PLAN_CLASSES = (RTPlanStorage, RTIonPlanStorage)
 
 # Storage classes we accept, each with the transfer syntaxes we store as received.
 UNCOMPRESSED_SYNTAXES = (
@@ -33,17 +40,17 @@ UNCOMPRESSED_SYNTAXES = (
 # Any other syntax is refused at association negotiation, so it is never accepted and then stuck.
 CT_COMPRESSED_SYNTAXES = (JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEG2000Lossless, RLELossless)
 STORAGE_CONTEXTS: dict[str, tuple[str, ...]] = {
-    CT_IMAGE: UNCOMPRESSED_SYNTAXES + CT_COMPRESSED_SYNTAXES,
-    RT_PLAN: UNCOMPRESSED_SYNTAXES,
-    RT_ION_PLAN: UNCOMPRESSED_SYNTAXES,
-    RT_STRUCTURE_SET: UNCOMPRESSED_SYNTAXES,
-    RT_DOSE: UNCOMPRESSED_SYNTAXES,
+    CTImageStorage: UNCOMPRESSED_SYNTAXES + CT_COMPRESSED_SYNTAXES,
+    RTPlanStorage: UNCOMPRESSED_SYNTAXES,
+    RTIonPlanStorage: UNCOMPRESSED_SYNTAXES,
+    RTStructureSetStorage: UNCOMPRESSED_SYNTAXES,
+    RTDoseStorage: UNCOMPRESSED_SYNTAXES,
 }
 
 SHORT_NAMES = {
-    CT_IMAGE: "CT",
-    RT_DOSE: "RTDOSE",
-    RT_STRUCTURE_SET: "RTSTRUCT",
-    RT_PLAN: "RTPLAN",
-    RT_ION_PLAN: "RTIONPLAN",
+    CTImageStorage: "CT",
+    RTDoseStorage: "RTDOSE",
+    RTStructureSetStorage: "RTSTRUCT",
+    RTPlanStorage: "RTPLAN",
+    RTIonPlanStorage: "RTIONPLAN",
 }

@@ -29,12 +29,12 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
+from pydicom.uid import EncapsulatedPDFStorage  # noqa: E402
 
 from cloud.engines.base import UNCOMMISSIONED  # noqa: E402
 from dicom_node.jobs.rtdose import new_instance  # noqa: E402
 from dicom_node.qa.compare import Comparison, Grid, cumulative_dvh, resample  # noqa: E402
 
-ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
 METRICS = ("mean", "D98", "D95", "D50", "D2")
 
 
@@ -515,7 +515,7 @@ def _first_page(result: dict[str, Any], header: dict[str, str]) -> bytes:
 
 def encapsulated_pdf(pdf: bytes, source: Dataset, title: str = "Dose second check") -> Dataset:
     """A DICOM Encapsulated PDF in the patient and study of `source` (the plan), in a new series."""
-    ds = new_instance(ENCAPSULATED_PDF, source, series_number=901)
+    ds = new_instance(EncapsulatedPDFStorage, source, series_number=901)
     now = datetime.now()
     ds.Modality = "DOC"
     ds.SeriesDescription = title

@@ -22,13 +22,13 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import RTDoseStorage
 
 from cloud.engines.base import UNCOMMISSIONED
 from dicom_node.errors import NodeError, SendError
 from dicom_node.intake.jobrecord import JobData, JobState, PublicData, Report
 from dicom_node.intake.journal import Instance, Job, Journal
 from dicom_node.jobs.queue_worker import QueueWorker
-from dicom_node.net import uids
 from dicom_node.net.scp import Received, uid_ref
 from dicom_node.net.scu import send_paths
 from dicom_node.qa.compare import (
@@ -244,7 +244,7 @@ class SecondCheck:
 
     def notify(self, received: Received) -> None:
         """An instance was stored; a TPS RT Dose queues its plan's job."""
-        if received.instance.sop_class_uid != uids.RT_DOSE:
+        if received.instance.sop_class_uid != RTDoseStorage:
             return
         for kind, plan_uid in received.refs:
             if kind == "plan":
@@ -275,7 +275,7 @@ class SecondCheck:
         if job.data.rtdose:
             mc_uid = str(dcmread(job.data.rtdose, stop_before_pixels=True).SOPInstanceUID)
         doses = [d for d in self.journal.referencing(job.plan_uid, "plan")
-                 if d.sop_class_uid == uids.RT_DOSE and d.sop_instance_uid != mc_uid
+                 if d.sop_class_uid == RTDoseStorage and d.sop_instance_uid != mc_uid
                  and (plan is None or d.patient_key == plan.patient_key)]
         if not doses:
             return None

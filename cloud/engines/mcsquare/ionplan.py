@@ -17,8 +17,6 @@ from cloud.errors import UnsupportedPlan
 if TYPE_CHECKING:  # pydicom costs ~0.5 s to import; a worker only needs it for type hints
     from pydicom.dataset import Dataset
 
-RT_PLAN = "1.2.840.10008.5.1.4.1.1.481.5"
-RT_ION_PLAN = "1.2.840.10008.5.1.4.1.1.481.8"
 
 
 @dataclass
@@ -71,12 +69,14 @@ def _radiation_types(plan: Dataset) -> list[str]:
 
 def check_proton_pbs(plan: Dataset) -> None:
     """Raise UnsupportedPlan with the reason if this is not a proton pencil-beam-scanning plan."""
+    from pydicom.uid import RTIonPlanStorage, RTPlanStorage  # here: a worker never loads pydicom
+
     sop = str(plan.get("SOPClassUID", ""))
-    if sop == RT_PLAN or "BeamSequence" in plan:
+    if sop == RTPlanStorage or "BeamSequence" in plan:
         kinds = ", ".join(_radiation_types(plan)) or "no beams"
         raise UnsupportedPlan(f"RT Plan with {kinds} beams: this engine computes proton pencil-beam-scanning "
                               "(RT Ion Plan) only")
-    if sop != RT_ION_PLAN:
+    if sop != RTIonPlanStorage:
         raise UnsupportedPlan(f"not an RT Ion Plan (SOP class {sop or 'missing'})")
     if not plan.get("IonBeamSequence"):
         raise UnsupportedPlan("RT Ion Plan has no beams (IonBeamSequence missing or empty)")
