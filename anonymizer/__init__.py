@@ -7,5 +7,6 @@ Must not import dicom_node, cloud or any network library.
     deidentify   Deidentifier (apply/describe the profile), deidentify_job, pseudonym_uid
     vault        IdentityRecord, Vault (encrypted at rest), reidentify
     seal         streaming AES-256-GCM seal/open bound to job and part; data-key wrapping
+    keys         the site key's check and the subkeys derived from it (HKDF-SHA256)
     errors       the exception tree
 """

@@ -35,6 +35,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 
 from anonymizer.errors import AnonymizationError
+from anonymizer.keys import check_site_key
 from anonymizer.profile import DICOM_UID_ROOT, Rule, rule_for, vr_of
 from anonymizer.vault import STUDY_KEYWORDS, IdentityRecord
 
@@ -133,9 +134,7 @@ class Deidentifier:
     """
 
     def __init__(self, site_key: bytes):
-        if not isinstance(site_key, bytes) or len(site_key) != 32:
-            raise AnonymizationError("site key must be 32 bytes")
-        self._key = site_key
+        self._key = check_site_key(site_key, AnonymizationError)
         self.uid_map: dict[str, str] = {}
         self._patients: dict[str, tuple[str, int]] = {}
         self._handlers: dict[str, Handler] = {

@@ -35,11 +35,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from anonymizer.errors import IntegrityError, SealError
+from anonymizer.keys import derive_key
 
 MAGIC = b"MCSEAL"
 VERSION = 1
@@ -233,10 +232,7 @@ def open_file(src: Path, dst: Path, key: bytes, job_id: str, part: str) -> int:
 
 
 def _wrap_aead(site_key: bytes) -> AESGCM:
-    if not isinstance(site_key, bytes) or len(site_key) != 32:
-        raise SealError("site key must be 32 bytes")
-    kek = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"mcnode key wrap v1").derive(site_key)
-    return AESGCM(kek)
+    return AESGCM(derive_key(site_key, b"mcnode key wrap v1", SealError))
 
 
 def wrap_key(site_key: bytes, data_key: bytes, job_id: str) -> bytes:

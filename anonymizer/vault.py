@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydicom.dataset import Dataset
 
 from anonymizer.errors import AnonymizationError, VaultError
+from anonymizer.keys import derive_key
 
 # Study-module attributes the vault keeps per original study and reidentify restores.
 STUDY_KEYWORDS = ("StudyDate", "StudyTime", "StudyID", "AccessionNumber", "StudyDescription",
@@ -80,18 +79,12 @@ class IdentityRecord:
         return self.uids.get(uid)
 
 
-def _derive(site_key: bytes, info: bytes) -> bytes:
-    if not isinstance(site_key, bytes) or len(site_key) != 32:
-        raise VaultError("site key must be 32 bytes")
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(site_key)
-
-
 class Vault:
     """Encrypted identity records, one file per job, in a local directory (created mode 0700)."""
 
     def __init__(self, directory: Path, site_key: bytes):
         self.directory = Path(directory)
-        self._aead = AESGCM(_derive(site_key, b"mcnode vault v1"))
+        self._aead = AESGCM(derive_key(site_key, b"mcnode vault v1", VaultError))
 
     def path_for(self, job_id: str) -> Path:
         return self.directory / f"{check_job_id(job_id)}.vault"

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from anonymizer.keys import check_site_key
 from dicom_node.errors import ConfigError
 
 LOGGER = logging.getLogger(__name__)
@@ -602,9 +603,7 @@ def read_site_key(settings: Settings) -> bytes:
         key = bytes.fromhex(raw.decode("ascii"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ConfigError(f"anonymizer.site_key_file: {key_path} is not a hex-encoded key") from exc
-    if len(key) != 32:
-        raise ConfigError(f"anonymizer.site_key_file: key must be 32 bytes, got {len(key)}")
-    return key
+    return check_site_key(key, ConfigError, "anonymizer.site_key_file: key")
 
 
 CONFIG_TEMPLATE = """\
