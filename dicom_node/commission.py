@@ -406,12 +406,12 @@ def commission(references: Sequence[Path], out: Path, *, base: Path | None = Non
             header.append(f"measured IDD table {Path(measured).name} sha256 {_sha(Path(measured))}: columns "
                           f"{','.join(CSV_COLUMNS)} (IDD at {IDD_DEPTH_MM:g} mm depth in water)")
             for j, (e, idd) in enumerate(rows):
-                if not base_model.energies[0] <= e <= base_model.energies[-1]:
+                if not base_model.covers(e):
                     raise CommissionError(f"{measured}: energy {e:g} MeV outside the base model "
                                           f"({base_model.energies[0]:g}-{base_model.energies[-1]:g} MeV)")
                 per_proton = simulated_idd_per_proton(e, base_choice, Path(tmp) / f"idd{j}", primaries, threads)
                 n_fit = idd / per_proton
-                k = n_fit / float(np.interp(e, base_model.energies, base_model.protons_per_mu))
+                k = n_fit / base_model.protons_for(e, 1.0)
                 knots.append((e, k))
                 spans += [e]
                 line = (f"{e:g} MeV: measured {idd:.4g} Gy mm2/MU, MC {per_proton:.4g} Gy mm2/proton -> "

@@ -80,6 +80,14 @@ def test_prepare_refuses_an_unmapped_machine(tmp_path):
     assert not (tmp_path / "in" / "CT.mhd").exists()
 
 
+def test_beam_model_protons_are_linear_in_mu_and_refused_outside_its_energies():
+    model = read_bdl(generic_beam_model_path())
+    assert model.protons_for(100.0, 3.0) == pytest.approx(3.0 * model.protons_for(100.0, 1.0))
+    assert model.covers(70.0) and model.covers(230.0) and not model.covers(250.0)
+    with pytest.raises(UnsupportedPlan, match=r"energy 250 MeV outside the beam model \(70-230 MeV\)"):
+        model.protons_for(250.0, 1.0)
+
+
 def _ppmu():
     m = read_bdl(generic_beam_model_path())
     return m.energies, m.protons_per_mu

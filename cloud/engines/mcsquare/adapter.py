@@ -351,7 +351,7 @@ def beam_model_for(plan: IonPlan, beam_models: Mapping[str, Path | str] | None) 
     lo, hi = model.energies[0], model.energies[-1]
     for beam in plan.beams:
         for layer in beam.layers:
-            if not lo - 1e-6 <= layer.energy_mev <= hi + 1e-6:
+            if not model.covers(layer.energy_mev):
                 raise UnsupportedPlan(f"beam {beam.name}: energy {layer.energy_mev:g} MeV outside the beam model "
                                       f"of machine {machine!r} ({model.path.name}: {lo:g}-{hi:g} MeV)")
             rs = layer.range_shifter
@@ -392,7 +392,7 @@ class MCsquareEngine(Engine):
         if not commissioned:
             warnings.append(uncommissioned_warning(plan.machines[0]))
             LOGGER.info("machine %r computed with the generic (uncommissioned) beam model", plan.machines[0])
-        protons = sum(float(np.sum(np.interp(layer.energy_mev, model.energies, model.protons_per_mu) * layer.mu))
+        protons = sum(model.protons_for(layer.energy_mev, float(layer.mu.sum()))
                       for beam in plan.beams for layer in beam.layers)
         write_mhd(work_dir / CT_FILE, volume, grid.spacing)
         del volume  # the CT is on disk now; keep the node's memory to the dose grid

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cloud.errors import EngineError
+from cloud.errors import EngineError, UnsupportedPlan
 
 GENERIC_MACHINE = "GENERIC_PBS"
 BDL_FORMAT_TAG = "--UPenn beam model (double gaussian)--"
@@ -126,10 +126,15 @@ class BeamModel:
     nozzle_to_iso_mm: float
     range_shifters: dict[str, RangeShifterModel] = field(default_factory=dict)
 
+    def covers(self, energy_mev: float) -> bool:
+        """Whether the model's energy table reaches `energy_mev` (the one rule for "outside the model")."""
+        return bool(self.energies[0] - 1e-6 <= energy_mev <= self.energies[-1] + 1e-6)
+
     def protons_for(self, energy_mev: float, mu: float) -> float:
-        if not self.energies[0] - 1e-6 <= energy_mev <= self.energies[-1] + 1e-6:
-            raise EngineError(f"energy {energy_mev} MeV outside the beam model {self.path.name} "
-                              f"({self.energies[0]:g}-{self.energies[-1]:g} MeV)")
+        """Protons delivered by `mu` MU at `energy_mev` (linear in the table); UnsupportedPlan outside it."""
+        if not self.covers(energy_mev):
+            raise UnsupportedPlan(f"energy {energy_mev:g} MeV outside the beam model "
+                                  f"({self.energies[0]:g}-{self.energies[-1]:g} MeV)")
         return float(np.interp(energy_mev, self.energies, self.protons_per_mu)) * mu
 
 
