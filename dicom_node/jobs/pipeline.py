@@ -46,18 +46,24 @@ from cloud.backends.base import Backend
 from cloud.backends.share import PRIORITIES, FairShare
 from cloud.bundle import make_bundle
 from cloud.dispatch import dispatch, plan_tasks, primaries_for_target
-from cloud.engines import dosegrid, engine_name_for, get_engine
+from cloud.engines import dosegrid
 from cloud.engines.base import BODY_MASK, INPUTS_JSON, ShardInputs, Tally
 from cloud.errors import Cancelled, CloudError, UnsupportedPlan
-from cloud.merge import merge
 from cloud.sizing import CostModel, finish_job, plan_job
-from dicom_node.errors import JournalError, NodeError
+from dicom_node.errors import JournalError, NodeError, PlanRejected
 from dicom_node.intake.jobrecord import JobData, JobState, PublicData
 from dicom_node.intake.journal import Job, Journal
-from dicom_node.jobs.compute import dose_notes, dose_options
-from dicom_node.jobs.ctcal import choose_ct_calibration
+from dicom_node.jobs.compute import (
+    calibration_text,
+    check_plan,
+    ct_calibration,
+    dose_options,
+    merge_dose,
+    prepare,
+    rt_dose,
+)
 from dicom_node.jobs.integrity import JobFiles
-from dicom_node.jobs.rtdose import UNCERTAINTY_ABOVE_TARGET, write_rt_dose
+from dicom_node.jobs.rtdose import UNCERTAINTY_ABOVE_TARGET
 from dicom_node.net import uids
 from dicom_node.settings import Settings, mc_target_uncertainty_percent, read_site_key
 
@@ -276,7 +282,7 @@ class Pipeline:
                 else:
                     LOGGER.info("job %s: stopped while %s; it resumes on the next start", job.id, before)
                 return job
-            except UnsupportedPlan as exc:
+            except (UnsupportedPlan, PlanRejected) as exc:
                 if self._cancelled(job.id):
                     return self.journal.job(job.id)
                 job = self.journal.transition(job.id, JobState.REJECTED, reason=str(exc))
@@ -330,11 +336,8 @@ class Pipeline:
             shutil.rmtree(folder)  # a half-finished earlier attempt
         paths = [job.data.plan, *([job.data.structure_set] if job.data.structure_set else []), *job.data.ct]
         datasets = _load(paths)
-        engine = get_engine(engine_name_for(datasets[0], self.settings.engine.name))
-        engine.check_plan(datasets[0], beam_models=self._beam_models())
-        # Chosen on the original CT: the scanner's name does not survive de-identification.
-        calibration = choose_ct_calibration([ds for ds in datasets if str(ds.SOPClassUID) == CTImageStorage],
-                                            self.settings.engine.ct_calibrations)
+        engine = check_plan(datasets, self.settings.engine)
+        calibration = ct_calibration(datasets, self.settings.engine)  # before de-identification
         anonymized, record = deidentify_job(datasets, self.site_key, job.id)
         self.vault.store(job.id, record)
         anon_dir = folder / "anonymized"
@@ -347,8 +350,7 @@ class Pipeline:
             names.append(name)
         options, grid_note = dose_options(self.settings.engine, self._tps_dose(job))
         LOGGER.info("job %s: %s", job.id, grid_note)
-        inputs = engine.prepare(anonymized, folder / "inputs", beam_models=self._beam_models(),
-                                ct_calibration=calibration.for_engine(), dose=options)
+        inputs = prepare(engine, anonymized, folder / "inputs", self.settings.engine, calibration, options)
         del datasets, anonymized  # the CT is in the inputs now; the node keeps no CT-sized copy
         self._timed(job.id, "anonymize_prepare", start)
         start = time.perf_counter()
@@ -362,9 +364,7 @@ class Pipeline:
         self._timed(job.id, "seal", start)
         public = PublicData(warnings=list(inputs.warnings) if inputs.warnings else None,
                             beam_model=str(inputs.extra.get("beam_model", "")), commissioned=inputs.commissioned,
-                            # the photon engine converts the CT with its own table
-                            ct_calibration=calibration.description if engine.name == "mcsquare"
-                            else inputs.ct_calibration,
+                            ct_calibration=calibration_text(engine, calibration, inputs),
                             dose_grid={**dosegrid.describe(inputs.scoring_grid), "note": grid_note,
                                        "body": inputs.extra.get("body"),
                                        "quantity": "dose to water" if inputs.dose_to_water else "dose to medium"})
@@ -378,9 +378,6 @@ class Pipeline:
         if not doses:
             return None
         return dcmread(doses[-1].path, stop_before_pixels=True)
-
-    def _beam_models(self) -> dict[str, Path | str]:
-        return dict(self.settings.engine.beam_models)
 
     def _start_running(self, job: Job) -> Job:
         return self.journal.transition(job.id, JobState.RUNNING, expect=JobState.SEALED)
@@ -437,7 +434,6 @@ class Pipeline:
         waves: list[dict[str, Any]] = [dict(w) for w in job.data.public.waves or []] or [
             {"wave": 1, "first_shard": 0, "shards": shards, "primaries": eng.primaries, "uncertainty_percent": None}]
         self.journal.update_job_data(job.id, JobData(public=PublicData(sizing=sizing, waves=waves)))
-        rbe = bool(getattr(eng, "rbe", False)) and inputs.engine == "mcsquare"  # RBE 1.1: protons only
         backend = self._backend_for(job)
         bundle_uri, results_uri = (folder / "bundle.sealed").as_uri(), (folder / "results").as_uri()
         compute_s = merge_s = 0.0
@@ -458,8 +454,7 @@ class Pipeline:
             start = time.perf_counter()
             tallies = [Tally.from_bytes(b) for b in results]
             del results
-            merged = merge(tallies, protons_per_fraction=inputs.protons_per_fraction, fractions=inputs.fractions,
-                           rbe=rbe, expected_shards=len(tasks), body=body)
+            merged = merge_dose(tallies, inputs, eng, expected_shards=len(tasks), body=body)
             merge_s += time.perf_counter() - start
             unc = merged.summary["uncertainty_percent"]
             wave = waves[-1]
@@ -490,13 +485,9 @@ class Pipeline:
         start = time.perf_counter()
         plan = next(ds for ds in anon if str(ds.SOPClassUID) in uids.PLAN_CLASSES)
         ct = next(ds for ds in anon if str(ds.SOPClassUID) == CTImageStorage)
-        public = job.data.public
-        notes = [f"beam model {public.beam_model or inputs.extra.get('beam_model', '?')}",
-                 f"CT calibration {public.ct_calibration or inputs.ct_calibration}", *dose_notes(merged.summary)]
-        if target > 0:
-            notes.append(f"target uncertainty {target:g} % {'met' if target_met else 'NOT MET'}")
-        dose = write_rt_dose(merged, inputs.scoring_grid, ct, plan, notes=notes, marks=marks,
-                             dose_to_water=inputs.dose_to_water, uncommissioned=not inputs.commissioned)
+        notes = [f"target uncertainty {target:g} % {'met' if target_met else 'NOT MET'}"] if target > 0 else []
+        dose = rt_dose(merged, inputs, ct, plan, job.data.public.ct_calibration or inputs.ct_calibration,
+                       notes=notes, marks=marks)
         dose = reidentify(dose, self.vault.load(job.id))
         out = folder / "RD.dcm"
         dose.save_as(out, enforce_file_format=True)
