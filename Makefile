@@ -40,6 +40,7 @@ demo: venv
 
 test: system-deps venv
 	$(BIN)/ruff check dicom_node anonymizer cloud tests bench
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 # The benchmarks compare against other tools (dicognito); those come from the bench extra.
@@ -49,6 +50,7 @@ bench: venv
 
 lint: venv
 	$(BIN)/ruff check dicom_node anonymizer cloud tests bench
+	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache
+	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache

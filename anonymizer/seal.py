@@ -31,6 +31,7 @@ import io
 import os
 import secrets
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -201,7 +202,7 @@ def open_bytes(sealed: bytes, key: bytes, job_id: str, part: str) -> bytes:
     return out.getvalue()
 
 
-def _via_temp(dst: Path, write) -> int:
+def _via_temp(dst: Path, write: Callable[[BinaryIO], int]) -> int:
     dst = Path(dst)
     tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.part")
     try:

@@ -69,7 +69,7 @@ def open_bundle(sealed: Path, key: bytes, job_id: str, into: Path) -> dict[str, 
             tar.extractall(into, filter="data")
     finally:
         tar_path.unlink(missing_ok=True)
-    manifest = json.loads((into / MANIFEST).read_text())
+    manifest: dict[str, Any] = json.loads((into / MANIFEST).read_text())
     if manifest.get("job_id") != job_id:
         raise BundleError(f"bundle belongs to job {manifest.get('job_id')!r}, not {job_id!r}")
     for name, digest in manifest["files"].items():

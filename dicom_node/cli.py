@@ -154,8 +154,8 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
 
 def _waves_note(row: dict[str, object]) -> str:
     """The pooled uncertainty after each wave, e.g. '4.10 > 2.62 > 1.93 ok' (target met) or '... NOT MET'."""
-    waves = row.get("waves") or []
-    values = [w.get("uncertainty_percent") for w in waves]  # type: ignore[union-attr]
+    waves = row.get("waves")
+    values = [w.get("uncertainty_percent") for w in waves] if isinstance(waves, list) else []
     text = " > ".join("?" if v is None else f"{float(v):.2f}" for v in values)
     met = row.get("uncertainty_target_met")
     if met is not None:
@@ -167,8 +167,8 @@ def _job_note(row: dict[str, object]) -> str:
     """The last column of `mcnode jobs`: the reason, or the second-check verdict with its pass rates."""
     parts = [" ".join(str(row["reason"]).split())] if row.get("reason") else []  # one line per job
     if row.get("verdict"):
-        rates = row.get("gamma_pass_rates") or {}
-        shown = ", ".join(f"{k} {float(v):.1f} %" for k, v in rates.items())  # type: ignore[union-attr]
+        rates = row.get("gamma_pass_rates")
+        shown = ", ".join(f"{k} {float(v):.1f} %" for k, v in rates.items()) if isinstance(rates, dict) else ""
         parts.insert(0, f"second check {row['verdict']}" + (f" (gamma {shown})" if shown else ""))
     if row.get("commissioned") is False:
         parts.insert(0, "UNCOMMISSIONED beam model")

@@ -44,7 +44,7 @@ import hashlib
 import logging
 import math
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -115,7 +115,10 @@ def _sha(path: Path) -> str:
 
 def load_reference(folder: Path) -> Reference:
     """One plan, its CT and one RT Dose from a folder; CommissionError says what is missing."""
-    plans, cts, doses, files = [], [], [], []
+    plans: list[Dataset] = []
+    cts: list[Dataset] = []
+    doses: list[Dataset] = []
+    files: list[Path] = []
     for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
         try:
             ds = dcmread(path)
@@ -224,7 +227,7 @@ def fit_reference(ref: Reference, base: Path | str, work: Path, primaries: int, 
     machine = _machine(ref.plan)
     bands = energy_bands(ref.plan, groups)
     per_band = max(1000, primaries // len(bands))
-    doses = []
+    doses: list[np.ndarray] = []
     axes = None
     for i, (lo, hi, _mean) in enumerate(bands):
         plan = _only_band(ref.plan, lo, hi) if len(bands) > 1 else ref.plan
@@ -234,7 +237,7 @@ def fit_reference(ref: Reference, base: Path | str, work: Path, primaries: int, 
         axes = _axes(inputs)
     assert axes is not None
     reference = dose_from_rtdose(ref.dose, _fractions(ref.plan))
-    r, mask = compare_region(sum(doses), axes, reference)
+    r, mask = compare_region(np.sum(doses, axis=0), axes, reference)
     rv = r[mask]
     dv = np.stack([d[mask] for d in doses], axis=1)
     if len(bands) == 1:
@@ -367,7 +370,8 @@ def commissioned_bdl_text(base: BeamModel, knots: tuple[np.ndarray, np.ndarray],
 
 def commission(references: Sequence[Path], out: Path, *, base: Path | None = None, measured: Path | None = None,
                primaries: int = 200_000, groups: int = 1, threads: int = 0,
-               ct_calibrations: Mapping[str, Sequence[Path]] | None = None, echo=print) -> list[ReferenceResult]:
+               ct_calibrations: Mapping[str, Sequence[Path]] | None = None,
+               echo: Callable[[str], None] = print) -> list[ReferenceResult]:
     """Fit, write the BDL to ``out``, print the residual per reference; the results."""
     if not references and measured is None:
         raise CommissionError("give at least one --reference DIR or --measured CSV")

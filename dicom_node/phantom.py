@@ -22,6 +22,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     RTIonPlanStorage,
@@ -99,17 +100,17 @@ class Study:
 
 def csda_range_cm(energy_mev: float) -> float:
     """Approximate proton CSDA range in water (Bragg-Kleeman rule, fitted to PSTAR 70-250 MeV)."""
-    return 0.0022 * energy_mev**1.77
+    return float(0.0022 * energy_mev**1.77)
 
 
 def energy_for_range(range_cm: float) -> float:
-    return (range_cm / 0.0022) ** (1.0 / 1.77)
+    return float((range_cm / 0.0022) ** (1.0 / 1.77))
 
 
 def _file_meta(sop_class: str, sop_instance: str) -> FileMetaDataset:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     return meta

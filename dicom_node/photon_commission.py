@@ -114,7 +114,7 @@ def commission_photon(out: Path, *, energy_mv: float, spectrum: str, gy_per_mu: 
         raise NodeError(f"spectrum {spectrum!r} does not describe this beam: PDD({worst.depth_cm:g} cm) computed "
                         f"{worst.computed:.1f} % against {worst.measured:.1f} % measured ({worst.difference:+.1f} "
                         f"points; tolerance {tolerance:g}); no model written")
-    energy = {"spectrum": spectrum, "gy_per_mu_ref": gy_per_mu, "ref_ssd_cm": ref_ssd_cm,
+    energy: dict[str, float | str] = {"spectrum": spectrum, "gy_per_mu_ref": gy_per_mu, "ref_ssd_cm": ref_ssd_cm,
               "ref_field_cm": ref_field_cm, "ref_depth_cm": ref_depth_cm}
     dose_ref, rel = _reference_dose_in_a_worker(energy, beamlet_mm, histories, seed=1)
     model = {

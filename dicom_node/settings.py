@@ -15,6 +15,7 @@ import secrets
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,10 @@ def _check_non_negative(path: str, value: float) -> None:
         raise ConfigError(f"{path}: must be 0 or more, got {value}")
 
 
-def _choice(*allowed: str):
+Check = Callable[[str, Any], None]
+
+
+def _choice(*allowed: str) -> Check:
     def check(path: str, value: str) -> None:
         if value not in allowed:
             raise ConfigError(f"{path}: must be one of {', '.join(allowed)}; got {value!r}")
@@ -55,7 +59,8 @@ def _choice(*allowed: str):
     return check
 
 
-def _meta(check=None, path: bool = False, secret: bool = False, literals: tuple[str, ...] = ()) -> dict[str, Any]:
+def _meta(check: Check | None = None, path: bool = False, secret: bool = False,
+          literals: tuple[str, ...] = ()) -> dict[str, Any]:
     """Field metadata: a check, whether it is a path, a secret, and words a path value may be instead."""
     return {"check": check, "path": path, "secret": secret, "literals": literals}
 
@@ -417,7 +422,8 @@ class Settings:
 
     def masked(self) -> dict[str, Any]:
         """The settings as a dict for logging, secrets masked."""
-        return _masked(self)
+        masked: dict[str, Any] = _masked(self)
+        return masked
 
 
 def _masked(obj: Any) -> Any:
@@ -444,7 +450,7 @@ def _convert(path: str, tp: Any, value: Any, meta: dict[str, Any], base_dir: Pat
         if value is None:
             return None
         return _convert(path, args[0], value, meta, base_dir)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: must be a table, got {type(value).__name__}")
         return _build(tp, value, path, base_dir)
@@ -512,8 +518,8 @@ def _build(cls: type, table: dict[str, Any], prefix: str, base_dir: Path) -> Any
 
 def settings_from_dict(table: dict[str, Any], base_dir: Path | str = ".") -> Settings:
     base = Path(base_dir).resolve()
-    settings = _build(Settings, table, "", base)
-    settings = dataclasses.replace(settings, base_dir=base)
+    built: Settings = _build(Settings, table, "", base)
+    settings = dataclasses.replace(built, base_dir=base)
     _check_destinations(settings)
     _check_cloud(settings.cloud)
     _check_node(settings.node)

@@ -401,6 +401,7 @@ class SshBackend(Backend):
 
     def _start(self, attempts: list[Attempt], room: int, key: bytes) -> list[Attempt]:
         alive = [c for c in self._conns if c.alive]
+        assert self._pool is not None, "_start before _open"
         if not alive:
             raise DispatchError("every ssh host was lost")
         started: list[Attempt] = []

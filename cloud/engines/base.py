@@ -134,7 +134,7 @@ class ShardInputs:
         if content is None and not path.is_file():
             return None
         try:
-            mask = np.load(io.BytesIO(content) if content is not None else path, allow_pickle=False)
+            mask: np.ndarray = np.load(io.BytesIO(content) if content is not None else path, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise EngineError(f"{path}: not a body mask ({exc})") from exc
         if mask.shape != self.scoring_grid.shape or mask.dtype != np.bool_:

@@ -81,7 +81,7 @@ class S3Store(ObjectStore):
     def get_bytes(self, uri: str) -> bytes:
         bucket, key = split_s3_uri(uri)
         try:
-            return self._client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            return bytes(self._client.get_object(Bucket=bucket, Key=key)["Body"].read())
         except (BotoCoreError, ClientError) as exc:
             raise self._fail("read", uri, exc) from exc
 

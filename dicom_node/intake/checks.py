@@ -10,6 +10,7 @@ never an internal error.
 from __future__ import annotations
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from cloud.engines import engine_name_for, get_engine
@@ -40,7 +41,7 @@ class InputCheck:
     def ct(self, paths: list[str]) -> None:
         """UnsupportedPlan with the reason if the engine cannot compute on this CT series (tilt, gaps)."""
         try:
-            headers = [dcmread(p, stop_before_pixels=True) for p in paths]
+            headers: list[Dataset] = [dcmread(p, stop_before_pixels=True) for p in paths]
             self.engine.check_ct(headers)
         except UnsupportedPlan:
             raise

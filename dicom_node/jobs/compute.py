@@ -115,17 +115,18 @@ def dose_options(settings: EngineSettings, tps_dose: Dataset | None = None) -> t
     With ``dose_grid = "tps"`` and a TPS RT Dose for the plan, its grid exactly; without one, the
     uniform grid (the line says so). UnsupportedPlan if the TPS grid cannot be used (not axial...).
     """
-    common = {"dose_to_water": settings.dose_to_water, "body_density_g_cm3": settings.body_density_g_cm3}
+    water, density = settings.dose_to_water, settings.body_density_g_cm3
     if settings.dose_grid == "ct":
-        return DoseOptions(grid_mm=0.0, **common), "dose grid: the CT's"
+        return DoseOptions(grid_mm=0.0, dose_to_water=water, body_density_g_cm3=density), "dose grid: the CT's"
     if settings.dose_grid == "tps" and tps_dose is not None:
         grid = grid_from_rtdose(tps_dose)
-        return DoseOptions(grid=grid, **common), "dose grid: the TPS dose's ({} x {} x {} voxels of {} mm)".format(
+        note = "dose grid: the TPS dose's ({} x {} x {} voxels of {} mm)".format(
             grid.shape[2], grid.shape[1], grid.shape[0], "x".join(f"{v:g}" for v in grid.spacing))
+        return DoseOptions(grid=grid, dose_to_water=water, body_density_g_cm3=density), note
     note = f"dose grid: uniform {settings.dose_grid_mm:g} mm"
     if settings.dose_grid == "tps":
         note += " (no TPS dose for the plan had arrived)"
-    return DoseOptions(grid_mm=settings.dose_grid_mm, **common), note
+    return DoseOptions(grid_mm=settings.dose_grid_mm, dose_to_water=water, body_density_g_cm3=density), note
 
 
 def dose_notes(summary: dict[str, object]) -> list[str]:

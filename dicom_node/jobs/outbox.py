@@ -89,7 +89,7 @@ class Outbox:
 
     def _backoff(self, attempt: int) -> float:
         out = self.settings.outbox
-        return min(out.retry_max_seconds, out.retry_initial_seconds * (2 ** attempt))
+        return float(min(out.retry_max_seconds, out.retry_initial_seconds * (2 ** attempt)))
 
     def _send(self, job_id: str, attempt: int) -> None:
         job = self.journal.job(job_id)

@@ -59,4 +59,4 @@ def central_axis_tally(inputs: ShardInputs, tally: Tally, setup: dict[str, Any])
 
 def depths_cm(inputs: ShardInputs, setup: dict[str, Any]) -> np.ndarray:
     ys = inputs.grid.axis(1)
-    return (ys[ys >= setup["surface_y_mm"]] - setup["surface_y_mm"]) / 10.0
+    return np.asarray((ys[ys >= setup["surface_y_mm"]] - setup["surface_y_mm"]) / 10.0)

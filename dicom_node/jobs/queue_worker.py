@@ -21,7 +21,7 @@ _STOP = object()
 
 
 class QueueWorker:
-    def __init__(self, name: str, handle: Callable[[Any], None], *,
+    def __init__(self, name: str, handle: Callable[[Any], object], *,
                  on_error: Callable[[Any, Exception], None] | None = None,
                  on_idle: Callable[[], None] | None = None, idle_seconds: float | None = None) -> None:
         self.name = name

@@ -16,7 +16,7 @@ from datetime import datetime
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, RTDoseStorage, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, RTDoseStorage, generate_uid
 
 from cloud.engines.base import UNCOMMISSIONED, Grid
 from cloud.merge import MergedDose
@@ -31,14 +31,14 @@ def new_instance(sop_class: str, source: Dataset, series_number: int = 900) -> D
     ds = Dataset()
     sop_uid = generate_uid()
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPClassUID = UID(sop_class)
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.file_meta = meta
     for keyword in _PATIENT_STUDY:
         if keyword in source:
-            setattr(ds, keyword, source.data_element(keyword).value)
+            setattr(ds, keyword, source[keyword].value)
     now = datetime.now()
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_uid

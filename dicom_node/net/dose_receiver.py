@@ -8,7 +8,9 @@ from pathlib import Path
 
 from pydicom.uid import RTDoseStorage
 from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
+from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.net import status, uids
 from dicom_node.net.scp import set_nodelay
@@ -29,21 +31,25 @@ class DoseReceiver:
         self._ae.add_supported_context(RTDoseStorage)
         self._ae.add_supported_context(uids.VERIFICATION)
         self._port = port
-        self._server = None
+        self._server: ThreadedAssociationServer | None = None
         self.port = 0
 
     def _on_store(self, event: Event) -> int:
-        path = self.out_dir / f"RD_{event.request.AffectedSOPInstanceUID}.dcm"
+        request = event.request
+        assert isinstance(request, C_STORE)  # the only event this handler is bound to
+        path = self.out_dir / f"RD_{request.AffectedSOPInstanceUID}.dcm"
         path.write_bytes(event.encoded_dataset())
         self.received.append(path)
         self.arrived.set()
         return status.SUCCESS
 
     def start(self) -> int:
-        self._server = self._ae.start_server(
+        server = self._ae.start_server(
             ("127.0.0.1", self._port), block=False,
             evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_CONN_OPEN, set_nodelay)])
-        self.port = int(self._server.server_address[1])
+        assert server is not None  # block=False returns the server
+        self._server = server
+        self.port = int(server.server_address[1])
         return self.port
 
     def stop(self) -> None:

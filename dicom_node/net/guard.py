@@ -307,8 +307,10 @@ class GuardedHandler(RequestHandler):
         assoc = super()._create_association()
         # Same object, our subclass: poll() instead of select(), and the PDU size check. The subclass
         # adds no state of its own beyond class-level defaults, so switching the class is safe.
-        assoc.dul.socket.__class__ = GuardedSocket
-        assoc.dul.socket.max_p_data = self.server.guard.limits.max_pdu
+        sock = assoc.dul.socket
+        assert sock is not None  # the association was made for this request's socket
+        sock.__class__ = GuardedSocket
+        sock.max_p_data = self.server.guard.limits.max_pdu  # type: ignore[attr-defined]  # GuardedSocket's
         self.server.guard.attach(self.request, assoc)
         return assoc
 

@@ -25,6 +25,7 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, CTImageStorage, RTDoseStorage, RTStructureSetStorage
 from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
 from dicom_node.errors import JournalError, SpoolError
@@ -218,9 +219,11 @@ def store_instance(spool: Spool, journal: Journal, notify: Callable[[Received], 
 
 
 def handle_store(event: Event, spool: Spool, journal: Journal, notify: Callable[[Received], None]) -> int:
+    request = event.request
+    assert isinstance(request, C_STORE) and request.DataSet is not None  # bound to EVT_C_STORE only
     return store_instance(spool, journal, notify, event.assoc.requestor.ae_title,
-                          str(event.request.AffectedSOPClassUID), str(event.request.AffectedSOPInstanceUID),
-                          event.context.transfer_syntax, event.request.DataSet.getvalue())
+                          str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
+                          event.context.transfer_syntax, request.DataSet.getvalue())
 
 
 def set_nodelay(event: Event) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pynetdicom import _config, evt
+from pynetdicom import evt
 
 from dicom_node.errors import SendError
 from dicom_node.net import status
@@ -19,9 +19,6 @@ from dicom_node.net.scp import set_nodelay
 LOGGER = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 128
-
-# Send files as stored, streamed from disk: no decode/re-encode, so what arrives is what was written.
-_config.STORE_SEND_CHUNKED_DATASET = True
 
 
 def collect_files(paths: list[Path]) -> list[Path]:
@@ -68,6 +65,12 @@ def send_paths(paths: list[Path], host: str, port: int, called_ae: str, calling_
             failures.append((f, f"not a DICOM file: {exc}"))
     if not contexts:
         return failures
+    # Send files as stored, streamed from disk: no decode/re-encode, so what arrives is what was
+    # written. pynetdicom has this switch for the whole process only; it is set here, when the node
+    # sends, rather than as a side effect of importing this module.
+    from pynetdicom import _config
+
+    _config.STORE_SEND_CHUNKED_DATASET = True
     ae = PollingAE(ae_title=calling_ae)  # poll(), not select(): works with descriptors >= 1024
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     wanted: dict[str, set[str]] = {}

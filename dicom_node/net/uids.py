@@ -47,7 +47,7 @@ STORAGE_CONTEXTS: dict[str, tuple[str, ...]] = {
     RTDoseStorage: UNCOMPRESSED_SYNTAXES,
 }
 
-SHORT_NAMES = {
+SHORT_NAMES: dict[str, str] = {
     CTImageStorage: "CT",
     RTDoseStorage: "RTDOSE",
     RTStructureSetStorage: "RTSTRUCT",

@@ -362,7 +362,7 @@ def cumulative_dvh(dose: np.ndarray, mask: np.ndarray, bins: np.ndarray) -> np.n
     values = np.sort(dose[mask])
     if values.size == 0:
         return np.zeros_like(bins)
-    return 100.0 * (values.size - np.searchsorted(values, bins, side="left")) / values.size
+    return np.asarray(100.0 * (values.size - np.searchsorted(values, bins, side="left")) / values.size)
 
 
 # --- the whole comparison ----------------------------------------------------------------

@@ -63,7 +63,8 @@ def _trilinear(values: np.ndarray, k: int, j: int, i: int, w: float, v: float, u
     c11 = c110 + (c111 - c110) * u
     c0 = c00 + (c01 - c00) * v
     c1 = c10 + (c11 - c10) * v
-    return c0 + (c1 - c0) * w
+    value: float = c0 + (c1 - c0) * w
+    return value
 
 
 @numba.njit(cache=True, inline="always")

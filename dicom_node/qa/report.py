@@ -1,7 +1,9 @@
 """The second-check report for a physicist: one self-contained HTML file and a PDF, verdict first.
 
 Pictures (dose and gamma maps on axial, sagittal and coronal CT planes through the isocenter, DVH of
-both doses, gamma histogram) are drawn once with matplotlib (Agg) and go into both documents: as
+both doses, gamma histogram) are drawn once with matplotlib's object API (Figure objects, no pyplot:
+no global backend or figure registry, so importing this module changes nothing and drawing is safe
+on the second-check thread) and go into both documents: as
 base64 PNG inside the HTML, as pages of the PDF (each drawn once; Pillow writes the PDF). The report
 is for the clinic and shows the patient ID and plan label; nothing here is logged.
 
@@ -21,19 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.patches
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.uid import EncapsulatedPDFStorage
 
-matplotlib.use("Agg")
-import matplotlib.patches  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from PIL import Image  # noqa: E402
-from pydicom.dataset import Dataset  # noqa: E402
-from pydicom.uid import EncapsulatedPDFStorage  # noqa: E402
-
-from cloud.engines.base import UNCOMMISSIONED  # noqa: E402
-from dicom_node.jobs.rtdose import new_instance  # noqa: E402
-from dicom_node.qa.compare import Comparison, Grid, cumulative_dvh, resample  # noqa: E402
+from cloud.engines.base import UNCOMMISSIONED
+from dicom_node.jobs.rtdose import new_instance
+from dicom_node.qa.compare import Comparison, Grid, cumulative_dvh, resample
 
 METRICS = ("mean", "D98", "D95", "D50", "D2")
 
@@ -44,7 +43,8 @@ def _rgb(color: tuple[int, int, int]) -> tuple[float, float, float]:
 
 def _slice(vol: np.ndarray, plane: str, idx: tuple[int, int, int]) -> np.ndarray:
     k, j, i = idx
-    return {"axial": vol[k], "coronal": vol[:, j, :], "sagittal": vol[:, :, i]}[plane]
+    views: dict[str, np.ndarray] = {"axial": vol[k], "coronal": vol[:, j, :], "sagittal": vol[:, :, i]}
+    return views[plane]
 
 
 def _extent(axes: tuple[np.ndarray, ...], plane: str) -> list[float]:
@@ -109,7 +109,8 @@ def gamma_maps_figure(cmp: Comparison, ct: np.ndarray | None, centre: tuple[int,
                       worst: tuple[tuple[int, int, int], str] | None, criterion: str) -> Figure:
     """Gamma on the three planes through the isocenter and, below, through the worst failing region."""
     rows = [("isocenter", centre)] + ([("worst failing region", worst[0])] if worst else [])
-    fig, axs = plt.subplots(len(rows), 3, figsize=(15, 5.2 * len(rows)), squeeze=False)
+    fig = Figure(figsize=(15, 5.2 * len(rows)))
+    axs = fig.subplots(len(rows), 3, squeeze=False)
     g = cmp.gammas[criterion]
     cap = float(cmp.numbers["method"]["max_gamma"])
     cmap = matplotlib.colormaps["RdYlGn_r"]
@@ -139,7 +140,8 @@ def gamma_maps_figure(cmp: Comparison, ct: np.ndarray | None, centre: tuple[int,
 
 def dose_maps_figure(cmp: Comparison, ct: np.ndarray | None, centre: tuple[int, int, int]) -> Figure:
     """The axial plane through the isocenter: MC dose, TPS dose, TPS - MC (% of the normalisation)."""
-    fig, axs = plt.subplots(1, 3, figsize=(16, 5))
+    fig = Figure(figsize=(16, 5))
+    axs = fig.subplots(1, 3)
     norm = cmp.normalisation_gy
     diff = np.where(cmp.region, 100.0 * (cmp.tps - cmp.mc) / norm, np.nan)
     plane = "axial"
@@ -165,11 +167,12 @@ def dose_maps_figure(cmp: Comparison, ct: np.ndarray | None, centre: tuple[int, 
 
 
 def difference_histogram(cmp: Comparison) -> Figure:
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
     pct = 100.0 * (cmp.tps - cmp.mc)[cmp.region] / cmp.normalisation_gy
     if pct.size:
         lim = max(6.0, min(float(np.percentile(np.abs(pct), 99.5)) * 1.1, 30.0))
-        ax.hist(np.clip(pct, -lim, lim), bins=np.linspace(-lim, lim, 121), color="#4a6fa5")
+        ax.hist(np.clip(pct, -lim, lim), bins=np.linspace(-lim, lim, 121).tolist(), color="#4a6fa5")
         med = float(np.median(pct))
         ax.axvline(med, color="#b00020", linewidth=1.5, label=f"median {med:+.2f} %")
     for v in (-3, -2, 2, 3):
@@ -183,7 +186,8 @@ def difference_histogram(cmp: Comparison) -> Figure:
 
 
 def dvh_figure(cmp: Comparison) -> Figure:
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig = Figure(figsize=(9, 5.5))
+    ax = fig.subplots()
     top = max(float(cmp.mc[cmp.region].max()) if cmp.region.any() else 0.0,
               float(cmp.tps[cmp.region].max()) if cmp.region.any() else 0.0, cmp.normalisation_gy) * 1.08
     bins = np.linspace(0, top, 400)
@@ -204,11 +208,12 @@ def dvh_figure(cmp: Comparison) -> Figure:
 
 
 def gamma_histogram(cmp: Comparison) -> Figure:
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
     for key, g in cmp.gammas.items():
         valid = g[np.isfinite(g)]
         top = max(2.0, float(valid.max()) if valid.size else 2.0)
-        ax.hist(valid, bins=np.linspace(0, top, 61), histtype="step", linewidth=1.5, label=key)
+        ax.hist(valid, bins=np.linspace(0, top, 61).tolist(), histtype="step", linewidth=1.5, label=key)
     ax.axvline(1.0, color="k", linestyle=":")
     ax.set_xlabel("gamma")
     ax.set_ylabel("voxels")
@@ -265,7 +270,7 @@ def _sample(vol: np.ndarray, axes: tuple[np.ndarray, ...], pts: np.ndarray, orde
         f = (pts[:, k] - a[0]) / step
         inside &= (f >= 0) & (f <= len(a) - 1)
         idx.append(f)
-    out = map_coordinates(vol.astype(np.float64), np.array(idx), order=order, mode="nearest")
+    out: np.ndarray = map_coordinates(vol.astype(np.float64), np.array(idx), order=order, mode="nearest")
     out[~inside] = np.nan
     return out
 
@@ -277,7 +282,8 @@ def depth_dose_figure(cmp: Comparison, beams: list[BeamAxis]) -> Figure | None:
     n = len(beams)
     cols = min(n, 2)
     rows = (n + cols - 1) // cols
-    fig, axs = plt.subplots(rows, cols, figsize=(7.5 * cols, 4.2 * rows), squeeze=False)
+    fig = Figure(figsize=(7.5 * cols, 4.2 * rows))
+    axs = fig.subplots(rows, cols, squeeze=False)
     span = float(max(a[-1] - a[0] for a in cmp.axes))
     t = np.arange(-span, span, 0.5)
     for b, beam in enumerate(beams):
@@ -482,8 +488,6 @@ def _write_report(out_dir: Path, cmp: Comparison, result: dict[str, Any], header
              ("Gamma histogram", gamma_histogram(cmp))]
     # each figure is drawn once, as PNG: into the HTML and, as pages, into the PDF
     pngs = [(title, _png(fig)) for title, fig in figs]
-    for _title, fig in figs:
-        plt.close(fig)
     images = [(title, base64.b64encode(png).decode("ascii")) for title, png in pngs]
     html_path = out_dir / "secondcheck.html"
     html_path.write_text(_html(result, header, images), encoding="utf-8")
@@ -497,7 +501,7 @@ def _write_report(out_dir: Path, cmp: Comparison, result: dict[str, Any], header
 
 def _first_page(result: dict[str, Any], header: dict[str, str]) -> bytes:
     """The PDF's first page (A4): the verdict in its colour, the reason, then the numbers."""
-    page = plt.figure(figsize=(8.27, 11.69))
+    page = Figure(figsize=(8.27, 11.69))
     colour = VERDICT_COLOURS.get(result["verdict"], "#444")
     lines = summary_lines(result, header)
     page.patches.append(matplotlib.patches.Rectangle((0.04, 0.935), 0.92, 0.05, transform=page.transFigure,
@@ -508,9 +512,7 @@ def _first_page(result: dict[str, Any], header: dict[str, str]) -> bytes:
     body = [textwrap.shorten(x, 150) if len(x) > 150 else x for x in lines[2:]]
     page.text(0.05, 0.92 - 0.015 * (why.count("\n") + 2), "\n".join(body), fontsize=6, family="monospace",
               va="top")
-    png = _png(page, dpi=150)
-    plt.close(page)
-    return png
+    return _png(page, dpi=150)
 
 
 def encapsulated_pdf(pdf: bytes, source: Dataset, title: str = "Dose second check") -> Dataset:

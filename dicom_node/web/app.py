@@ -114,10 +114,10 @@ class Site:
             name, password = creds
             ok = bool(name) and await run_in_threadpool(self.ctx.users.verify, name, password)
             return (name, "basic") if ok else (None, "bad-basic")
-        name = request.session.get("user")
-        if name and await run_in_threadpool(self.ctx.users.exists, name):
-            return name, "session"
-        if name:
+        session_user = request.session.get("user")
+        if session_user and await run_in_threadpool(self.ctx.users.exists, str(session_user)):
+            return str(session_user), "session"
+        if session_user:
             request.session.clear()  # the user was removed
         return None, "none"
 

@@ -20,7 +20,7 @@ from prometheus_client.core import CollectorRegistry, CounterMetricFamily, Gauge
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from dicom_node.intake.jobrecord import JobState
+from dicom_node.intake.jobrecord import JobData, JobState
 from dicom_node.intake.journal import Journal
 from dicom_node.net import uids
 
@@ -76,11 +76,10 @@ class NodeCollector(Collector):
         shard_failures = 0
         for state, data in self._rows("SELECT state, data FROM jobs"):
             by_state[str(state)] = by_state.get(str(state), 0) + 1
-            public = json.loads(str(data)).get("public", {})
-            if public.get("verdict") in verdicts:
-                verdicts[public["verdict"]] += 1
-            if isinstance(public.get("shard_failures"), int):
-                shard_failures += public["shard_failures"]
+            public = JobData.from_json(json.loads(str(data))).public
+            if public.verdict in verdicts:
+                verdicts[public.verdict] += 1
+            shard_failures += public.shard_failures or 0
         jobs = GaugeMetricFamily("mcnode_jobs", "Jobs in each state", labels=["state"])
         for state, n in by_state.items():
             jobs.add_metric([state], n)
@@ -108,9 +107,9 @@ class NodeCollector(Collector):
         ingest = CounterMetricFamily("mcnode_instances_received", "DICOM instances received and journaled, by kind",
                                      labels=["kind"])
         kinds: dict[str, int] = {}
-        for sop_class, n in self._rows("SELECT sop_class_uid, COUNT(*) FROM instances GROUP BY sop_class_uid"):
+        for sop_class, count in self._rows("SELECT sop_class_uid, COUNT(*) FROM instances GROUP BY sop_class_uid"):
             kind = uids.SHORT_NAMES.get(str(sop_class), "other")
-            kinds[kind] = kinds.get(kind, 0) + int(str(n))
+            kinds[kind] = kinds.get(kind, 0) + int(str(count))
         for kind, n in sorted(kinds.items()):
             ingest.add_metric([kind], n)
         yield ingest

@@ -12,16 +12,13 @@ import io
 import threading
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from pydicom import dcmread
 
-matplotlib.use("Agg")
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from pydicom import dcmread  # noqa: E402
-
-from dicom_node.qa.compare import ct_from_datasets, dose_from_rtdose, rasterise, resample, structures_from_rtstruct  # noqa: E402
-from dicom_node.qa.report import _extent, _rgb, _slice  # noqa: E402
+from dicom_node.qa.compare import ct_from_datasets, dose_from_rtdose, rasterise, resample, structures_from_rtstruct
+from dicom_node.qa.report import _extent, _rgb, _slice
 
 ISODOSE_PERCENT = (20, 50, 80, 95, 100)
 ISODOSE_COLOURS = ("#2b83ba", "#66c2a5", "#fdae61", "#f46d43", "#d7191c")
@@ -55,8 +52,8 @@ def dose_planes_png(ct_paths: list[str], dose_path: str, structure_set: str | No
         centre = (int(np.argmin(np.abs(z - iso[2]))), int(np.argmin(np.abs(y - iso[1]))),
                   int(np.argmin(np.abs(x - iso[0]))))
     else:
-        k, j, i = np.unravel_index(int(np.argmax(dose.values)), dose.values.shape)
-        centre = (int(k), int(j), int(i))
+        mk, mj, mi = np.unravel_index(int(np.argmax(dose.values)), dose.values.shape)
+        centre = (int(mk), int(mj), int(mi))
     masks = []
     if structure_set:
         for s in structures_from_rtstruct(dcmread(structure_set)):

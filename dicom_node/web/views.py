@@ -108,7 +108,7 @@ def _parse_day(text: str | None) -> datetime | None:
         return None
 
 
-def stage_timings(history: list[tuple[str, str | None, float]]) -> list[dict[str, Any]]:
+def stage_timings(history: list[tuple[JobState, str | None, float]]) -> list[dict[str, Any]]:
     """Seconds between consecutive transitions, named by what the node does in between."""
     out = []
     for (prev, _r, t0), (state, _r2, t1) in zip(history, history[1:], strict=False):
@@ -121,7 +121,7 @@ def _money(value: Any) -> str:
     return f"${float(value):.4f}" if isinstance(value, int | float) else ""
 
 
-def decorate(row: dict[str, Any], job: Job, ident: Identity, history: list[tuple[str, str | None, float]]
+def decorate(row: dict[str, Any], job: Job, ident: Identity, history: list[tuple[JobState, str | None, float]]
              ) -> dict[str, Any]:
     """A `list_jobs` row plus what the page shows about it."""
     sizing = row.get("sizing") or {}

@@ -254,4 +254,4 @@ def open_fraction(seg: Segment, xs: np.ndarray, ys: np.ndarray, step: float) -> 
                 continue
             leaf_open += overlap(travel, a, b)[:, None] * w[None, :]
         frac = frac * (leaf_open if seg.mlc_axis == "X" else leaf_open.T)
-    return frac
+    return np.asarray(frac)
