@@ -26,7 +26,7 @@ import sys
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import RTPlanStorage
+from pydicom.uid import RTIonPlanStorage, RTPlanStorage
 
 from cloud.engines import engine_names, get_engine
 from cloud.engines.base import ShardInputs
@@ -115,7 +115,7 @@ def test_ompmc_refuses_ion_plans_and_plans_without_beams() -> None:
     with pytest.raises(UnsupportedPlan, match="no treatment beam"):
         engine.check_plan(plan)
     ion = Dataset()
-    ion.SOPClassUID = "1.2.840.10008.5.1.4.1.1.481.8"
+    ion.SOPClassUID = RTIonPlanStorage
     ion.IonBeamSequence = []
     with pytest.raises(UnsupportedPlan, match="RT Ion Plan: the photon engine computes photon RT Plans only"):
         engine.prepare([ion], __import__("pathlib").Path("/nonexistent"))

@@ -24,8 +24,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -43,6 +41,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from anonymizer.keys import derive_key
 from anonymizer.vault import Vault
 from dicom_node.errors import JournalError
 from dicom_node.intake.jobrecord import JobState
@@ -78,8 +77,7 @@ class WebContext:
 
 def session_secret(site_key: bytes) -> str:
     """The cookie-signing key: derived from the site key, so logins survive a restart and nothing new is stored."""
-    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"mcnode web session v1").derive(site_key)
-    return key.hex()
+    return derive_key(site_key, b"mcnode web session v1").hex()
 
 
 def _basic(request: Request) -> tuple[str, str] | None:

@@ -25,7 +25,6 @@ from cloud.errors import UnsupportedPlan
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-RT_PLAN = "1.2.840.10008.5.1.4.1.1.481.5"
 _TOL = 1e-3
 
 
@@ -103,9 +102,11 @@ def _refuse_accessories(beam: Dataset, name: str) -> None:
 
 def check_photon_plan(plan: Dataset) -> None:
     """UnsupportedPlan with the reason for anything this engine does not model (headers only)."""
+    from pydicom.uid import RTPlanStorage  # here: a worker never loads pydicom
+
     if "IonBeamSequence" in plan:
         raise UnsupportedPlan("RT Ion Plan: the photon engine computes photon RT Plans only")
-    if str(plan.get("SOPClassUID", "")) != RT_PLAN or "BeamSequence" not in plan:
+    if str(plan.get("SOPClassUID", "")) != RTPlanStorage or "BeamSequence" not in plan:
         raise UnsupportedPlan(f"not an RT Plan with beams (SOP class {plan.get('SOPClassUID', 'missing')})")
     treatment = [b for b in plan.BeamSequence if str(b.get("TreatmentDeliveryType", "TREATMENT")) == "TREATMENT"]
     if not treatment:
