@@ -30,7 +30,6 @@ from cloud.errors import UnsupportedPlan
 if TYPE_CHECKING:  # pydicom costs ~0.5 s to import; a worker only needs it for type hints
     from pydicom.dataset import Dataset
 
-RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"
 _BODY_NAMES = re.compile(r"^(external|body|outline|skin|ext|patient|body[ _-]?contour)$", re.IGNORECASE)
 _TOL_MM = 1e-3
 
