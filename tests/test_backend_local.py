@@ -6,6 +6,7 @@ its deadline or be cancelled without running the engine; the loop under test is 
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,12 +18,25 @@ from cloud.errors import Cancelled, DispatchError
 from cloud.worker import ShardTask
 from tests.cloud_data import all_cmdlines
 
+# A worker that hangs: one process (exec), with the marker on its command line, so killing it leaves nothing.
+_HANG = f'exec {sys.executable} -c "import time; time.sleep(60)" {{marker}}'
+
 
 def _script(folder: Path, name: str, body: str) -> str:
     path = folder / name
     path.write_text(f"#!/bin/sh\n{body}\n")
     path.chmod(0o755)
     return str(path)
+
+
+def _gone(marker: str, within: float = 10.0) -> bool:
+    """No process with `marker` on its command line (the kernel may take a moment on a loaded machine)."""
+    deadline = time.monotonic() + within
+    while [c for c in all_cmdlines() if marker in c]:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _tasks(folder: Path, n: int) -> list[ShardTask]:
@@ -46,18 +60,18 @@ def test_failed_shard_is_retried_then_reported_with_its_last_reason(tmp_path, ca
 
 def test_shard_past_its_deadline_is_killed(tmp_path):
     marker = f"mcnode-local-deadline-{tmp_path.name}"
-    worker = _script(tmp_path, marker, "sleep 60")
+    worker = _script(tmp_path, "hang", _HANG.format(marker=marker))
     backend = LocalBackend(retries=0, deadline_s=0.5, python=worker)
     start = time.monotonic()
     with pytest.raises(DispatchError, match="passed its deadline of 0.5 s"):
         backend.run(_tasks(tmp_path, 1), b"k" * 32)
     assert time.monotonic() - start < 30
-    assert not [c for c in all_cmdlines() if marker in c]
+    assert _gone(marker)
 
 
 def test_cancel_stops_every_running_shard(tmp_path):
     marker = f"mcnode-local-cancel-{tmp_path.name}"
-    worker = _script(tmp_path, marker, "sleep 60")
+    worker = _script(tmp_path, "hang", _HANG.format(marker=marker))
     backend = LocalBackend(retries=0, python=worker, max_workers=3)
     errors: list[BaseException] = []
 
@@ -76,4 +90,4 @@ def test_cancel_stops_every_running_shard(tmp_path):
     backend.cancel()
     thread.join(30)
     assert not thread.is_alive() and len(errors) == 1 and isinstance(errors[0], Cancelled)
-    assert not [c for c in all_cmdlines() if marker in c]
+    assert _gone(marker)
