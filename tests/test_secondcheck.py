@@ -272,9 +272,10 @@ def test_per_beam_tps_doses_wait_for_every_beam_of_the_plan(tmp_path):
     """Beam doses (DoseSummationType BEAM) count once every beam of the plan has one; a later PLAN dose wins."""
     import dataclasses
 
+    from pydicom.uid import RTDoseStorage
+
     from dicom_node.intake.jobrecord import JobData
     from dicom_node.intake.journal import Instance, Journal
-    from dicom_node.net import uids
     from dicom_node.phantom import PhantomSpec, build_study
     from dicom_node.qa.secondcheck import SecondCheck, plan_beam_numbers
     from dicom_node.settings import Settings
@@ -288,7 +289,7 @@ def test_per_beam_tps_doses_wait_for_every_beam_of_the_plan(tmp_path):
 
     def record(uid: str, sop_class: str, path, at: float) -> None:
         journal.add_instance(Instance(uid, sop_class, "study", "series", None, "patient", str(path), "TPS", at),
-                             [] if sop_class != uids.RT_DOSE else [("plan", plan_uid)])
+                             [] if sop_class != RTDoseStorage else [("plan", plan_uid)])
 
     record(plan_uid, str(study.plan.SOPClassUID), plan_path, 1.0)
     job = journal.create_job(plan_uid, "TPS", JobData(plan=str(plan_path)))
@@ -296,7 +297,7 @@ def test_per_beam_tps_doses_wait_for_every_beam_of_the_plan(tmp_path):
 
     def dose(number: int | None, summation: str, at: float) -> str:
         ds = _rtdose(np.ones((3, 4, 5)), summation=summation)
-        ds.SOPClassUID = uids.RT_DOSE
+        ds.SOPClassUID = RTDoseStorage
         ds.SOPInstanceUID = f"1.2.3.{int(at * 10)}"
         ref = Dataset()
         ref.ReferencedSOPInstanceUID = plan_uid
@@ -308,7 +309,7 @@ def test_per_beam_tps_doses_wait_for_every_beam_of_the_plan(tmp_path):
         ds.ReferencedRTPlanSequence = [ref]
         path = tmp_path / f"RD{at}.dcm"
         ds.save_as(path, enforce_file_format=True)
-        record(ds.SOPInstanceUID, uids.RT_DOSE, path, at)
+        record(ds.SOPInstanceUID, RTDoseStorage, path, at)
         return ds.SOPInstanceUID
 
     job = journal.job(job.id)
