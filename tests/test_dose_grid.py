@@ -187,3 +187,13 @@ def test_next_wave_follows_one_over_sqrt_n():
     assert primaries_for_target(200_000, 4.0, 2.0, 200_000, shards=4) == 0
     # barely above the target: still at least 10 % more
     assert primaries_for_target(100_000, 2.01, 2.0, 10**8, shards=4, margin=1.0) == 10_000
+
+
+def test_ct_written_a_slice_at_a_time_in_mcsquare_order(tmp_path):
+    from cloud.engines.mcsquare.adapter import read_mhd, write_mhd
+
+    volume = (np.arange(3 * 4 * 5) - 30).astype(np.int16).reshape(3, 4, 5)
+    write_mhd(tmp_path / "ct.mhd", volume, (1.0, 2.0, 3.0))
+    raw = np.fromfile(tmp_path / "ct.raw", dtype="<i2").reshape(3, 4, 5)
+    np.testing.assert_array_equal(raw, volume[:, ::-1, ::-1])  # rows and columns reversed, z as is
+    np.testing.assert_array_equal(read_mhd(tmp_path / "ct.mhd"), volume)

@@ -157,10 +157,9 @@ def generic_beam_model_path() -> Path:
 
 def write_mhd(path: Path, volume_zyx: np.ndarray, spacing: tuple[float, float, float]) -> None:
     """Write a [z, y, x] volume as MHD + RAW in MCsquare's frame (rows and columns reversed)."""
-    data = np.ascontiguousarray(volume_zyx[:, ::-1, ::-1])
-    element = {np.dtype(np.int16): "MET_SHORT", np.dtype(np.float32): "MET_FLOAT"}[data.dtype]
+    element = {np.dtype(np.int16): "MET_SHORT", np.dtype(np.float32): "MET_FLOAT"}[volume_zyx.dtype]
     raw = path.with_suffix(".raw")
-    nz, ny, nx = data.shape
+    nz, ny, nx = volume_zyx.shape
     header = [
         "ObjectType = Image",
         "NDims = 3",
@@ -174,7 +173,10 @@ def write_mhd(path: Path, volume_zyx: np.ndarray, spacing: tuple[float, float, f
         f"ElementDataFile = {raw.name}",
     ]
     path.write_text("\n".join(header) + "\n")
-    data.astype(data.dtype.newbyteorder("<")).tofile(raw)
+    little = volume_zyx.dtype.newbyteorder("<")
+    with raw.open("wb") as fh:  # a slice at a time: no CT-sized copy of the volume
+        for k in range(nz):
+            np.ascontiguousarray(volume_zyx[k, ::-1, ::-1], dtype=little).tofile(fh)
 
 
 def read_mhd(path: Path) -> np.ndarray:

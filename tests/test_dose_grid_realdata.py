@@ -1,0 +1,69 @@
+"""dose_grid = "tps" on a real RayStation 12 export: the MC dose comes back on exactly RayStation's grid.
+
+The export (tests/data/realdata/raystation12_tr3/reference: plan "Cube101010", its structure set and
+RayStation's RT Dose on a 2 mm grid that reaches past the External contour) has no CT;
+tests/realdata.py rebuilds it from the External contour on 2 mm voxels with the CT slices the
+structure set references (5 mm apart). Machine TR3 is mapped to the generic model: absolute dose is
+not what is checked here, position is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+
+from dicom_node.jobs.compute import compute_folder
+from dicom_node.qa.compare import dose_from_rtdose
+from dicom_node.settings import EngineSettings
+from tests.realdata import PHANTOM_SCANNER, phantom_calibration, reference_folder
+
+pytestmark = pytest.mark.slow
+
+PRIMARIES = 40_000
+
+
+def _high_dose(rd) -> tuple[np.ndarray, np.ndarray]:
+    """Centroid (x, y, z mm) of the voxels at or above 50 % of the max, and that mask."""
+    g = dose_from_rtdose(rd)
+    d = g.values
+    mask = d >= 0.5 * d.max()
+    z, y, x = np.meshgrid(g.z, g.y, g.x, indexing="ij")
+    return np.array([x[mask].mean(), y[mask].mean(), z[mask].mean()]), mask
+
+
+def test_mc_dose_on_exactly_the_raystation_grid_with_its_high_dose_region_in_place(tmp_path):
+    folder = reference_folder("reference", tmp_path)
+    (tps_path,) = folder.glob("RD*.dcm")
+    tps = dcmread(tps_path)
+    density, material = phantom_calibration(tmp_path)
+    settings = dataclasses.replace(EngineSettings(), dose_grid="tps", threads=2, beam_models={"TR3": "generic"},
+                                   ct_calibrations={"/".join(PHANTOM_SCANNER): (density, material)})
+    result = compute_folder(folder, tmp_path / "out", primaries=PRIMARIES, shards=2, engine_settings=settings)
+    mc = dcmread(result.rt_dose_path)
+
+    # the same grid, value for value: a TPS can subtract the two doses voxel by voxel
+    assert (mc.Rows, mc.Columns, mc.NumberOfFrames) == (tps.Rows, tps.Columns, tps.NumberOfFrames)
+    assert [float(v) for v in mc.ImagePositionPatient] == [float(v) for v in tps.ImagePositionPatient]
+    assert [float(v) for v in mc.PixelSpacing] == [float(v) for v in tps.PixelSpacing]
+    tps_z = np.array([float(v) for v in tps.GridFrameOffsetVector])
+    assert np.allclose([float(v) for v in mc.GridFrameOffsetVector], tps_z - tps_z[0])
+    assert mc.FrameOfReferenceUID == tps.FrameOfReferenceUID
+    assert mc.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID == \
+        tps.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID
+
+    # RayStation's grid reaches into the air around the phantom, also where the beam enters (-y, gantry 0,
+    # the External's surface at y = -95.9 mm): no dose there
+    g = dose_from_rtdose(mc)
+    assert g.values[:, g.y < -96.0, :].max() == 0 and g.values[:, :, np.abs(g.x) > 111.5].max() == 0
+    assert g.values[:, (g.y > -95.0) & (g.y < -80.0), :].max() > 0
+
+    # the high-dose region (the 10 cm cube) where RayStation has it: centroid within 1.5 mm, overlap >= 85 %
+    c_mc, m_mc = _high_dose(mc)
+    c_tps, m_tps = _high_dose(tps)
+    assert np.all(np.abs(c_mc - c_tps) <= 1.5), (c_mc, c_tps)
+    dice = 2 * (m_mc & m_tps).sum() / (m_mc.sum() + m_tps.sum())
+    assert dice >= 0.85, dice
+    assert result.merged.summary["body_voxels"] is not None  # the External contour kept the dose in the body
