@@ -170,7 +170,8 @@ class EngineSettings:
     # true: MCsquare converts dose to medium into dose to water (post-processing), as Eclipse and
     # RayStation report it; the RT Dose says which.
     dose_to_water: bool = False
-    # Without an External/BODY contour in the structure set, voxels below this density are air (no dose).
+    # CT voxels below this density are air and score no dose (MCsquare's segmentation); the External/BODY
+    # contour, when the structure set has one, also zeroes every dose voxel outside it.
     body_density_g_cm3: float = field(default=0.05, metadata=_meta(_check_positive))
 
 

@@ -117,10 +117,11 @@ def test_no_dose_outside_the_body_contour_or_in_air_without_one(tmp_path):
     assert not mask[upstream_air].any()
     tally = ENGINE.run_shard(with_body, 20_000, seed=3, threads=THREADS)
     raw = tally.dose_per_primary
-    # the beam deposits dose in the air it crosses (per gram of air: a good part of the peak dose) ...
-    assert raw[upstream_air].max() > 0.05 * raw.max()
+    # MCsquare's density segmentation is always on: the air the beam crosses scores nothing (per gram of
+    # air it would be a good part of the peak dose, and it would inflate dose voxels on the skin) ...
+    assert raw[upstream_air].max() == 0 and raw[mask].max() > 0
     merged = merge([tally], with_body.protons_per_fraction, 1, expected_shards=1, body=mask)
-    # ... which the merged dose drops, leaving the dose inside the body as it was
+    # ... and the contour sets every dose voxel outside the body to 0, leaving the inside as it was
     assert merged.per_fraction_gy[~mask].max() == 0
     np.testing.assert_allclose(merged.per_fraction_gy[mask], raw[mask] * with_body.protons_per_fraction, rtol=1e-6)
     assert merged.summary["body_voxels"] == int(mask.sum())

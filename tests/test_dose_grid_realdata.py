@@ -4,7 +4,7 @@ The export (tests/data/realdata/raystation12_tr3/reference: plan "Cube101010", i
 RayStation's RT Dose on a 2 mm grid that reaches past the External contour) has no CT;
 tests/realdata.py rebuilds it from the External contour on 2 mm voxels with the CT slices the
 structure set references (5 mm apart). Machine TR3 is mapped to the generic model: absolute dose is
-not what is checked here, position is.
+not what is checked here, geometry is.
 """
 
 from __future__ import annotations
@@ -25,13 +25,21 @@ pytestmark = pytest.mark.slow
 PRIMARIES = 40_000
 
 
-def _high_dose(rd) -> tuple[np.ndarray, np.ndarray]:
-    """Centroid (x, y, z mm) of the voxels at or above 50 % of the max, and that mask."""
+def _landmarks(rd) -> tuple[float, float, float]:
+    """(distal 80 % depth along +y of the integrated depth dose, dose-weighted x and z centroids), mm.
+
+    Integrals over whole planes: robust against per-voxel noise at few primaries, and against the
+    generic beam model's spot sizes (not TR3's), which change the dose's shape but not where it is.
+    """
     g = dose_from_rtdose(rd)
     d = g.values
-    mask = d >= 0.5 * d.max()
-    z, y, x = np.meshgrid(g.z, g.y, g.x, indexing="ij")
-    return np.array([x[mask].mean(), y[mask].mean(), z[mask].mean()]), mask
+    idd = d.sum(axis=(0, 2))
+    peak = int(np.argmax(idd))
+    level = 0.8 * idd[peak]
+    i = next(i for i in range(peak, len(idd) - 1) if idd[i] >= level > idd[i + 1])
+    r80 = g.y[i] + (level - idd[i]) / (idd[i + 1] - idd[i]) * (g.y[i + 1] - g.y[i])
+    x_prof, z_prof = d.sum(axis=(0, 1)), d.sum(axis=(1, 2))
+    return float(r80), float((x_prof * g.x).sum() / x_prof.sum()), float((z_prof * g.z).sum() / z_prof.sum())
 
 
 def test_mc_dose_on_exactly_the_raystation_grid_with_its_high_dose_region_in_place(tmp_path):
@@ -60,10 +68,9 @@ def test_mc_dose_on_exactly_the_raystation_grid_with_its_high_dose_region_in_pla
     assert g.values[:, g.y < -96.0, :].max() == 0 and g.values[:, :, np.abs(g.x) > 111.5].max() == 0
     assert g.values[:, (g.y > -95.0) & (g.y < -80.0), :].max() > 0
 
-    # the high-dose region (the 10 cm cube) where RayStation has it: centroid within 1.5 mm, overlap >= 85 %
-    c_mc, m_mc = _high_dose(mc)
-    c_tps, m_tps = _high_dose(tps)
-    assert np.all(np.abs(c_mc - c_tps) <= 1.5), (c_mc, c_tps)
-    dice = 2 * (m_mc & m_tps).sum() / (m_mc.sum() + m_tps.sum())
-    assert dice >= 0.85, dice
+    # the dose where RayStation has it: distal edge within 3 mm, lateral centre within 1.5 mm
+    r80_mc, x_mc, z_mc = _landmarks(mc)
+    r80_tps, x_tps, z_tps = _landmarks(tps)
+    assert abs(r80_mc - r80_tps) <= 3.0, (r80_mc, r80_tps)
+    assert abs(x_mc - x_tps) <= 1.5 and abs(z_mc - z_tps) <= 1.5, ((x_mc, z_mc), (x_tps, z_tps))
     assert result.merged.summary["body_voxels"] is not None  # the External contour kept the dose in the body

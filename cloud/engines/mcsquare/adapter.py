@@ -399,13 +399,15 @@ class MCsquareEngine(Engine):
         write_mhd(work_dir / CT_FILE, volume, grid.spacing)
         del volume  # the CT is on disk now; keep the node's memory to the dose grid
         body = dosegrid.body_mask(datasets, dose_grid or grid, plan.frame_of_reference_uid)
-        extra_out: dict[str, object] = {}
+        # MCsquare's density segmentation always: air CT voxels score nothing, so a dose voxel on the
+        # skin that holds some air is not inflated by them (dose per gram of air); the contour, when
+        # there is one, then sets every dose voxel outside the body to 0.
+        extra_out: dict[str, object] = {"body_density_g_cm3": options.body_density_g_cm3}
         if body is not None:
             np.save(work_dir / BODY_MASK, body[0], allow_pickle=False)
             extra_out["body"] = f"structure {body[1]!r}"
         else:
             extra_out["body"] = f"density >= {options.body_density_g_cm3:g} g/cm3"
-            extra_out["body_density_g_cm3"] = options.body_density_g_cm3
         calibration = "built-in"
         density, material = _data_file("hu_density.txt"), _data_file("hu_material.txt")
         if ct_calibration is not None:
@@ -441,7 +443,7 @@ class MCsquareEngine(Engine):
         if inputs.dose_to_water:
             keys["Dose_to_Water_conversion"] = "PostProcessing"
         threshold = inputs.extra.get("body_density_g_cm3")
-        if threshold is not None:  # no External contour: MCsquare's density segmentation sets air to 0
+        if threshold is not None:  # MCsquare's density segmentation: no dose in air
             keys["Dose_Segmentation"] = "True"
             keys["Density_Threshold_for_Segmentation"] = f"{float(threshold):g}"
         return keys
