@@ -9,7 +9,8 @@ the voxel volume, and the RT Dose shrinks from hundreds of MB to a few. Three ch
 - the CT grid itself.
 
 The body: the structure set's External contour (RTROIInterpretedType EXTERNAL, else a ROI named
-like BODY/External/Outline/Skin) rasterised on the dose grid with ``matplotlib.path`` (voxel centre
+like BODY/External/Outline/Skin), on top of MCsquare's density segmentation (air CT voxels score
+nothing; the engine adapter turns it on), rasterised on the dose grid with ``matplotlib.path`` (voxel centre
 inside the polygon of the nearest contour plane, even-odd for holes). matplotlib is already a
 dependency (the report draws with it) and its point-in-polygon test is exact for the voxel centres;
 ``skimage.draw.polygon`` would do the same but would add scikit-image for one function.
