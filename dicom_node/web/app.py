@@ -45,7 +45,7 @@ from anonymizer.keys import derive_key
 from anonymizer.vault import Vault
 from dicom_node.errors import JournalError
 from dicom_node.intake.jobrecord import JobState
-from dicom_node.intake.journal import Journal
+from dicom_node.intake.journal import Job, Journal
 from dicom_node.settings import Settings, read_site_key
 from dicom_node.web import metrics, views
 from dicom_node.web.pictures import cached_dose_png
@@ -238,6 +238,13 @@ class Site:
         except JournalError:
             return None
 
+    def _journal_job(self, job_id: str) -> Job | None:
+        """The journal's record of a job (None when there is no such job): for files, not for the page."""
+        try:
+            return self.ctx.journal.job(job_id)
+        except JournalError:
+            return None
+
     async def job_page(self, request: Request, user: str) -> Response:
         job = await self._job(request)
         if job is None:
@@ -246,9 +253,8 @@ class Site:
 
     async def dose_png(self, request: Request, user: str) -> Response:
         job_id = request.path_params["job"]
-        try:
-            job = self.ctx.journal.job(job_id)
-        except JournalError:
+        job = self._journal_job(job_id)
+        if job is None:
             return PlainTextResponse("no such job\n", status_code=404)
         dose = job.data.rtdose
         if not dose or not Path(dose).is_file():
@@ -259,9 +265,8 @@ class Site:
 
     async def report_file(self, request: Request, user: str) -> Response:
         job_id, kind = request.path_params["job"], request.path_params["kind"]
-        try:
-            job = self.ctx.journal.job(job_id)
-        except JournalError:
+        job = self._journal_job(job_id)
+        if job is None:
             return PlainTextResponse("no such job\n", status_code=404)
         report = job.data.report
         path = None if report is None else (report.pdf if kind == "pdf" else report.html)
@@ -272,9 +277,8 @@ class Site:
 
     async def download_dose(self, request: Request, user: str) -> Response:
         job_id = request.path_params["job"]
-        try:
-            job = self.ctx.journal.job(job_id)
-        except JournalError:
+        job = self._journal_job(job_id)
+        if job is None:
             return PlainTextResponse("no such job\n", status_code=404)
         dose = job.data.rtdose
         if not dose or not Path(dose).is_file():
