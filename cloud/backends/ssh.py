@@ -39,6 +39,7 @@ LOGGER = logging.getLogger(__name__)
 
 POLL_S = 0.02  # how often Backend.run looks for ended shards (a look at futures: cheap)
 CHANNEL_WAIT_S = 0.25  # at most this late a shard thread sees a stop (deadline, cancel)
+EOF_WAIT_S = 5.0  # at most this long for a finished worker's last output after its exit status
 
 
 @dataclass(frozen=True)
@@ -348,8 +349,17 @@ class SshBackend(Backend):
                     raise paramiko.SSHException("connection lost")
                 chan.status_event.wait(CHANNEL_WAIT_S)  # set at once when the worker exits
             code = chan.recv_exit_status()
-            while chan.recv_stderr_ready():
-                err += chan.recv_stderr(65536)
+            # sshd may send the exit status before the last of the worker's output: read to EOF
+            # (bounded), or the reason a shard failed is lost ("no message").
+            drain_until = time.monotonic() + EOF_WAIT_S
+            while True:
+                while chan.recv_stderr_ready():
+                    err = (err + chan.recv_stderr(65536))[-8192:]
+                while chan.recv_ready():
+                    chan.recv(65536)
+                if (chan.eof_received and not chan.recv_stderr_ready()) or time.monotonic() > drain_until:
+                    break
+                time.sleep(0.01)
             if code != 0:
                 lines = err.decode(errors="replace").strip().splitlines()
                 picked = [ln for ln in lines if ln.startswith("worker:")] or lines
