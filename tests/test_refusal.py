@@ -60,6 +60,26 @@ def test_a_plan_the_engine_cannot_compute_is_rejected_on_arrival(kind, config_di
     wait_for(lambda: any(reason in r.getMessage() for r in caplog.records), timeout=5)  # and the log says why
 
 
+def test_a_plan_from_a_sender_without_a_destination_is_rejected_on_arrival(config_dir, node_factory, phantom_dir,
+                                                                          caplog):
+    """The dose of a plan from an AE title with no `[[destinations]]` entry could never go back: the
+    job is REJECTED when the plan arrives, not computed for minutes and then left MERGED."""
+    settings = settings_for(config_dir, destinations=[{"calling_ae_title": "TPS", "ae_title": "TPS",
+                                                       "host": "127.0.0.1", "port": 11113}])
+    node = node_factory(settings, compute=True)
+    start = time.monotonic()
+    assert storescu(node.port, sorted(phantom_dir.iterdir()), "TPS2").returncode == 0
+    job = wait_for(lambda: node.journal.jobs_in(REJECTED), timeout=10)[0]
+    assert "no [[destinations]] entry for calling AE title 'TPS2'" in job.reason
+    assert time.monotonic() - start < 10
+    assert [s for s, _r, _t in node.journal.history(job.id)] == [RECEIVING, REJECTED]
+    assert node.journal.instance(job.plan_uid) is not None  # what was received is kept
+    assert any("TPS2" in r.getMessage() and "REJECTED" in r.getMessage() for r in caplog.records)
+    # the same study from the TPS the node knows is accepted and assembled
+    assert storescu(node.port, sorted(phantom_dir.iterdir())).returncode == 0
+    wait_for(lambda: [j for j in node.journal.all_jobs() if j.calling_ae == "TPS" and j.state != REJECTED], timeout=10)
+
+
 def test_a_ct_with_a_gap_is_rejected_when_assembled(node_factory, make_study, tmp_path):
     node = node_factory()
     study = make_study()

@@ -112,6 +112,7 @@ class Assembler:
         if self.check is None:
             return False
         try:
+            self.check.sender(job.calling_ae)
             warnings = self.check.plan(plan.path)
         except UnsupportedPlan as exc:
             self._reject(job.id, str(exc))

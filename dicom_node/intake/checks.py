@@ -9,6 +9,8 @@ never an internal error.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -19,9 +21,19 @@ from dicom_node.settings import EngineSettings
 
 
 class InputCheck:
-    def __init__(self, engine: EngineSettings) -> None:
+    def __init__(self, engine: EngineSettings, returns_to: Callable[[str], object | None] | None = None) -> None:
+        """`returns_to(calling_ae)`: where a dose for that sender would go (None: nowhere); leave it
+        out when the node does not return doses (it only receives and assembles)."""
         self.settings = engine
         self.engine = get_engine(engine.name)
+        self.returns_to = returns_to
+
+    def sender(self, calling_ae: str | None) -> None:
+        """UnsupportedPlan if a dose for this sender could never be returned: no `[[destinations]]`
+        entry for its calling AE title. Refused on arrival, not after the whole computation."""
+        if self.returns_to is not None and self.returns_to(calling_ae or "") is None:
+            raise UnsupportedPlan(f"no [[destinations]] entry for calling AE title {calling_ae!r}: "
+                                  "the dose could not be returned to the sender")
 
     def plan(self, path: str) -> tuple[str, ...]:
         """The warnings a dose would carry; UnsupportedPlan with the reason if it can never be computed."""

@@ -36,7 +36,9 @@ class Node:
         self.journal = Journal.open(data_dir)
         self.spool = Spool(data_dir / "spool", fsync=settings.node.fsync)
         # Plans are checked against the engine (and its beam models) on arrival, CT when assembled.
-        self.assembler = Assembler(self.journal, settings.trigger, on_ready, check=InputCheck(settings.engine))
+        # With compute, a plan from a sender the dose cannot go back to is refused on arrival too.
+        check = InputCheck(settings.engine, returns_to=settings.destination_for if compute else None)
+        self.assembler = Assembler(self.journal, settings.trigger, on_ready, check=check)
         self.pipeline: Pipeline | None = None
         self.outbox: Outbox | None = None
         self.secondcheck: SecondCheck | None = None
