@@ -309,7 +309,8 @@ def _cmd_purge(args: argparse.Namespace) -> int:
     for item in items:
         print(f"{verb} {item.describe()}")
     total = sum(i.bytes for i in items) / 1e6
-    print(f"{len(items)} job(s) past {settings.retention.days:g} days after they ended; {verb} {total:.1f} MB")
+    jobs = sum(1 for i in items if not i.orphans)
+    print(f"{jobs} job(s) past {settings.retention.days:g} days after they ended; {verb} {total:.1f} MB")
     return EXIT_OK
 
 

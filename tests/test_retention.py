@@ -9,6 +9,7 @@ import time
 from dicom_node.cli import main
 from dicom_node.intake.jobrecord import JobState
 from dicom_node.jobs.retention import DAY_SECONDS, purge
+from dicom_node.phantom import write_study
 from tests.conftest import seal_a_job, storescu, wait_for
 
 
@@ -61,3 +62,29 @@ def test_purge_cli_dry_run_lists_and_removes_nothing(config_dir, node_factory, p
     assert main(["purge", "-c", str(config)]) == 0
     assert f"removed job {job.id}" in capsys.readouterr().out
     assert not (settings.node.data_dir / "jobs" / job.id).exists()
+
+
+def test_received_instances_no_job_uses_go_after_retention(config_dir, node_factory, phantom_dir, make_study, tmp_path):
+    """A CT series whose plan never came is removed after `days` too, but not while a plan of that
+    patient still waits for its CT, and never what a job uses."""
+    settings, node, pipeline, job = seal_a_job(config_dir, node_factory, phantom_dir, retention={"days": 30})
+    originals = [job.data.plan, job.data.structure_set, *job.data.ct]
+    lone, waiting = tmp_path / "lone", tmp_path / "waiting"
+    write_study(make_study(), lone)
+    write_study(make_study(), waiting)
+    lone_ct = sorted(lone.glob("CT_*.dcm"))
+    assert storescu(node.port, lone_ct).returncode == 0  # a CT series and nothing else
+    assert storescu(node.port, [waiting / "RP.dcm"]).returncode == 0  # a plan whose CT never comes
+    third = wait_for(lambda: node.journal.jobs_in(JobState.RECEIVING))[0]
+    before = node.journal.count_instances()
+    later = time.time() + 365 * DAY_SECONDS
+    assert purge(settings, node.journal, now=time.time() + 29 * DAY_SECONDS) == []  # not 30 days old yet
+    assert purge(settings, node.journal, now=later) == []  # that patient's plan still waits: kept
+    node.journal.transition(third.id, JobState.REJECTED, reason="ended for this test")
+    items = purge(settings, node.journal, now=later)
+    (orphans,) = [i for i in items if i.orphans]
+    assert len(orphans.files) == len(lone_ct) and "received file(s) no job uses" in orphans.describe()
+    assert not any(p.exists() for p in orphans.files)
+    assert all(os.path.exists(p) for p in originals)  # the SEALED job's originals stay
+    assert node.journal.count_instances() == before - len(lone_ct) - 1  # the CT series and the ended plan
+    assert node.journal.job(job.id).state == JobState.SEALED

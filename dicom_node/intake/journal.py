@@ -261,6 +261,10 @@ class Journal:
         rows = self._query(f"SELECT * FROM instances WHERE {clause}", tuple(where.values()))
         return [Instance(**dict(r)) for r in rows]
 
+    def instances_received_before(self, when: float) -> list[Instance]:
+        rows = self._query("SELECT * FROM instances WHERE received < ?", (when,))
+        return [Instance(**dict(r)) for r in rows]
+
     def refs(self, sop_instance_uid: str, kind: str) -> list[str]:
         rows = self._query("SELECT ref_uid FROM refs WHERE sop_instance_uid=? AND kind=?",
                            (sop_instance_uid, kind))

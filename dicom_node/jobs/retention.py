@@ -6,6 +6,9 @@ may be retried) is touched. For an ended job past retention this removes its rec
 second-check reports and its vault entry (overwritten, then unlinked). The job's journal rows stay,
 marked `purged`, so `mcnode jobs` keeps the history.
 
+Received instances that no job uses (a CT series whose plan never came, a TPS dose of a plan never
+received) are removed too once they are `retention.days` old: nothing else would ever remove them.
+
 `mcnode purge -c FILE [--dry-run]` runs it once; the serving node runs it every
 `retention.check_every_minutes`.
 """
@@ -43,8 +46,12 @@ class Purged:
     vault: bool = False
     instance_uids: list[str] = field(default_factory=list)
     bytes: int = 0
+    orphans: bool = False  # received instances no job uses, not a job
 
     def describe(self) -> str:
+        if self.orphans:
+            return (f"{len(self.files)} received file(s) no job uses, the newest received {self.ended}; "
+                    f"{self.bytes / 1e6:.1f} MB")
         return (f"job {self.job_id} ({self.state}, ended {self.ended}): {len(self.files)} received file(s), "
                 f"{len(self.folders)} folder(s){', vault entry' if self.vault else ''}; "
                 f"{self.bytes / 1e6:.1f} MB")
@@ -80,7 +87,9 @@ def plan_purge(settings: Settings, journal: Journal, now: float | None = None) -
     for job in expired:
         item = Purged(job.id, str(job.state), datetime.fromtimestamp(job.updated, UTC).strftime("%Y-%m-%d %H:%M"))
         files = _used_files(job)
-        if job.plan_uid not in kept_plans:  # the TPS's own doses of the plan (second check) go with it
+        if job.plan_uid not in kept_plans:  # the plan (also when refused before assembly) and the
+            plan = journal.instance(job.plan_uid)  # TPS's own doses of it (second check) go with it
+            files |= {plan.path} if plan is not None else set()
             files |= {d.path for d in journal.referencing(job.plan_uid, "plan") if d.sop_class_uid == RTDoseStorage}
         for path in sorted(files - kept_files):  # a file a kept job uses (a resent plan's CT) stays
             file = Path(path)
@@ -94,7 +103,34 @@ def plan_purge(settings: Settings, journal: Journal, now: float | None = None) -
                 item.bytes += _size(folder)
         item.vault = (vault_dir / f"{job.id}.vault").exists()
         out.append(item)
+    orphans = _orphans(journal, jobs, cutoff)
+    if orphans is not None:
+        out.append(orphans)
     return out
+
+
+def _orphans(journal: Journal, jobs: list[Job], cutoff: float) -> Purged | None:
+    """Instances received before `cutoff` that no job uses: not a job's plan, structure set or CT, not
+    a TPS dose of a job's plan, not of the patient of a job still being assembled (its CT may be
+    among them). Purged jobs' files are already gone."""
+    used: set[str] = set().union(*(_used_files(j) for j in jobs)) if jobs else set()
+    plans = {j.plan_uid for j in jobs}
+    waiting = {j.plan_uid for j in jobs if j.state not in FINAL_STATES and not j.data.ct}
+    patients = {p.patient_key for uid in waiting if (p := journal.instance(uid)) is not None}
+    lone = [i for i in journal.instances_received_before(cutoff)
+            if i.path not in used and i.sop_instance_uid not in plans and i.patient_key not in patients
+            and not (i.sop_class_uid == RTDoseStorage and set(journal.refs(i.sop_instance_uid, "plan")) & plans)]
+    if not lone:
+        return None
+    newest = max(i.received for i in lone)
+    item = Purged("-", "no job", datetime.fromtimestamp(newest, UTC).strftime("%Y-%m-%d %H:%M"), orphans=True)
+    for inst in lone:
+        file = Path(inst.path)
+        if file.exists():
+            item.files.append(file)
+            item.bytes += file.stat().st_size
+    item.instance_uids = [i.sop_instance_uid for i in lone]
+    return item
 
 
 def purge(settings: Settings, journal: Journal, *, dry_run: bool = False, now: float | None = None) -> list[Purged]:
@@ -112,7 +148,8 @@ def purge(settings: Settings, journal: Journal, *, dry_run: bool = False, now: f
         if item.vault:
             vault.destroy(item.job_id)
         journal.remove_instances(item.instance_uids)
-        journal.update_job_data(item.job_id, JobData(public=PublicData(purged=stamp)))
+        if not item.orphans:
+            journal.update_job_data(item.job_id, JobData(public=PublicData(purged=stamp)))
         LOGGER.info("retention: removed %s", item.describe())
     return items
 
