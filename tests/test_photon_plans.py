@@ -137,7 +137,7 @@ def _compute(tmp_path, study, plan, primaries):
     folder = tmp_path / "in"
     study = dataclasses.replace(study, plan=plan)
     write_study(study, folder)
-    settings = EngineSettings(beam_models=dict(GENERIC))
+    settings = EngineSettings(beam_models=dict(GENERIC), dose_grid_mm=5.0)  # the CT's 5 mm voxels
     result = compute_folder(folder, tmp_path / "out", primaries=primaries, shards=2, engine_settings=settings)
     rd = dcmread(result.rt_dose_path)
     dose = rd.pixel_array.astype(np.float64) * float(rd.DoseGridScaling)
@@ -180,14 +180,16 @@ def test_reference_field_gives_the_model_output_per_mu(tmp_path, study):
 @pytest.mark.slow
 def test_photon_plan_through_the_node_returns_a_marked_rt_dose(config_dir, node_factory, storescp, tmp_path, study):
     """storescu sends CT + structure set + a photon RT Plan; the RT Dose (ompmc shards on the local
-    backend, merged, re-identified) comes back to storescp linked to the plan, marked UNCOMMISSIONED."""
+    backend in waves until the target uncertainty, merged, re-identified, on the 10 mm dose grid) comes
+    back to storescp linked to the plan, marked UNCOMMISSIONED."""
     from dicom_node.intake.jobrecord import JobState
     from tests.conftest import SMALL, settings_for, storescu, wait_for
 
     tps_port, tps_dir = storescp(aet="TPS")
     settings = settings_for(
-        config_dir, engine={"primaries": 6000, "beam_models": {SMALL.machine_name: "generic", MACHINE: "generic"}},
-        cloud={"shards": 2}, outbox={"retry_initial_seconds": 0.5, "retry_max_seconds": 2},
+        config_dir, engine={"primaries": 4000, "beam_models": {SMALL.machine_name: "generic", MACHINE: "generic"},
+                            "dose_grid_mm": 10.0, "target_uncertainty_percent": 10.0, "max_primaries": 80_000},
+        cloud={"shards": 2}, secondcheck={"enabled": False}, outbox={"retry_initial_seconds": 0.5, "retry_max_seconds": 2},
         destinations=[{"calling_ae_title": "TPS", "ae_title": "TPS", "host": "127.0.0.1", "port": tps_port}])
     node = node_factory(settings, compute=True)
     plan = photon_plan(study, gantry=90.0, segments=((100.0, (-50, 50), (-50, 50), None),))
@@ -202,3 +204,9 @@ def test_photon_plan_through_the_node_returns_a_marked_rt_dose(config_dir, node_
     assert "UNCOMMISSIONED" in rd.DoseComment
     assert rd.pixel_array.max() > 0
     assert job.data.public.beam_model == "generic"
+    assert [float(v) for v in rd.PixelSpacing] == [10.0, 10.0]
+    public = job.data.public
+    estimates = [w["uncertainty_percent"] for w in public.waves or []]
+    assert len(estimates) >= 2 and estimates[0] > 10.0 >= estimates[-1], estimates
+    assert public.uncertainty_target_met is True and public.dose_grid is not None
+    assert public.dose_grid["body"] == "structure 'BODY'"

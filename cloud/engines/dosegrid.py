@@ -8,6 +8,12 @@ the voxel volume, and the RT Dose shrinks from hundreds of MB to a few. Three ch
 - ``grid_from_rtdose(ds)``: exactly the grid of an RT Dose the TPS sent for the plan;
 - the CT grid itself.
 
+``choose_grid`` picks one of them for an engine's ``DoseOptions``. An engine that cannot score
+apart from its transport grid (ompMC) transports on ``covering_grid`` (the dose grid's lattice
+extended over the whole CT, so nothing outside the dose grid is missing from the transport) with the
+CT averaged onto it (``average_onto``, per-axis overlap weights: the voxel's mean over its volume, as
+EGSnrc's ctcreate resamples a CT to the dose voxels), then keeps the dose grid's part of its dose.
+
 The body: the structure set's External contour (RTROIInterpretedType EXTERNAL, else a ROI named
 like BODY/External/Outline/Skin), on top of MCsquare's density segmentation (air CT voxels score
 nothing; the engine adapter turns it on), rasterised on the dose grid with ``matplotlib.path`` (voxel centre
@@ -20,12 +26,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cloud.engines.base import Grid
+from cloud.engines.base import BODY_MASK, DoseOptions, Grid
 from cloud.errors import UnsupportedPlan
 
 if TYPE_CHECKING:  # pydicom costs ~0.5 s to import; a worker only needs it for type hints
@@ -49,6 +56,72 @@ def uniform_grid(ct: Grid, spacing_mm: float) -> Grid:
         origin.append(round(centre - (n - 1) * spacing_mm / 2.0, 6))
     return Grid(shape=(shape_xyz[2], shape_xyz[1], shape_xyz[0]), origin=(origin[0], origin[1], origin[2]),
                 spacing=(spacing_mm, spacing_mm, spacing_mm))
+
+
+def choose_grid(ct: Grid, options: DoseOptions) -> Grid | None:
+    """The scoring grid for these options; None when it is the CT grid. UnsupportedPlan if the asked
+    grid reaches outside the CT."""
+    if options.grid is not None:
+        check_inside(options.grid, ct)
+        return None if same_grid(options.grid, ct) else options.grid
+    if options.grid_mm <= 0:
+        return None
+    return uniform_grid(ct, options.grid_mm)
+
+
+def covering_grid(dose: Grid, ct: Grid) -> tuple[Grid, tuple[int, int, int]]:
+    """The dose grid's lattice extended (whole voxels) until it covers the CT, and where the dose
+    grid starts in it ([z, y, x] index offsets). The dose grid lies inside the CT (check_inside)."""
+    shape_xyz, origin, offset_xyz = [], [], []
+    for i in range(3):
+        s = dose.spacing[i]
+        lo_ct = ct.origin[i] - ct.spacing[i] / 2.0
+        hi_ct = ct.origin[i] + (ct.shape[2 - i] - 0.5) * ct.spacing[i]
+        lo = dose.origin[i] - s / 2.0
+        hi = dose.origin[i] + (dose.shape[2 - i] - 0.5) * s
+        below = max(0, int(math.ceil((lo - lo_ct) / s - 1e-6)))
+        above = max(0, int(math.ceil((hi_ct - hi) / s - 1e-6)))
+        shape_xyz.append(dose.shape[2 - i] + below + above)
+        origin.append(dose.origin[i] - below * s)
+        offset_xyz.append(below)
+    grid = Grid(shape=(shape_xyz[2], shape_xyz[1], shape_xyz[0]), origin=(origin[0], origin[1], origin[2]),
+                spacing=dose.spacing)
+    return grid, (offset_xyz[2], offset_xyz[1], offset_xyz[0])
+
+
+def _edges(grid: Grid, i: int) -> np.ndarray:
+    return grid.origin[i] - grid.spacing[i] / 2.0 + grid.spacing[i] * np.arange(grid.shape[2 - i] + 1)
+
+
+def _overlap(dst: np.ndarray, src: np.ndarray) -> np.ndarray:
+    """[i, j]: the fraction of destination interval i (edges ``dst``) covered by source interval j."""
+    width = np.diff(dst)[:, None]
+    cover = np.minimum(dst[1:, None], src[None, 1:]) - np.maximum(dst[:-1, None], src[None, :-1])
+    return np.asarray(np.clip(cover, 0.0, None) / width)
+
+
+def average_onto(volume: np.ndarray, src: Grid, dst: Grid, *, outside: float = 0.0,
+                 transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """The mean of ``transform(volume)`` (on ``src``) over each voxel of ``dst``, [z, y, x] float64.
+
+    The part of a ``dst`` voxel outside ``src`` counts as ``outside``. A slice of the volume at a time
+    (the transform too), so a CT is never copied whole.
+    """
+    wz, wy, wx = _overlap(_edges(dst, 2), _edges(src, 2)), _overlap(_edges(dst, 1), _edges(src, 1)), \
+        _overlap(_edges(dst, 0), _edges(src, 0))
+    out = np.zeros(dst.shape, dtype=np.float64)
+    for k in range(src.shape[0]):
+        rows = np.nonzero(wz[:, k])[0]
+        if rows.size == 0:
+            continue
+        plane = np.asarray(volume[k], dtype=np.float64)
+        if transform is not None:
+            plane = transform(plane)
+        reduced = wy @ plane @ wx.T
+        out[rows] += wz[rows, k][:, None, None] * reduced[None]
+    covered = wz.sum(axis=1)[:, None, None] * wy.sum(axis=1)[None, :, None] * wx.sum(axis=1)[None, None, :]
+    out += outside * (1.0 - np.clip(covered, 0.0, 1.0))
+    return out
 
 
 def grid_from_rtdose(ds: Dataset) -> Grid:
@@ -170,6 +243,20 @@ def body_mask(datasets: Sequence[Dataset], grid: Grid, frame_of_reference_uid: s
         if mask.any():
             return mask, name
     return None
+
+
+def write_body(datasets: Sequence[Dataset], grid: Grid, frame_of_reference_uid: str, work_dir: Path,
+               options: DoseOptions) -> dict[str, object]:
+    """Rasterise the External contour on the scoring grid into ``work_dir/BODY_MASK`` (when there is
+    one); the ShardInputs.extra entries that say which body the dose is kept inside."""
+    extra: dict[str, object] = {"body_density_g_cm3": options.body_density_g_cm3}
+    body = body_mask(datasets, grid, frame_of_reference_uid)
+    if body is not None:
+        np.save(work_dir / BODY_MASK, body[0], allow_pickle=False)
+        extra["body"] = f"structure {body[1]!r}"
+    else:
+        extra["body"] = f"density >= {options.body_density_g_cm3:g} g/cm3"
+    return extra
 
 
 def _structure_set_for(ds: Dataset) -> str:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cloud.engines import dosegrid
-from cloud.engines.base import BODY_MASK, GENERIC_MODEL, UNCOMMISSIONED, DoseOptions, Engine, Grid, ShardInputs, Tally
+from cloud.engines.base import GENERIC_MODEL, UNCOMMISSIONED, DoseOptions, Engine, Grid, ShardInputs, Tally
 from cloud.engines.ct import ct_grid, ct_slices, ct_volume
 from cloud.engines.mcsquare.bdl import BeamModel, read_bdl
 from cloud.engines.mcsquare.ionplan import IonPlan, read_ion_plan
@@ -387,7 +387,7 @@ class MCsquareEngine(Engine):
         model, commissioned = beam_model_for(plan, beam_models)
         slices = ct_slices(datasets, plan.frame_of_reference_uid)
         options = dose or DoseOptions()
-        dose_grid = self._dose_grid(ct_grid(slices), options)  # refused before anything is written
+        dose_grid = dosegrid.choose_grid(ct_grid(slices), options)  # refused before anything is written
         volume, grid = ct_volume(slices)
         work_dir.mkdir(parents=True, exist_ok=True)
         warnings: list[str] = []
@@ -398,16 +398,10 @@ class MCsquareEngine(Engine):
                       for beam in plan.beams for layer in beam.layers)
         write_mhd(work_dir / CT_FILE, volume, grid.spacing)
         del volume  # the CT is on disk now; keep the node's memory to the dose grid
-        body = dosegrid.body_mask(datasets, dose_grid or grid, plan.frame_of_reference_uid)
         # MCsquare's density segmentation always: air CT voxels score nothing, so a dose voxel on the
         # skin that holds some air is not inflated by them (dose per gram of air); the contour, when
         # there is one, then sets every dose voxel outside the body to 0.
-        extra_out: dict[str, object] = {"body_density_g_cm3": options.body_density_g_cm3}
-        if body is not None:
-            np.save(work_dir / BODY_MASK, body[0], allow_pickle=False)
-            extra_out["body"] = f"structure {body[1]!r}"
-        else:
-            extra_out["body"] = f"density >= {options.body_density_g_cm3:g} g/cm3"
+        extra_out = dosegrid.write_body(datasets, dose_grid or grid, plan.frame_of_reference_uid, work_dir, options)
         calibration = "built-in"
         density, material = _data_file("hu_density.txt"), _data_file("hu_material.txt")
         if ct_calibration is not None:
@@ -426,16 +420,6 @@ class MCsquareEngine(Engine):
                              dose_grid=dose_grid, dose_to_water=options.dose_to_water)
         inputs.save()
         return inputs
-
-    @staticmethod
-    def _dose_grid(ct: Grid, options: DoseOptions) -> Grid | None:
-        """The scoring grid for these options; None when it is the CT grid."""
-        if options.grid is not None:
-            dosegrid.check_inside(options.grid, ct)
-            return None if dosegrid.same_grid(options.grid, ct) else options.grid
-        if options.grid_mm <= 0:
-            return None
-        return dosegrid.uniform_grid(ct, options.grid_mm)
 
     @staticmethod
     def _config_keys(inputs: ShardInputs) -> dict[str, object]:

@@ -6,7 +6,9 @@ Two kinds of input, both run as shards of a job like any other (``inputs.json`` 
 - A photon RT Plan on its CT (``photonplan`` reads it and refuses what is not modelled, naming the
   element; ``photon`` holds the beam model, HU calibration, IEC geometry and beamlets). The
   treatment machine must be mapped in ``[engine] beam_models`` to a photon model file or to
-  "generic" (uncommissioned: the dose says so). Electron plans are refused.
+  "generic" (uncommissioned: the dose says so). Electron plans are refused. The dose is scored on
+  the dose grid of ``DoseOptions`` (``dosegrid.choose_grid``, as for protons), 0 below the body's
+  density threshold, with the structure set's External contour written as the body mask.
 - A *water phantom beam*: one square field at a source-to-surface distance onto a water phantom,
   scored on the central axis: what ``mcnode depth-dose`` runs. ``prepare_water_phantom`` writes
   only the beam and the geometry (cross sections and spectra ship inside the ``ompmc`` wheel).
@@ -214,9 +216,15 @@ class OmpmcEngine(Engine):
     def prepare(self, datasets: list[Dataset], work_dir: Path, *,
                 beam_models: Mapping[str, Path | str] | None = None,
                 ct_calibration: tuple[str, Path, Path] | None = None, dose: DoseOptions | None = None) -> ShardInputs:
-        # ``dose`` is accepted for the one Engine interface; photon doses are scored on the CT grid.
-        from cloud.engines.ct import ct_slices, ct_volume
-        from cloud.engines.ompmc.photon import BEAMLETS_FILE, GEOMETRY_FILE, write_beamlets, write_geometry
+        from cloud.engines import dosegrid
+        from cloud.engines.ct import ct_grid, ct_slices, ct_volume
+        from cloud.engines.ompmc.photon import (
+            BEAMLETS_FILE,
+            GEOMETRY_FILE,
+            transport_density,
+            write_beamlets,
+            write_geometry,
+        )
         from cloud.engines.ompmc.photonplan import read_photon_plan
 
         plans = [ds for ds in datasets if "BeamSequence" in ds or "IonBeamSequence" in ds]
@@ -224,19 +232,34 @@ class OmpmcEngine(Engine):
             raise UnsupportedPlan(f"expected one RT Plan among the inputs, found {len(plans)}")
         plan = read_photon_plan(plans[0])
         model, energy, commissioned = photon_models_for(plan, beam_models)
-        volume, grid = ct_volume(ct_slices(datasets, plan.frame_of_reference_uid))
+        options = dose or DoseOptions()
+        slices = ct_slices(datasets, plan.frame_of_reference_uid)
+        dose_grid = dosegrid.choose_grid(ct_grid(slices), options)  # refused before anything is written
+        volume, grid = ct_volume(slices)
+        # ompMC scores on its transport grid: with a dose grid, transport on that grid's lattice over the
+        # whole CT (the CT averaged onto it) and keep the dose grid's part
+        transport, offset = (grid, (0, 0, 0)) if dose_grid is None else dosegrid.covering_grid(dose_grid, grid)
         work_dir.mkdir(parents=True, exist_ok=True)
-        write_geometry(volume, grid, work_dir / GEOMETRY_FILE)
+        write_geometry(transport_density(volume, grid, None if dose_grid is None else transport), transport,
+                       work_dir / GEOMETRY_FILE)
+        del volume  # the geometry is on disk now
+        extra_out = dosegrid.write_body(datasets, dose_grid or grid, plan.frame_of_reference_uid, work_dir, options)
         total_weight = write_beamlets(plan, model.beamlet_mm, work_dir / BEAMLETS_FILE)
         assert energy.engine_dose_ref is not None
         gy_per_unit = total_weight * energy.gy_per_mu_ref / energy.engine_dose_ref
-        warnings = () if commissioned else (_photon_warning(plan.machines[0]),)
+        warnings = [] if commissioned else [_photon_warning(plan.machines[0])]
+        if options.dose_to_water:
+            warnings.append("dose to medium: the photon engine has no dose-to-water conversion "
+                            "([engine] dose_to_water applies to protons)")
         inputs = ShardInputs(root=work_dir, engine=NAME, grid=grid, protons_per_fraction=gy_per_unit,
                              fractions=plan.fractions, plan_uid=plan.sop_instance_uid,
                              frame_of_reference_uid=plan.frame_of_reference_uid, machines=plan.machines,
-                             warnings=warnings, commissioned=commissioned, ct_calibration="photon built-in",
+                             warnings=tuple(warnings), commissioned=commissioned, ct_calibration="photon built-in",
                              extra={"kind": KIND_PHOTON_PLAN, "spectrum": energy.spectrum, "beam_model": model.name,
-                                    "beams": len(plan.beams), "total_mu": sum(b.mu for b in plan.beams)})
+                                    "beams": len(plan.beams), "total_mu": sum(b.mu for b in plan.beams),
+                                    "transport_grid": transport.to_json(), "dose_offset": list(offset),
+                                    **extra_out},
+                             dose_grid=dose_grid)
         inputs.save()
         return inputs
 
@@ -252,14 +275,7 @@ class OmpmcEngine(Engine):
             os.environ["OMP_NUM_THREADS"] = str(threads)
         t0 = time.perf_counter()
         if kind == KIND_PHOTON_PLAN:
-            from cloud.engines.ompmc.photon import run_forward
-
-            dose = run_forward(_ompmc(), inputs.root, str(inputs.extra["spectrum"]), primaries, seed, SECOND_SEED,
-                               BATCHES)
-            if dose.shape != inputs.grid.shape:
-                raise EngineError(f"ompmc dose grid {dose.shape} differs from the CT grid {inputs.grid.shape}")
-            return Tally(dose_per_primary=dose.astype(np.float32), primaries=primaries, seed=seed,
-                         wall_s=time.perf_counter() - t0, engine=NAME)
+            return self._run_photon_plan(inputs, primaries, seed, t0)
         beam = WaterPhantomBeam(**inputs.extra["beam"])
         axis, rel = run_water_phantom(beam, primaries, seed)
         if axis.shape != (inputs.grid.shape[0],):
@@ -267,3 +283,28 @@ class OmpmcEngine(Engine):
         return Tally(dose_per_primary=axis.reshape(inputs.grid.shape).astype(np.float64), primaries=primaries,
                      seed=seed, wall_s=time.perf_counter() - t0, engine=NAME,
                      extra={"ompmc_relative_uncertainty_at_max": rel})
+
+    @staticmethod
+    def _run_photon_plan(inputs: ShardInputs, primaries: int, seed: int, t0: float) -> Tally:
+        """The plan's dose on the scoring grid: the transport grid's dose, cut to the dose grid, 0 where
+        the density is below the body threshold (no dose in air, as MCsquare's segmentation)."""
+        from cloud.engines.ompmc.photon import GEOMETRY_FILE, geometry_density, run_forward
+
+        transport = Grid.from_json(inputs.extra.get("transport_grid") or inputs.grid.to_json())
+        dose = run_forward(_ompmc(), inputs.root, str(inputs.extra["spectrum"]), primaries, seed, SECOND_SEED,
+                           BATCHES)
+        if dose.shape != transport.shape:
+            raise EngineError(f"ompmc dose grid {dose.shape} differs from the transport grid {transport.shape}")
+        density = geometry_density(inputs.root / GEOMETRY_FILE)
+        oz, oy, ox = (int(v) for v in inputs.extra.get("dose_offset", (0, 0, 0)))
+        nz, ny, nx = inputs.scoring_grid.shape
+        cut = (slice(oz, oz + nz), slice(oy, oy + ny), slice(ox, ox + nx))
+        dose, density = dose[cut], density[cut]
+        if dose.shape != inputs.scoring_grid.shape:
+            raise EngineError(f"{inputs.root}: the dose grid {inputs.scoring_grid.shape} does not fit in the "
+                              f"transport grid {transport.shape} at {oz, oy, ox}")
+        threshold = inputs.extra.get("body_density_g_cm3")
+        if threshold is not None:
+            dose = np.where(density >= float(threshold), dose, 0.0)
+        return Tally(dose_per_primary=dose.astype(np.float32), primaries=primaries, seed=seed,
+                     wall_s=time.perf_counter() - t0, engine=NAME)

@@ -1,8 +1,10 @@
 """Photon RT Plans on the CT with ompMC: beam model, HU calibration, beam geometry and beamlets.
 
 Frames. ompMC's phantom frame here *is* the DICOM patient frame (HFS), in cm: the geometry's x, y, z
-bounds are the CT voxel edges, the density and medium cubes are the CT volume transposed to
-[x, y, z] (Fortran order). IEC 61217 for a head-first-supine patient: fixed X = patient left (+x),
+bounds are the voxel edges of the transport grid -- the CT's own, or the dose grid's lattice over the
+whole CT with the CT's density averaged onto it (``transport_density``; ompMC scores on the grid it
+transports on) -- and the density and medium cubes are transposed to [x, y, z] (Fortran order).
+IEC 61217 for a head-first-supine patient: fixed X = patient left (+x),
 Y = towards the gantry (superior, +z), Z = up (anterior, -y). Gantry angle g rotates right-handed
 about Y, so the source sits at iso + SAD (sin g, -cos g, 0) (gantry 0 anterior, 90 on the
 patient's left) and the beam's X axis is (cos g, sin g, 0), its Y axis +z. The collimator angle c
@@ -24,6 +26,7 @@ give absolute dose and is refused.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -33,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from cloud.engines import dosegrid
 from cloud.engines.base import GENERIC_MODEL, Grid
 from cloud.engines.ompmc.photonplan import PhotonBeam, PhotonPlan, open_fraction
 from cloud.errors import EngineError, UnsupportedPlan
@@ -102,9 +106,16 @@ def read_photon_model(source: Path | str) -> PhotonBeamModel:
 # --- the CT ---------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _hu_table() -> np.ndarray:
+    table: np.ndarray = np.loadtxt(_data("hu_photon.txt"), comments="#")
+    return table
+
+
 def hu_to_density(hu: np.ndarray) -> np.ndarray:
-    table = np.loadtxt(_data("hu_photon.txt"), comments="#")
-    return np.interp(hu.astype(np.float64), table[:, 0], table[:, 1])
+    table = _hu_table()
+    density: np.ndarray = np.interp(hu.astype(np.float64), table[:, 0], table[:, 1])
+    return density
 
 
 def density_to_medium(density: np.ndarray) -> np.ndarray:
@@ -112,12 +123,28 @@ def density_to_medium(density: np.ndarray) -> np.ndarray:
     return (np.searchsorted(np.array(MEDIUM_DENSITY_LIMITS), density, side="right") + 1).astype(np.int32)
 
 
-def write_geometry(volume_hu: np.ndarray, grid: Grid, path: Path) -> None:
-    density = hu_to_density(volume_hu)
+def transport_density(volume_hu: np.ndarray, ct: Grid, transport: Grid | None) -> np.ndarray:
+    """Mass density (g/cm3) on the transport grid: the CT's own voxels (``transport`` None), or each
+    transport voxel's mean over the CT voxels it overlaps (air where it reaches beyond the CT)."""
+    if transport is None:
+        return hu_to_density(volume_hu)
+    air = float(hu_to_density(np.array([-1000.0]))[0])
+    return dosegrid.average_onto(volume_hu, ct, transport, outside=air, transform=hu_to_density)
+
+
+def write_geometry(density: np.ndarray, grid: Grid, path: Path) -> None:
+    """The transport geometry: voxel edges (cm), density and medium (by density) on ``grid``."""
     edges = [(grid.origin[i] - grid.spacing[i] / 2 + grid.spacing[i] * np.arange(grid.shape[2 - i] + 1)) / 10.0
              for i in range(3)]
     np.savez_compressed(path, x=edges[0], y=edges[1], z=edges[2], density=density.astype(np.float32),
                         medium=density_to_medium(density).astype(np.int8))
+
+
+def geometry_density(path: Path) -> np.ndarray:
+    """The density cube of a written geometry, [z, y, x]."""
+    with np.load(path) as g:
+        density: np.ndarray = g["density"]
+        return density
 
 
 def load_geometry(ompmc: Any, path: Path) -> Any:
