@@ -189,7 +189,8 @@ def test_photon_plan_through_the_node_returns_a_marked_rt_dose(config_dir, node_
     settings = settings_for(
         config_dir, engine={"primaries": 4000, "beam_models": {SMALL.machine_name: "generic", MACHINE: "generic"},
                             "dose_grid_mm": 10.0, "target_uncertainty_percent": 10.0, "max_primaries": 80_000},
-        cloud={"shards": 2}, secondcheck={"enabled": False}, outbox={"retry_initial_seconds": 0.5, "retry_max_seconds": 2},
+        cloud={"shards": 2}, secondcheck={"enabled": False},
+        outbox={"retry_initial_seconds": 0.5, "retry_max_seconds": 2},
         destinations=[{"calling_ae_title": "TPS", "ae_title": "TPS", "host": "127.0.0.1", "port": tps_port}])
     node = node_factory(settings, compute=True)
     plan = photon_plan(study, gantry=90.0, segments=((100.0, (-50, 50), (-50, 50), None),))
