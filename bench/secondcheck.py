@@ -86,7 +86,7 @@ def pymedphys_rates(cmp, tps_ds, criteria, max_gamma):
     out = {}
     for dose_pct, dist in criteria:
         start = time.perf_counter()
-        g = pymedphys.gamma(cmp.axes, ref, tps.axes, tps.values, dose_pct, dist, lower_percent_dose_cutoff=0.0,
+        g = pymedphys.gamma(cmp.axes, ref, tps.grid.axes, tps.values, dose_pct, dist, lower_percent_dose_cutoff=0.0,
                             interp_fraction=10, max_gamma=max_gamma, local_gamma=False,
                             global_normalisation=cmp.normalisation_gy)
         values = g[cmp.region]
@@ -105,7 +105,7 @@ def main() -> None:
     rd = dcmread(next(folder.glob("RD*.dcm")))
     cts = [dcmread(p) for p in folder.glob("CT*.dcm")]
     ct = ct_from_datasets(cts)
-    clean = np.nan_to_num(resample(dose_from_rtdose(rd), ct.axes), nan=0.0)
+    clean = np.nan_to_num(resample(dose_from_rtdose(rd), ct.grid.axes), nan=0.0)
     criteria = list(dict.fromkeys(parse_criterion(c) for c in (*POLICY.criteria, *POLICY.report_criteria)))
     # warm-up: numba compiles the gamma search (ours) and pymedphys's interpolator once per process
     axes = (np.arange(5.0), np.arange(5.0), np.arange(5.0))

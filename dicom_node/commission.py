@@ -62,7 +62,7 @@ from cloud.merge import merge
 from dicom_node.errors import NodeError
 from dicom_node.jobs.ctcal import choose_ct_calibration
 from dicom_node.net import uids
-from dicom_node.qa.compare import Grid, dose_from_rtdose, resample
+from dicom_node.qa.compare import Volume, dose_from_rtdose, resample
 
 LOGGER = logging.getLogger(__name__)
 
@@ -203,12 +203,7 @@ def simulate(datasets: list[Dataset], machine: str, base: Path | str, work: Path
     return merged.plan_gy.astype(np.float64), inputs
 
 
-def _axes(inputs: ShardInputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    grid = inputs.grid
-    return grid.axis(2), grid.axis(1), grid.axis(0)
-
-
-def compare_region(mc: np.ndarray, axes: tuple[np.ndarray, np.ndarray, np.ndarray], reference: Grid
+def compare_region(mc: np.ndarray, axes: tuple[np.ndarray, np.ndarray, np.ndarray], reference: Volume
                    ) -> tuple[np.ndarray, np.ndarray]:
     """(reference on the MC grid, mask of its high-dose region); CommissionError when they do not meet."""
     ref = resample(reference, axes, fill=np.nan)
@@ -234,7 +229,7 @@ def fit_reference(ref: Reference, base: Path | str, work: Path, primaries: int, 
         dose, inputs = simulate([plan, *ref.cts], machine, base, work / f"band{i}", per_band, seed + i, threads,
                                 ct_calibrations)
         doses.append(dose)
-        axes = _axes(inputs)
+        axes = inputs.grid.axes
     assert axes is not None
     reference = dose_from_rtdose(ref.dose, _fractions(ref.plan))
     r, mask = compare_region(np.sum(doses, axis=0), axes, reference)
@@ -270,7 +265,7 @@ def check_reference(ref: Reference, bdl: Path, work: Path, primaries: int, threa
     """(MC/reference over the high-dose region, RMS %, voxels) for a plan computed with the BDL ``bdl``."""
     dose, inputs = simulate([ref.plan, *ref.cts], _machine(ref.plan), bdl, work, primaries, seed, threads,
                             ct_calibrations)
-    r, mask = compare_region(dose, _axes(inputs), dose_from_rtdose(ref.dose, _fractions(ref.plan)))
+    r, mask = compare_region(dose, inputs.grid.axes, dose_from_rtdose(ref.dose, _fractions(ref.plan)))
     rv, dv = r[mask], dose[mask]
     return float(dv.sum() / rv.sum()), float(100 * np.sqrt(np.mean(((dv - rv) / rv) ** 2))), int(mask.sum())
 
@@ -317,10 +312,10 @@ def simulated_idd_per_proton(energy_mev: float, base: Path | str, work: Path, pr
     inputs = engine.prepare(study.all(), work, beam_models={"COMMISSION": base})
     tally = engine.run_shard(inputs, primaries, seed, threads)
     grid = inputs.grid
-    y = grid.axis(1)
+    y = grid.y
     surface = -depth_box / 2.0  # gantry 0 enters from -y
     iy = int(np.argmin(np.abs(y - (surface + IDD_DEPTH_MM))))
-    dx, _dy, dz = grid.spacing
+    dz, _dy, dx = grid.spacing
     return float(tally.dose_per_primary[:, iy, :].astype(np.float64).sum() * dx * dz)
 
 

@@ -17,10 +17,11 @@ from pydicom import dcmread
 
 from cloud.dispatch import primaries_for_target
 from cloud.engines import get_engine
-from cloud.engines.base import DoseOptions, Grid, ShardInputs
+from cloud.engines.base import DoseOptions, ShardInputs
 from cloud.engines.ct import ct_grid
 from cloud.engines.dosegrid import body_roi, grid_from_rtdose, rasterise_planes, uniform_grid
 from cloud.errors import UnsupportedPlan
+from cloud.grid import Grid
 from cloud.merge import merge
 from dicom_node.jobs.rtdose import write_rt_dose
 from dicom_node.phantom import PhantomSpec, Spot, build_study
@@ -47,12 +48,12 @@ def _rt_dose_round_trip(inputs: ShardInputs, study, tmp_path: Path, primaries: i
 
 def _landmarks(rd) -> tuple[float, float, float, float]:
     """(Bragg peak y, lateral centroid x, lateral centroid z, integral dose x voxel volume) in patient mm."""
-    g = dose_from_rtdose(rd)
-    d = g.values
+    dose = dose_from_rtdose(rd)
+    g, d = dose.grid, dose.values
     depth = d.sum(axis=(0, 2))
     x_prof, z_prof = d.sum(axis=(0, 1)), d.sum(axis=(1, 2))
     return (float(g.y[int(np.argmax(depth))]), float((x_prof * g.x).sum() / x_prof.sum()),
-            float((z_prof * g.z).sum() / z_prof.sum()), float(d.sum() * g.voxel_volume_cc))
+            float((z_prof * g.z).sum() / z_prof.sum()), float(d.sum() * g.voxel_volume_cm3))
 
 
 @pytest.mark.slow
@@ -60,7 +61,7 @@ def test_bragg_peak_and_spot_land_at_the_same_patient_position_on_every_dose_gri
     study = build_study(PENCIL)
     ct = ct_grid(sorted(study.ct, key=lambda d: float(d.ImagePositionPatient[2])))
     # the water surface is at y = -55; this grid starts there, at voxel edges unlike the CT's
-    tps_like = Grid(shape=(15, 33, 21), origin=(-31.0, -53.5, -24.25), spacing=(3.0, 3.0, 3.5))
+    tps_like = Grid.regular((15, 33, 21), origin=(-24.25, -53.5, -31.0), spacing=(3.5, 3.0, 3.0))
     grids = {"ct": DoseOptions(), "2.5 mm": DoseOptions(grid_mm=2.5), "tps-like": DoseOptions(grid=tps_like)}
     marks = {}
     for name, options in grids.items():
@@ -83,20 +84,19 @@ def test_bragg_peak_and_spot_land_at_the_same_patient_position_on_every_dose_gri
 
 
 def test_uniform_grid_is_centred_on_the_ct_and_inside_it():
-    ct = Grid(shape=(177, 512, 512), origin=(-150.0, -160.0, -100.0), spacing=(0.59, 0.59, 1.25))
+    ct = Grid.regular((177, 512, 512), origin=(-100.0, -160.0, -150.0), spacing=(1.25, 0.59, 0.59))
     g = uniform_grid(ct, 2.5)
     assert g.shape == (88, 120, 120) and g.spacing == (2.5, 2.5, 2.5)
-    for i in range(3):
-        ct_centre = ct.origin[i] + (ct.shape[2 - i] - 1) * ct.spacing[i] / 2
-        assert g.origin[i] + (g.shape[2 - i] - 1) * 2.5 / 2 == pytest.approx(ct_centre)
-        assert g.origin[i] - 1.25 >= ct.origin[i] - ct.spacing[i] / 2 - 1e-9
+    for a, a_ct, d_ct in zip(g.axes, ct.axes, ct.spacing, strict=True):
+        assert (a[0] + a[-1]) / 2 == pytest.approx((a_ct[0] + a_ct[-1]) / 2)  # centred on the CT
+        assert a[0] - 1.25 >= a_ct[0] - d_ct / 2 - 1e-9 and a[-1] + 1.25 <= a_ct[-1] + d_ct / 2 + 1e-9
     # the RT Dose of a 512x512x177 head CT on this grid: 120x120x88 uint32, well under 25 MB
     assert 4 * np.prod(g.shape) < 25e6 / 4
 
 
 def test_a_tps_grid_outside_the_ct_is_refused_with_the_axis(tmp_path):
     study = build_study(dataclasses.replace(PENCIL, spots=(Spot(0.0, 0.0, 70.0, 1.0),)))
-    far = Grid(shape=(5, 5, 5), origin=(30.0, 0.0, 0.0), spacing=(3.0, 3.0, 3.0))
+    far = Grid.regular((5, 5, 5), origin=(0.0, 0.0, 30.0), spacing=(3.0, 3.0, 3.0))  # beyond the CT along x
     with pytest.raises(UnsupportedPlan, match="outside the CT along x"):
         ENGINE.prepare(study.all(), tmp_path / "x", beam_models=GENERIC, dose=DoseOptions(grid=far))
     assert not (tmp_path / "x").exists()  # refused before anything was written
@@ -109,9 +109,9 @@ def test_no_dose_outside_the_body_contour_or_in_air_without_one(tmp_path):
     assert with_body.extra["body"] == "structure 'BODY'"
     mask = with_body.body_mask()
     g = with_body.scoring_grid
-    y = g.axis(1)[None, :, None]
+    y = g.y[None, :, None]
     upstream_air = np.broadcast_to(y < -PENCIL.water_box_mm[1] / 2 - 2, g.shape)
-    z, y3, x = np.meshgrid(g.axis(2), g.axis(1), g.axis(0), indexing="ij")
+    z, y3, x = np.meshgrid(*g.axes, indexing="ij")
     hx, hy, hz = (s / 2 for s in PENCIL.water_box_mm)
     assert mask.sum() == ((np.abs(x) <= hx) & (np.abs(y3) <= hy) & (np.abs(z) <= hz)).sum()
     assert not mask[upstream_air].any()
@@ -148,7 +148,7 @@ def test_dose_to_water_raises_bone_and_keeps_water(tmp_path):
         assert inputs.dose_to_water is to_water and ShardInputs.load(inputs.root).dose_to_water is to_water
         doses[to_water] = ENGINE.run_shard(inputs, 20_000, seed=5, threads=THREADS).dose_per_primary
     g = inputs.scoring_grid
-    z, y, x = np.meshgrid(g.axis(2), g.axis(1), g.axis(0), indexing="ij")
+    z, y, x = np.meshgrid(*g.axes, indexing="ij")
     inside = (np.abs(x) < 22) & (np.abs(z) < 22)
     medium, water_dose = doses[False], doses[True]
     dosed = medium > 0.1 * medium.max()
@@ -194,7 +194,9 @@ def test_ct_written_a_slice_at_a_time_in_mcsquare_order(tmp_path):
     from cloud.engines.mcsquare.adapter import read_mhd, write_mhd
 
     volume = (np.arange(3 * 4 * 5) - 30).astype(np.int16).reshape(3, 4, 5)
-    write_mhd(tmp_path / "ct.mhd", volume, (1.0, 2.0, 3.0))
+    write_mhd(tmp_path / "ct.mhd", volume, (3.0, 2.0, 1.0))  # (dz, dy, dx)
+    assert "ElementSpacing = 1.000000 2.000000 3.000000" in (tmp_path / "ct.mhd").read_text()  # x first
+    assert "DimSize = 5 4 3" in (tmp_path / "ct.mhd").read_text()
     raw = np.fromfile(tmp_path / "ct.raw", dtype="<i2").reshape(3, 4, 5)
     np.testing.assert_array_equal(raw, volume[:, ::-1, ::-1])  # rows and columns reversed, z as is
     np.testing.assert_array_equal(read_mhd(tmp_path / "ct.mhd"), volume)

@@ -31,8 +31,8 @@ def _landmarks(rd) -> tuple[float, float, float]:
     Integrals over whole planes: robust against per-voxel noise at few primaries, and against the
     generic beam model's spot sizes (not TR3's), which change the dose's shape but not where it is.
     """
-    g = dose_from_rtdose(rd)
-    d = g.values
+    dose = dose_from_rtdose(rd)
+    g, d = dose.grid, dose.values
     idd = d.sum(axis=(0, 2))
     peak = int(np.argmax(idd))
     level = 0.8 * idd[peak]
@@ -64,9 +64,10 @@ def test_mc_dose_on_exactly_the_raystation_grid_with_its_high_dose_region_in_pla
 
     # RayStation's grid reaches into the air around the phantom, also where the beam enters (-y, gantry 0,
     # the External's surface at y = -95.9 mm): no dose there
-    g = dose_from_rtdose(mc)
-    assert g.values[:, g.y < -96.0, :].max() == 0 and g.values[:, :, np.abs(g.x) > 111.5].max() == 0
-    assert g.values[:, (g.y > -95.0) & (g.y < -80.0), :].max() > 0
+    dose = dose_from_rtdose(mc)
+    g, d = dose.grid, dose.values
+    assert d[:, g.y < -96.0, :].max() == 0 and d[:, :, np.abs(g.x) > 111.5].max() == 0
+    assert d[:, (g.y > -95.0) & (g.y < -80.0), :].max() > 0
 
     # the dose where RayStation has it: distal edge within 3 mm, lateral centre within 1.5 mm
     r80_mc, x_mc, z_mc = _landmarks(mc)

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from cloud.engines import get_engine
-from cloud.engines.base import Grid, ShardInputs
+from cloud.engines.base import ShardInputs
+from cloud.grid import Grid
 from cloud.merge import merge
 from dicom_node.phantom import PhantomSpec, Spot, build_study
 
@@ -47,20 +48,20 @@ def centroid(d: np.ndarray, grid: Grid) -> tuple[float, float, float]:
     out = []
     for axis_xyz in range(3):
         prof = d.sum(axis=tuple(a for a in range(3) if a != 2 - axis_xyz))
-        out.append(float((prof * grid.axis(axis_xyz)).sum() / total))
+        out.append(float((prof * grid.axes[2 - axis_xyz]).sum() / total))
     return out[0], out[1], out[2]
 
 
 def peak_along(d: np.ndarray, grid: Grid, axis_xyz: int) -> float:
     """Position of the Bragg peak of the depth-dose integrated over the other two axes."""
     prof = d.sum(axis=tuple(a for a in range(3) if a != 2 - axis_xyz))
-    return float(grid.axis(axis_xyz)[int(np.argmax(prof))])
+    return float(grid.axes[2 - axis_xyz][int(np.argmax(prof))])
 
 
 def r80_depth_mm(d: np.ndarray, grid: Grid, surface_y: float) -> float:
     """Distal 80 % of the integrated depth dose along +y, linearly interpolated, from the surface."""
     idd = d.sum(axis=(0, 2))
-    ys = grid.axis(1)
+    ys = grid.y
     i_max = int(np.argmax(idd))
     level = 0.8 * idd[i_max]
     for i in range(i_max, len(idd) - 1):
@@ -80,7 +81,7 @@ def test_r80_matches_pstar_csda_range(tmp_path, energy, spacing_y, size_y, water
                        spots=(Spot(0.0, 0.0, energy, 1.0),))
     inputs = prepare(spec, tmp_path)
     d = dose(inputs, primaries)
-    ys = inputs.grid.axis(1)
+    ys = inputs.grid.y
     first_water = ys[np.abs(ys) <= water_y / 2][0]
     r80_cm = r80_depth_mm(d, inputs.grid, first_water - spacing_y / 2) / 10.0
     error = r80_cm / PSTAR_CSDA_CM[energy] - 1.0

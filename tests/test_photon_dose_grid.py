@@ -13,40 +13,40 @@ import pytest
 from pydicom import dcmread
 
 from cloud.engines import dosegrid
-from cloud.engines.base import Grid
+from cloud.grid import Grid
 from dicom_node.phantom import write_study
 from tests.photon_plans import MACHINE, photon_plan, water_study
 
 
 def test_average_onto_is_the_mean_over_each_voxel_and_counts_outside_as_given():
     rng = np.random.default_rng(3)
-    src = Grid(shape=(6, 8, 10), origin=(0.5, 0.5, 0.5), spacing=(1.0, 1.0, 1.0))  # edges 0..10, 0..8, 0..6
+    src = Grid.regular((6, 8, 10), origin=(0.5, 0.5, 0.5), spacing=(1.0, 1.0, 1.0))  # edges z 0..6, y 0..8, x 0..10
     volume = rng.uniform(0, 100, size=src.shape)
     # 2 mm voxels aligned with the source: block means of 2x2x2
-    dst = Grid(shape=(3, 4, 5), origin=(1.0, 1.0, 1.0), spacing=(2.0, 2.0, 2.0))
+    dst = Grid.regular((3, 4, 5), origin=(1.0, 1.0, 1.0), spacing=(2.0, 2.0, 2.0))
     blocks = volume.reshape(3, 2, 4, 2, 5, 2).mean(axis=(1, 3, 5))
     assert np.allclose(dosegrid.average_onto(volume, src, dst), blocks)
     # the transform is applied before averaging
     assert np.allclose(dosegrid.average_onto(volume, src, dst, transform=np.sqrt),
                        np.sqrt(volume).reshape(3, 2, 4, 2, 5, 2).mean(axis=(1, 3, 5)))
     # a voxel half outside the source along x (edges 9..11): half the mean of its inside part, half `outside`
-    edge = Grid(shape=(1, 1, 1), origin=(10.0, 4.0, 3.0), spacing=(2.0, 8.0, 6.0))
+    edge = Grid.regular((1, 1, 1), origin=(3.0, 4.0, 10.0), spacing=(6.0, 8.0, 2.0))
     inside = volume[:, :, 9].mean()
     assert dosegrid.average_onto(volume, src, edge, outside=-7.0)[0, 0, 0] == pytest.approx(0.5 * inside - 3.5)
 
 
 def test_covering_grid_extends_the_dose_lattice_over_the_ct():
-    ct = Grid(shape=(40, 48, 48), origin=(-117.5, -117.5, -97.5), spacing=(5.0, 5.0, 5.0))  # -120..120, -100..100
-    dose = Grid(shape=(4, 5, 6), origin=(-12.5, 2.5, -7.5), spacing=(5.0, 5.0, 5.0))
+    # z -100..100, y and x -120..120
+    ct = Grid.regular((40, 48, 48), origin=(-97.5, -117.5, -117.5), spacing=(5.0, 5.0, 5.0))
+    dose = Grid.regular((4, 5, 6), origin=(-7.5, 2.5, -12.5), spacing=(5.0, 5.0, 5.0))
     cover, (oz, oy, ox) = dosegrid.covering_grid(dose, ct)
     assert cover.spacing == dose.spacing
-    for i in range(3):  # covers the CT's outer edges
-        assert cover.origin[i] - 2.5 <= ct.origin[i] - 2.5 + 1e-9
-        assert cover.origin[i] + (cover.shape[2 - i] - 0.5) * 5.0 >= ct.origin[i] + (ct.shape[2 - i] - 0.5) * 5.0
+    for (lo, hi), (lo_ct, hi_ct) in zip(cover.extent(), ct.extent(), strict=True):  # covers the CT's outer edges
+        assert lo <= lo_ct + 1e-9 and hi >= hi_ct - 1e-9
     # the dose grid sits in it at the offsets, on the same lattice
-    assert cover.axis(0)[ox] == pytest.approx(dose.origin[0])
-    assert cover.axis(1)[oy] == pytest.approx(dose.origin[1])
-    assert cover.axis(2)[oz] == pytest.approx(dose.origin[2])
+    assert cover.x[ox] == pytest.approx(dose.x[0])
+    assert cover.y[oy] == pytest.approx(dose.y[0])
+    assert cover.z[oz] == pytest.approx(dose.z[0])
     assert cover.shape == (40, 48, 48)
 
 
@@ -88,10 +88,11 @@ def test_photon_dose_on_the_uniform_grid_inside_the_contour_and_out_of_air(tmp_p
     study = dataclasses.replace(study, plan=photon_plan(study, gantry=90.0,
                                                         segments=((100.0, (-50, 50), (-50, 50), None),)))
     result, rd, dose, xs = _run(tmp_path / "contour", _shrink_body(study, 0.6), dose_grid_mm=10.0)
-    ct = dosegrid.uniform_grid(dosegrid.Grid((40, 48, 48), (-117.5, -117.5, -97.5), (5.0, 5.0, 5.0)), 10.0)
-    assert (rd.NumberOfFrames, rd.Rows, rd.Columns) == ct.shape == (20, 24, 24)
+    ct = Grid.regular((40, 48, 48), origin=(-97.5, -117.5, -117.5), spacing=(5.0, 5.0, 5.0))
+    grid = dosegrid.uniform_grid(ct, 10.0)
+    assert (rd.NumberOfFrames, rd.Rows, rd.Columns) == grid.shape == (20, 24, 24)
     assert [float(v) for v in rd.PixelSpacing] == [10.0, 10.0]
-    assert [round(float(v), 3) for v in rd.ImagePositionPatient] == [round(v, 3) for v in ct.origin]
+    assert [round(float(v), 3) for v in rd.ImagePositionPatient] == [round(v, 3) for v in grid.origin[::-1]]
     profile = dose[8:12, 10:14].mean(axis=(0, 1))  # central rows of the field, along the beam
     assert profile[np.abs(xs) < 55].min() > 0.3 * profile.max()  # inside the drawn body: dose
     assert np.all(profile[np.abs(xs) > 65] == 0.0)  # water outside the contour: none

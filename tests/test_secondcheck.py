@@ -16,10 +16,11 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from cloud.grid import Grid
 from dicom_node.qa.compare import (
     ComparisonError,
-    Grid,
     Structure,
+    Volume,
     compare,
     dose_from_rtdose,
     dvh_metrics,
@@ -41,8 +42,8 @@ def trapezoid(x: np.ndarray) -> np.ndarray:
     return np.interp(np.abs(x), [0.0, 30.0, 50.0, 1e9], [PEAK, PEAK, 0.0, 0.0])
 
 
-def along_x(profile: np.ndarray) -> Grid:
-    return Grid(Z, Y, X, np.broadcast_to(profile, (len(Z), len(Y), len(X))).copy())
+def along_x(profile: np.ndarray) -> Volume:
+    return Volume(Grid(Z, Y, X), np.broadcast_to(profile, (len(Z), len(Y), len(X))).copy())
 
 
 def expected_gamma_1d(ref: np.ndarray, ev: np.ndarray, dose_pct: float, dist_mm: float,
@@ -141,8 +142,8 @@ def gaussian(z, y, x):
     return 50.0 * np.exp(-0.5 * ((x / 25.0) ** 2 + (y / 20.0) ** 2 + (z / 15.0) ** 2))
 
 
-def _sampled(z, y, x) -> Grid:
-    return Grid(z, y, x, gaussian(z[:, None, None], y[None, :, None], x[None, None, :]))
+def _sampled(z, y, x) -> Volume:
+    return Volume(Grid(z, y, x), gaussian(z[:, None, None], y[None, :, None], x[None, None, :]))
 
 
 @pytest.mark.parametrize("direction", ["tps_to_mc", "mc_to_tps"])
@@ -150,7 +151,7 @@ def test_coarser_offset_tps_grid_is_resampled_and_compared(direction):
     mc = _sampled(np.arange(-36.0, 36.1, 3.0), np.arange(-45.0, 45.1, 3.0), np.arange(-54.0, 54.1, 3.0))
     # 5 mm grid, offset by about half a voxel on every axis, covering the MC grid
     tps = _sampled(np.arange(-43.5, 45.0, 5.0), np.arange(-52.5, 55.0, 5.0), np.arange(-62.0, 65.0, 5.0))
-    on_mc = resample(tps, mc.axes)
+    on_mc = resample(tps, mc.grid.axes)
     assert not np.isnan(on_mc).any()
     # trilinear error bound: sum over axes of h^2/8 * max|d2D/du2| = h^2/8 * D0/sigma^2
     bound = sum(25.0 / 8.0 * 50.0 / s**2 for s in (25.0, 20.0, 15.0))
@@ -197,11 +198,12 @@ def _rtdose(values: np.ndarray, units: str = "GY", summation: str = "PLAN") -> D
 
 def test_rt_dose_geometry_units_and_fractions():
     values = np.arange(3 * 4 * 5, dtype=float).reshape(3, 4, 5)
-    grid = dose_from_rtdose(_rtdose(values))
-    np.testing.assert_allclose(grid.x, [-10, -8, -6, -4, -2])
-    np.testing.assert_allclose(grid.y, [-20, -16, -12, -8])
-    np.testing.assert_allclose(grid.z, [5, 8, 11])
-    np.testing.assert_allclose(grid.values, values)
+    dose = dose_from_rtdose(_rtdose(values))
+    np.testing.assert_allclose(dose.grid.x, [-10, -8, -6, -4, -2])
+    np.testing.assert_allclose(dose.grid.y, [-20, -16, -12, -8])
+    np.testing.assert_allclose(dose.grid.z, [5, 8, 11])
+    assert dose.grid.spacing == (3.0, 4.0, 2.0) and dose.grid.shape == values.shape  # (z, y, x), like the array
+    np.testing.assert_allclose(dose.values, values)
     np.testing.assert_allclose(dose_from_rtdose(_rtdose(values, summation="FRACTION"), fractions=30).values,
                                values * 30)
     with pytest.raises(ComparisonError, match="not GY"):
@@ -215,7 +217,7 @@ def test_per_beam_doses_are_summed_on_their_common_grid():
     b = np.full((3, 4, 5), 7.0)
     total = plan_dose([_rtdose(a, summation="BEAM"), _rtdose(b, summation="BEAM")])
     np.testing.assert_allclose(total.values, a + b)
-    np.testing.assert_allclose(total.x, [-10, -8, -6, -4, -2])
+    np.testing.assert_allclose(total.grid.x, [-10, -8, -6, -4, -2])
     # one session of each beam: times the fractions
     per_session = plan_dose([_rtdose(a, summation="BEAM_SESSION"), _rtdose(b, summation="BEAM_SESSION")],
                             fractions=3)
@@ -256,7 +258,7 @@ def test_dvh_metrics_of_a_known_dose_in_a_known_structure():
 
 def test_structure_tolerance_decides_the_verdict():
     mc = _sampled(np.arange(-30.0, 30.1, 3.0), np.arange(-30.0, 30.1, 3.0), np.arange(-30.0, 30.1, 3.0))
-    tps = Grid(mc.z, mc.y, mc.x, mc.values * 1.02)
+    tps = Volume(mc.grid, mc.values * 1.02)
     square = np.array([[-10.0, -10.0], [10.0, -10.0], [10.0, 10.0], [-10.0, 10.0]])
     ptv = Structure("PTV", (255, 0, 0), {float(z): [square] for z in np.arange(-9.0, 9.1, 3.0)})
     cmp = compare(mc, tps, [(3, 3)], structures=[ptv])

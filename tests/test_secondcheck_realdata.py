@@ -45,7 +45,7 @@ def case(tmp_path_factory):
     rd = dcmread(next(folder.glob("RD*.dcm")))
     cts = [dcmread(p) for p in folder.glob("CT*.dcm")]
     ct = ct_from_datasets(cts)
-    clean = np.nan_to_num(resample(dose_from_rtdose(rd), ct.axes), nan=0.0)
+    clean = np.nan_to_num(resample(dose_from_rtdose(rd), ct.grid.axes), nan=0.0)
     rng = np.random.default_rng(2022)
     dmax = float(clean.max())
     noisy = clean + 0.01 * np.sqrt(np.clip(clean, 0, None) * dmax) * rng.standard_normal(clean.shape)

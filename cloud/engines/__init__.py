@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from cloud.engines.base import Engine, Grid, ShardInputs, Tally
+from cloud.engines.base import Engine, ShardInputs, Tally
 from cloud.errors import EngineError
 
 _FACTORIES: dict[str, Callable[[], Engine]] = {}
@@ -61,4 +61,4 @@ def _ompmc() -> Engine:
 register_engine("mcsquare", _mcsquare)
 register_engine("ompmc", _ompmc)
 
-__all__ = ["Engine", "Grid", "ShardInputs", "Tally", "get_engine", "register_engine", "engine_names", "engine_name_for"]
+__all__ = ["Engine", "ShardInputs", "Tally", "get_engine", "register_engine", "engine_names", "engine_name_for"]

@@ -7,7 +7,8 @@
 ``ShardInputs`` is a folder holding every file the engine needs plus ``inputs.json`` (grid
 geometry, protons per fraction, fractions, warnings), so it can be tarred into a job bundle and run
 elsewhere. ``Tally`` is the result of one shard: dose per primary in Gy on the scoring grid (the
-dose grid, else the CT grid), indexed [z, y, x] with z ascending, serialised as npz for transport.
+dose grid, else the CT grid), indexed [z, y, x] with z ascending like every `cloud.grid.Grid`, serialised
+as npz for transport.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import io
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,54 +24,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cloud.errors import EngineError
+from cloud.grid import Grid
 
 if TYPE_CHECKING:  # pydicom costs ~0.5 s to import; a worker only needs it for type hints
     from pydicom.dataset import Dataset
 
 INPUTS_JSON = "inputs.json"
 BODY_MASK = "body_mask.npy"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: grids in (z, y, x) order (cloud.grid); 1 (x first) is still read
+READABLE_FORMATS = (1, 2)
 # What every dose computed with a beam model nobody commissioned says about itself (RT Dose
 # SeriesDescription and DoseComment, the second-check report, the job's warnings).
 UNCOMMISSIONED = "UNCOMMISSIONED BEAM MODEL - NOT FOR CLINICAL USE"
 # engine.beam_models value that chooses an engine's built-in, uncommissioned model explicitly.
 GENERIC_MODEL = "generic"
-
-
-@dataclass(frozen=True)
-class Grid:
-    """A voxel grid (the CT's or a dose grid) in DICOM patient coordinates (mm).
-
-    ``origin`` is the centre of voxel [0, 0, 0] (ImagePositionPatient of the lowest slice),
-    ``spacing`` is (x, y, z), ``shape`` is (nz, ny, nx). Orientation is the identity (axial, HFS).
-    """
-
-    shape: tuple[int, int, int]
-    origin: tuple[float, float, float]
-    spacing: tuple[float, float, float]
-
-    def axis(self, i: int) -> np.ndarray:
-        """Voxel-centre coordinates along x (0), y (1) or z (2), in mm."""
-        n = self.shape[2 - i]
-        return self.origin[i] + self.spacing[i] * np.arange(n)
-
-    def index_of(self, point: Sequence[float]) -> tuple[int, int, int]:
-        """The [z, y, x] index of the voxel containing a patient-coordinate point."""
-        ijk = [int(round((point[i] - self.origin[i]) / self.spacing[i])) for i in range(3)]
-        return ijk[2], ijk[1], ijk[0]
-
-    @property
-    def voxel_volume_cm3(self) -> float:
-        return float(np.prod(self.spacing)) / 1000.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {"shape": list(self.shape), "origin": list(self.origin), "spacing": list(self.spacing)}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Grid:
-        s, o, d = data["shape"], data["origin"], data["spacing"]
-        return cls(shape=(int(s[0]), int(s[1]), int(s[2])), origin=(float(o[0]), float(o[1]), float(o[2])),
-                   spacing=(float(d[0]), float(d[1]), float(d[2])))
 
 
 @dataclass(frozen=True)
@@ -173,7 +140,7 @@ class ShardInputs:
             data = json.loads(text if text is not None else (root / INPUTS_JSON).read_text())
         except (OSError, ValueError) as exc:
             raise EngineError(f"{root}: not a prepared engine input folder ({exc})") from exc
-        if data.get("format") != FORMAT_VERSION:
+        if data.get("format") not in READABLE_FORMATS:
             raise EngineError(f"{root / INPUTS_JSON}: unknown format {data.get('format')!r}")
         return cls(root=root, engine=data["engine"], grid=Grid.from_json(data["grid"]),
                    protons_per_fraction=float(data["protons_per_fraction"]), fractions=int(data["fractions"]),

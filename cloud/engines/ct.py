@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cloud.engines.base import Grid
 from cloud.errors import UnsupportedPlan
+from cloud.grid import Grid
 
 if TYPE_CHECKING:  # pydicom costs ~0.5 s to import; a worker only needs it for type hints
     from pydicom.dataset import Dataset
@@ -75,7 +75,7 @@ def ct_grid(slices: list[Dataset]) -> Grid:
         dz = float(steps.mean())
     else:
         dz = float(first.get("SliceThickness", 1.0) or 1.0)
-    return Grid(shape=(len(slices), rows, cols), origin=(x0, y0, float(zs[0])), spacing=(dx, dy, dz))
+    return Grid.regular((len(slices), rows, cols), origin=(float(zs[0]), y0, x0), spacing=(dz, dy, dx))
 
 
 def ct_volume(slices: list[Dataset]) -> tuple[np.ndarray, Grid]:

@@ -32,8 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cloud.engines.base import BODY_MASK, DoseOptions, Grid
+from cloud.engines.base import BODY_MASK, DoseOptions
 from cloud.errors import UnsupportedPlan
+from cloud.grid import Grid
 
 if TYPE_CHECKING:  # pydicom costs ~0.5 s to import; a worker only needs it for type hints
     from pydicom.dataset import Dataset
@@ -46,16 +47,13 @@ def uniform_grid(ct: Grid, spacing_mm: float) -> Grid:
     """Cubic voxels of ``spacing_mm`` centred on the CT, as many as fit inside its outer edges."""
     if spacing_mm <= 0:
         raise ValueError(f"dose grid spacing must be positive, got {spacing_mm}")
-    shape_xyz, origin = [], []
-    for i in range(3):
-        n_ct = ct.shape[2 - i]
-        extent = n_ct * ct.spacing[i]
-        n = max(1, int(math.floor(extent / spacing_mm + 1e-6)))
-        centre = ct.origin[i] + (n_ct - 1) * ct.spacing[i] / 2.0
-        shape_xyz.append(n)
+    shape, origin = [], []
+    for n_ct, o_ct, d_ct in zip(ct.shape, ct.origin, ct.spacing, strict=True):
+        n = max(1, int(math.floor(n_ct * d_ct / spacing_mm + 1e-6)))
+        centre = o_ct + (n_ct - 1) * d_ct / 2.0
+        shape.append(n)
         origin.append(round(centre - (n - 1) * spacing_mm / 2.0, 6))
-    return Grid(shape=(shape_xyz[2], shape_xyz[1], shape_xyz[0]), origin=(origin[0], origin[1], origin[2]),
-                spacing=(spacing_mm, spacing_mm, spacing_mm))
+    return Grid.regular(shape, origin, (spacing_mm, spacing_mm, spacing_mm))
 
 
 def choose_grid(ct: Grid, options: DoseOptions) -> Grid | None:
@@ -72,25 +70,15 @@ def choose_grid(ct: Grid, options: DoseOptions) -> Grid | None:
 def covering_grid(dose: Grid, ct: Grid) -> tuple[Grid, tuple[int, int, int]]:
     """The dose grid's lattice extended (whole voxels) until it covers the CT, and where the dose
     grid starts in it ([z, y, x] index offsets). The dose grid lies inside the CT (check_inside)."""
-    shape_xyz, origin, offset_xyz = [], [], []
-    for i in range(3):
-        s = dose.spacing[i]
-        lo_ct = ct.origin[i] - ct.spacing[i] / 2.0
-        hi_ct = ct.origin[i] + (ct.shape[2 - i] - 0.5) * ct.spacing[i]
-        lo = dose.origin[i] - s / 2.0
-        hi = dose.origin[i] + (dose.shape[2 - i] - 0.5) * s
+    shape, origin, offset = [], [], []
+    for n, o, s, (lo, hi), (lo_ct, hi_ct) in zip(dose.shape, dose.origin, dose.spacing, dose.extent(), ct.extent(),
+                                                  strict=True):
         below = max(0, int(math.ceil((lo - lo_ct) / s - 1e-6)))
         above = max(0, int(math.ceil((hi_ct - hi) / s - 1e-6)))
-        shape_xyz.append(dose.shape[2 - i] + below + above)
-        origin.append(dose.origin[i] - below * s)
-        offset_xyz.append(below)
-    grid = Grid(shape=(shape_xyz[2], shape_xyz[1], shape_xyz[0]), origin=(origin[0], origin[1], origin[2]),
-                spacing=dose.spacing)
-    return grid, (offset_xyz[2], offset_xyz[1], offset_xyz[0])
-
-
-def _edges(grid: Grid, i: int) -> np.ndarray:
-    return grid.origin[i] - grid.spacing[i] / 2.0 + grid.spacing[i] * np.arange(grid.shape[2 - i] + 1)
+        shape.append(n + below + above)
+        origin.append(o - below * s)
+        offset.append(below)
+    return Grid.regular(shape, origin, dose.spacing), (offset[0], offset[1], offset[2])
 
 
 def _overlap(dst: np.ndarray, src: np.ndarray) -> np.ndarray:
@@ -107,8 +95,7 @@ def average_onto(volume: np.ndarray, src: Grid, dst: Grid, *, outside: float = 0
     The part of a ``dst`` voxel outside ``src`` counts as ``outside``. A slice of the volume at a time
     (the transform too), so a CT is never copied whole.
     """
-    wz, wy, wx = _overlap(_edges(dst, 2), _edges(src, 2)), _overlap(_edges(dst, 1), _edges(src, 1)), \
-        _overlap(_edges(dst, 0), _edges(src, 0))
+    wz, wy, wx = (_overlap(e_dst, e_src) for e_dst, e_src in zip(dst.voxel_edges(), src.voxel_edges(), strict=True))
     out = np.zeros(dst.shape, dtype=np.float64)
     for k in range(src.shape[0]):
         rows = np.nonzero(wz[:, k])[0]
@@ -130,12 +117,12 @@ def grid_from_rtdose(ds: Dataset) -> Grid:
     if not np.allclose(iop, [1, 0, 0, 0, 1, 0], atol=1e-4):
         raise UnsupportedPlan(f"the TPS dose grid is not axial (ImageOrientationPatient {iop})")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    ipp = [float(v) for v in ds.ImagePositionPatient]
+    x0, y0 = (float(v) for v in ds.ImagePositionPatient[:2])
     row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
     offsets = np.array([float(v) for v in ds.get("GridFrameOffsetVector", [0.0])] if frames > 1 else [0.0])
     if len(offsets) != frames:
         raise UnsupportedPlan(f"the TPS dose has {len(offsets)} GridFrameOffsetVector values for {frames} frames")
-    z = offsets + (ipp[2] if offsets[0] == 0.0 else 0.0)  # PS3.3 C.8.8.3.2: relative if the first is 0
+    z = offsets + (float(ds.ImagePositionPatient[2]) if offsets[0] == 0.0 else 0.0)  # PS3.3 C.8.8.3.2
     if frames > 1:
         steps = np.diff(z)
         if steps.min() <= 0 or steps.max() - steps.min() > 10 * _TOL_MM:
@@ -143,17 +130,13 @@ def grid_from_rtdose(ds: Dataset) -> Grid:
         dz = float(steps.mean())
     else:
         dz = float(ds.get("SliceThickness", row_spacing) or row_spacing)
-    return Grid(shape=(frames, int(ds.Rows), int(ds.Columns)), origin=(ipp[0], ipp[1], float(z[0])),
-                spacing=(col_spacing, row_spacing, dz))
+    return Grid.regular((frames, int(ds.Rows), int(ds.Columns)), origin=(float(z[0]), y0, x0),
+                        spacing=(dz, row_spacing, col_spacing))
 
 
 def check_inside(dose: Grid, ct: Grid) -> None:
     """UnsupportedPlan unless every dose voxel lies inside the CT's outer edges."""
-    for i, name in enumerate("xyz"):
-        lo_ct = ct.origin[i] - ct.spacing[i] / 2.0
-        hi_ct = ct.origin[i] + (ct.shape[2 - i] - 0.5) * ct.spacing[i]
-        lo = dose.origin[i] - dose.spacing[i] / 2.0
-        hi = dose.origin[i] + (dose.shape[2 - i] - 0.5) * dose.spacing[i]
+    for name, (lo, hi), (lo_ct, hi_ct) in zip("zyx", dose.extent(), ct.extent(), strict=True):
         if lo < lo_ct - 0.01 or hi > hi_ct + 0.01:
             raise UnsupportedPlan(f"the dose grid reaches outside the CT along {name} "
                                   f"({lo:.1f}..{hi:.1f} mm, CT {lo_ct:.1f}..{hi_ct:.1f} mm)")
@@ -239,7 +222,7 @@ def body_mask(datasets: Sequence[Dataset], grid: Grid, frame_of_reference_uid: s
         if found is None:
             continue
         number, name = found
-        mask = rasterise_planes(contour_planes(ds, number), grid.axis(2), grid.axis(1), grid.axis(0))
+        mask = rasterise_planes(contour_planes(ds, number), *grid.axes)
         if mask.any():
             return mask, name
     return None
@@ -266,6 +249,7 @@ def _structure_set_for(ds: Dataset) -> str:
 
 
 def describe(grid: Grid) -> dict[str, Any]:
-    nz, ny, nx = grid.shape
-    return {"shape_xyz": [nx, ny, nz], "spacing_mm": [round(s, 4) for s in grid.spacing],
-            "origin_mm": [round(o, 3) for o in grid.origin]}
+    """The grid as the job record keeps it: x first, like a DICOM point (journals written before the one
+    axis order read the same)."""
+    return {"shape_xyz": list(grid.shape[::-1]), "spacing_mm": [round(s, 4) for s in grid.spacing[::-1]],
+            "origin_mm": [round(o, 3) for o in grid.origin[::-1]]}

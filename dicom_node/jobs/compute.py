@@ -121,7 +121,7 @@ def dose_options(settings: EngineSettings, tps_dose: Dataset | None = None) -> t
     if settings.dose_grid == "tps" and tps_dose is not None:
         grid = grid_from_rtdose(tps_dose)
         note = "dose grid: the TPS dose's ({} x {} x {} voxels of {} mm)".format(
-            grid.shape[2], grid.shape[1], grid.shape[0], "x".join(f"{v:g}" for v in grid.spacing))
+            grid.shape[2], grid.shape[1], grid.shape[0], "x".join(f"{v:g}" for v in grid.spacing[::-1]))
         return DoseOptions(grid=grid, dose_to_water=water, body_density_g_cm3=density), note
     note = f"dose grid: uniform {settings.dose_grid_mm:g} mm"
     if settings.dose_grid == "tps":

@@ -196,7 +196,7 @@ def _on_axis(inputs: ShardInputs, tallies: list[Tally], setup: dict[str, Any]) -
         from dicom_node.jobs.proton_depth_dose import central_axis_tally, depths_cm
 
         return depths_cm(inputs, setup), [central_axis_tally(inputs, t, setup) for t in tallies]
-    z = (inputs.grid.origin[2] + inputs.grid.spacing[2] * np.arange(inputs.grid.shape[0])) / 10.0
+    z = inputs.grid.z / 10.0
     return z, tallies
 
 

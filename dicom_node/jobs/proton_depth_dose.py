@@ -47,10 +47,11 @@ def prepare_proton_phantom(energy_mev: float, field_cm: float, depth_cm: float,
 def central_axis_tally(inputs: ShardInputs, tally: Tally, setup: dict[str, Any]) -> Tally:
     """The shard's dose averaged over the central column (|x|, |z| <= column/2), along depth, as (ny, 1, 1)."""
     grid = inputs.grid
-    xs, ys, zs = grid.axis(0), grid.axis(1), grid.axis(2)
+    zs, ys, xs = grid.axes
+    dz, _dy, dx = grid.spacing
     half = setup["column_mm"] / 2.0 + 1e-6
-    sel_x = np.abs(xs) <= max(half, grid.spacing[0] / 2.0)
-    sel_z = np.abs(zs) <= max(half, grid.spacing[2] / 2.0)
+    sel_x = np.abs(xs) <= max(half, dx / 2.0)
+    sel_z = np.abs(zs) <= max(half, dz / 2.0)
     inside = ys >= setup["surface_y_mm"]
     column = tally.dose_per_primary[np.ix_(sel_z, inside, sel_x)].astype(np.float64).mean(axis=(0, 2))
     return Tally(dose_per_primary=column.reshape(-1, 1, 1), primaries=tally.primaries, seed=tally.seed,
@@ -58,5 +59,5 @@ def central_axis_tally(inputs: ShardInputs, tally: Tally, setup: dict[str, Any])
 
 
 def depths_cm(inputs: ShardInputs, setup: dict[str, Any]) -> np.ndarray:
-    ys = inputs.grid.axis(1)
+    ys = inputs.grid.y
     return np.asarray((ys[ys >= setup["surface_y_mm"]] - setup["surface_y_mm"]) / 10.0)

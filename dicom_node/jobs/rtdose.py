@@ -18,7 +18,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, RTDoseStorage, generate_uid
 
-from cloud.engines.base import UNCOMMISSIONED, Grid
+from cloud.engines.base import UNCOMMISSIONED
+from cloud.grid import Grid
 from cloud.merge import MergedDose
 
 _PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
@@ -116,8 +117,8 @@ def write_rt_dose(merged: MergedDose, grid: Grid, reference: Dataset, plan_ds: D
                f"{'plan total' if plan_total else 'per fraction'}, {merged.fractions} fractions")
     ds.ImageComments = "; ".join([*marks, *quantity, summary, *notes])[:10240]
 
-    x0, y0, z0 = grid.origin
-    dx, dy, dz = grid.spacing
+    z0, y0, x0 = grid.origin
+    dz, dy, dx = grid.spacing
     ds.ImagePositionPatient = [round(x0, 6), round(y0, 6), round(z0, 6)]
     ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     ds.PixelSpacing = [round(dy, 6), round(dx, 6)]  # row spacing (y), column spacing (x)

@@ -5,8 +5,9 @@ Everything here is plain arrays in and numbers out; the journal, files and polic
 
 Conventions (stated again in every report):
 
-- Arrays are indexed [z, y, x]; axes are voxel-centre coordinates in mm (DICOM patient
-  coordinates), increasing. Only axis-aligned grids (ImageOrientationPatient 1,0,0,0,1,0) are read.
+- Arrays are indexed [z, y, x] on a `cloud.grid.Grid` (the product's one grid, axis order z, y, x):
+  voxel-centre coordinates in mm (DICOM patient coordinates), increasing. Only axis-aligned grids
+  (ImageOrientationPatient 1,0,0,0,1,0) are read.
 - The reference dose of gamma is the Monte Carlo dose, the evaluated (searched) dose the TPS's. The
   common grid is the MC grid (default) or the TPS grid; the other dose is interpolated trilinearly
   onto it (scipy's RegularGridInterpolator) for the dose difference and the DVHs; gamma searches the
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
+from cloud.grid import Grid
 from dicom_node.errors import NodeError
 from dicom_node.qa.gamma import DEFAULT_INTERP_FRACTION, gamma_at_points
 
@@ -52,36 +54,15 @@ class ComparisonError(NodeError):
 
 
 @dataclass(frozen=True)
-class Grid:
-    """Values on a rectilinear grid: axes (z, y, x) in mm, increasing; values [z, y, x]."""
+class Volume:
+    """Values on a grid: ``values[k, j, i]`` lies at (grid.z[k], grid.y[j], grid.x[i])."""
 
-    z: np.ndarray
-    y: np.ndarray
-    x: np.ndarray
+    grid: Grid
     values: np.ndarray
 
-    @property
-    def axes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return (self.z, self.y, self.x)
-
-    @property
-    def spacing(self) -> tuple[float, float, float]:
-        return tuple(float(np.mean(np.diff(a))) if len(a) > 1 else 0.0 for a in self.axes)  # type: ignore[return-value]
-
-    @property
-    def voxel_volume_cc(self) -> float:
-        dz, dy, dx = self.spacing
-        return abs(dz * dy * dx) / 1000.0
-
-    def bounds(self) -> list[tuple[float, float]]:
-        return [(float(a[0]), float(a[-1])) for a in self.axes]
-
-    def describe(self) -> str:
-        dz, dy, dx = self.spacing
-        (z0, z1), (y0, y1), (x0, x1) = self.bounds()
-        nz, ny, nx = self.values.shape
-        return (f"{nx}x{ny}x{nz} voxels of {dx:.2f}x{dy:.2f}x{dz:.2f} mm, "
-                f"x {x0:.1f}..{x1:.1f}, y {y0:.1f}..{y1:.1f}, z {z0:.1f}..{z1:.1f} mm")
+    def __post_init__(self) -> None:
+        if self.values.shape != self.grid.shape:
+            raise ComparisonError(f"values of shape {self.values.shape} on a grid of {self.grid.shape}")
 
 
 def _orientation_ok(ds: Dataset) -> None:
@@ -90,16 +71,16 @@ def _orientation_ok(ds: Dataset) -> None:
         raise ComparisonError(f"only axial grids with ImageOrientationPatient 1,0,0,0,1,0 are compared; got {iop}")
 
 
-def _sorted_grid(z: np.ndarray, y: np.ndarray, x: np.ndarray, values: np.ndarray) -> Grid:
+def _sorted_grid(z: np.ndarray, y: np.ndarray, x: np.ndarray, values: np.ndarray) -> Volume:
     """Flip any decreasing axis so that every axis increases."""
     for axis, coords in enumerate((z, y, x)):
         if len(coords) > 1 and coords[1] < coords[0]:
             values = np.flip(values, axis=axis)
     z, y, x = (np.sort(a) for a in (z, y, x))
-    return Grid(z=z, y=y, x=x, values=np.ascontiguousarray(values))
+    return Volume(Grid(z=z, y=y, x=x), np.ascontiguousarray(values))
 
 
-def dose_from_rtdose(ds: Dataset, fractions: int | None = None, *, beam: bool = False) -> Grid:
+def dose_from_rtdose(ds: Dataset, fractions: int | None = None, *, beam: bool = False) -> Volume:
     """The plan dose (Gy) of an RT Dose; a FRACTION dose is multiplied by `fractions`.
 
     With `beam`, one beam's dose (DoseSummationType BEAM: all fractions, as RayStation and Eclipse export
@@ -134,7 +115,7 @@ def dose_from_rtdose(ds: Dataset, fractions: int | None = None, *, beam: bool = 
     return _sorted_grid(z, y, x, dose)
 
 
-def plan_dose(doses: list[Dataset], fractions: int | None = None) -> Grid:
+def plan_dose(doses: list[Dataset], fractions: int | None = None) -> Volume:
     """One plan dose from one RT Dose, or the sum of the per-beam RT Doses of every beam (same grid)."""
     if len(doses) == 1:
         return dose_from_rtdose(doses[0], fractions)
@@ -143,19 +124,19 @@ def plan_dose(doses: list[Dataset], fractions: int | None = None) -> Grid:
     total = first.values.copy()
     for g in grids[1:]:
         same = g.values.shape == first.values.shape and all(
-            np.allclose(a, b, atol=1e-3) for a, b in zip(g.axes, first.axes, strict=True))
+            np.allclose(a, b, atol=1e-3) for a, b in zip(g.grid.axes, first.grid.axes, strict=True))
         if not same:
-            raise ComparisonError(f"per-beam TPS doses on different grids cannot be summed: {first.describe()}; "
-                                  f"{g.describe()}")
+            raise ComparisonError(f"per-beam TPS doses on different grids cannot be summed: {first.grid.describe()}; "
+                                  f"{g.grid.describe()}")
         total += g.values
-    return Grid(first.z, first.y, first.x, total)
+    return Volume(first.grid, total)
 
 
-def uniform_grid(grid: Grid) -> Grid:
-    """The grid itself when evenly spaced on every axis, else resampled onto its smallest spacing."""
+def uniform_grid(volume: Volume) -> Volume:
+    """The volume itself when evenly spaced on every axis, else resampled onto its smallest spacing."""
     axes = []
     changed = False
-    for a in grid.axes:
+    for a in volume.grid.axes:
         steps = np.diff(a)
         if len(a) > 1 and np.max(np.abs(steps - steps.mean())) > 1e-3 * abs(steps.mean()):
             step = float(steps.min())
@@ -163,11 +144,11 @@ def uniform_grid(grid: Grid) -> Grid:
             changed = True
         axes.append(a)
     if not changed:
-        return grid
-    return Grid(axes[0], axes[1], axes[2], resample(grid, (axes[0], axes[1], axes[2]), fill=0.0))
+        return volume
+    return Volume(Grid(axes[0], axes[1], axes[2]), resample(volume, (axes[0], axes[1], axes[2]), fill=0.0))
 
 
-def ct_from_datasets(cts: list[Dataset]) -> Grid:
+def ct_from_datasets(cts: list[Dataset]) -> Volume:
     """CT numbers (HU) as a grid, slices sorted by z."""
     cts = sorted(cts, key=lambda d: float(d.ImagePositionPatient[2]))
     first = cts[0]
@@ -205,7 +186,7 @@ def _axis_weights(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndar
     return idx, w, inside
 
 
-def resample(src: Grid, onto: tuple[np.ndarray, np.ndarray, np.ndarray], fill: float = np.nan) -> np.ndarray:
+def resample(src: Volume, onto: tuple[np.ndarray, np.ndarray, np.ndarray], fill: float = np.nan) -> np.ndarray:
     """src's values interpolated trilinearly at every voxel centre of the grid `onto` (z, y, x).
 
     Points outside src's grid get `fill`. Trilinear interpolation on a rectilinear grid is separable:
@@ -213,7 +194,7 @@ def resample(src: Grid, onto: tuple[np.ndarray, np.ndarray, np.ndarray], fill: f
     """
     values = np.asarray(src.values, dtype=np.float64)
     inside_all = []
-    for axis, (coords, target) in enumerate(zip(src.axes, onto, strict=True)):
+    for axis, (coords, target) in enumerate(zip(src.grid.axes, onto, strict=True)):
         idx, w, inside = _axis_weights(np.asarray(coords, dtype=np.float64), np.asarray(target, dtype=np.float64))
         shape = [1, 1, 1]
         shape[axis] = len(target)
@@ -406,7 +387,7 @@ def centroid_shift(axes: tuple[np.ndarray, np.ndarray, np.ndarray], mc: np.ndarr
 
 
 def body_mask(axes: tuple[np.ndarray, np.ndarray, np.ndarray], structures: list[Structure],
-              ct: Grid | None) -> tuple[np.ndarray, str]:
+              ct: Volume | None) -> tuple[np.ndarray, str]:
     """Where the patient is on the grid `axes`, and how that was found (for the report)."""
     body = find_body(structures)
     if body is not None:
@@ -423,9 +404,9 @@ def body_mask(axes: tuple[np.ndarray, np.ndarray, np.ndarray], structures: list[
     return np.ones(shape, dtype=bool), "whole grid (no External ROI, no CT)"
 
 
-def compare(mc: Grid, tps: Grid, criteria: list[tuple[float, float]], *, low_dose_percent: float = 10.0,
+def compare(mc: Volume, tps: Volume, criteria: list[tuple[float, float]], *, low_dose_percent: float = 10.0,
             max_gamma: float = 2.0, resample_direction: str = "tps_to_mc",
-            structures: list[Structure] | None = None, ct: Grid | None = None,
+            structures: list[Structure] | None = None, ct: Volume | None = None,
             prescription_gy: float | None = None) -> Comparison:
     """Compare the TPS dose (evaluated) with the MC dose (reference) on one grid, inside the body.
 
@@ -433,20 +414,20 @@ def compare(mc: Grid, tps: Grid, criteria: list[tuple[float, float]], *, low_dos
     """
     if float(mc.values.max()) <= 0:
         raise ComparisonError("the MC dose is zero everywhere")
-    share = overlap_fraction(mc, tps)
+    share = overlap_fraction(mc.grid, tps.grid)
     if share <= 0:
-        raise ComparisonError(f"dose grids do not overlap: MC {mc.describe()}; TPS {tps.describe()}")
+        raise ComparisonError(f"dose grids do not overlap: MC {mc.grid.describe()}; TPS {tps.grid.describe()}")
     structures = structures or []
     start = time.perf_counter()
     if resample_direction == "tps_to_mc":
-        axes, common = mc.axes, mc
+        axes, common = mc.grid.axes, mc.grid
         ref = mc.values
         tps_on = resample(tps, axes)
         both = ~np.isnan(tps_on)
         ev = np.where(both, tps_on, 0.0)
         method = "TPS dose interpolated trilinearly onto the MC grid"
     elif resample_direction == "mc_to_tps":
-        axes, common = tps.axes, tps
+        axes, common = tps.grid.axes, tps.grid
         mc_on = resample(mc, axes)
         both = ~np.isnan(mc_on)
         ref = np.where(both, mc_on, 0.0)
@@ -483,7 +464,7 @@ def compare(mc: Grid, tps: Grid, criteria: list[tuple[float, float]], *, low_dos
     for dose_pct, dist_mm in criteria:
         key = f"{dose_pct:g}%/{dist_mm:g}mm"
         t0 = time.perf_counter()
-        values = gamma_at_points(points, ref_points, searched.axes, searched.values, dose_pct / 100.0 * norm,
+        values = gamma_at_points(points, ref_points, searched.grid.axes, searched.values, dose_pct / 100.0 * norm,
                                  dist_mm, max_gamma=max_gamma)
         g = np.full(ref.shape, np.nan)
         g[region] = values
@@ -497,13 +478,13 @@ def compare(mc: Grid, tps: Grid, criteria: list[tuple[float, float]], *, low_dos
         mask = rasterise(s, axes) & both
         masks[s.name] = mask
         colors[s.name] = s.color
-        rows.append({"name": s.name, "type": s.roi_type, "mc": dvh_metrics(ref, mask, common.voxel_volume_cc),
-                     "tps": dvh_metrics(ev, mask, common.voxel_volume_cc)})
+        rows.append({"name": s.name, "type": s.roi_type, "mc": dvh_metrics(ref, mask, common.voxel_volume_cm3),
+                     "tps": dvh_metrics(ev, mask, common.voxel_volume_cm3)})
     dvh_s = time.perf_counter() - start
     numbers = {
         "method": {
             "reference": "MC", "evaluated": "TPS", "resample": resample_direction, "resample_method": method,
-            "common_grid": common.describe(), "mc_grid": mc.describe(), "tps_grid": tps.describe(),
+            "common_grid": common.describe(), "mc_grid": mc.grid.describe(), "tps_grid": tps.grid.describe(),
             "gamma": "global 3D, pruned search (dicom_node.qa.gamma), TPS dose searched on its own grid",
             "normalisation": "prescription" if prescription_gy else "tps_max_in_body",
             "normalisation_source": norm_source, "normalisation_gy": round(norm, 5),

@@ -32,7 +32,7 @@ from pydicom.uid import EncapsulatedPDFStorage
 
 from cloud.engines.base import UNCOMMISSIONED
 from dicom_node.jobs.rtdose import new_instance
-from dicom_node.qa.compare import Comparison, Grid, cumulative_dvh, resample
+from dicom_node.qa.compare import Comparison, Volume, cumulative_dvh, resample
 
 METRICS = ("mean", "D98", "D95", "D50", "D2")
 
@@ -460,7 +460,7 @@ def centre_index(cmp: Comparison, point_mm: tuple[float, float, float] | None) -
 
 
 def write_report(out_dir: Path, cmp: Comparison, result: dict[str, Any], header: dict[str, str],
-                 ct: Grid | None = None, plan: Dataset | None = None) -> tuple[Path, Path]:
+                 ct: Volume | None = None, plan: Dataset | None = None) -> tuple[Path, Path]:
     """Write secondcheck.html and secondcheck.pdf into out_dir; return their paths."""
     # no label is math; matplotlib's mathtext parser otherwise costs seconds on the first figure
     with matplotlib.rc_context({"text.parse_math": False}):
@@ -468,7 +468,7 @@ def write_report(out_dir: Path, cmp: Comparison, result: dict[str, Any], header:
 
 
 def _write_report(out_dir: Path, cmp: Comparison, result: dict[str, Any], header: dict[str, str],
-                  ct: Grid | None, plan: Dataset | None) -> tuple[Path, Path]:
+                  ct: Volume | None, plan: Dataset | None) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     ct_vol = resample(ct, cmp.axes, fill=-1000.0) if ct is not None else None
     beams = beam_axes(plan)

@@ -34,7 +34,7 @@ from dicom_node.net.scu import send_paths
 from dicom_node.qa.compare import (
     Comparison,
     ComparisonError,
-    Grid,
+    Volume,
     compare,
     ct_from_datasets,
     dose_from_rtdose,
@@ -171,7 +171,7 @@ def mc_uncertainty(summary: dict[str, Any] | None) -> tuple[float | None, str]:
 
 
 def run_comparison(mc_ds: Any, tps_doses: Any, policy: SecondCheckSettings, rtstruct: Any = None,
-                   fractions: int | None = None, *, ct: Grid | None = None, plan: Any = None,
+                   fractions: int | None = None, *, ct: Volume | None = None, plan: Any = None,
                    summary: dict[str, Any] | None = None) -> tuple[Comparison, dict[str, Any]]:
     """Compare the MC RT Dose with the TPS RT Dose(s) under the policy; the result is what the journal stores.
 
@@ -345,7 +345,7 @@ class SecondCheck:
         return verified
 
     def _compare(self, job: Job, doses: list[Instance]) -> tuple[Comparison, dict[str, Any], dict[str, str],
-                                                                 Grid | None, Any]:
+                                                                 Volume | None, Any]:
         mc_ds = dcmread(job.data.rtdose)
         tps_list = [dcmread(d.path) for d in doses]
         plan = dcmread(job.data.plan, stop_before_pixels=True)

@@ -44,7 +44,7 @@ def dose_planes_png(ct_paths: list[str], dose_path: str, structure_set: str | No
                     plan_path: str | None = None) -> bytes:
     """PNG bytes: axial, coronal and sagittal planes through the isocenter (else the dose maximum)."""
     dose = dose_from_rtdose(dcmread(dose_path))
-    axes = dose.axes
+    axes = dose.grid.axes
     ct = resample(ct_from_datasets([dcmread(p) for p in ct_paths]), axes, fill=-1000.0) if ct_paths else None
     z, y, x = axes
     iso = _isocenter(plan_path)

@@ -43,11 +43,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cloud.engines import dosegrid
-from cloud.engines.base import GENERIC_MODEL, UNCOMMISSIONED, DoseOptions, Engine, Grid, ShardInputs, Tally
+from cloud.engines.base import GENERIC_MODEL, UNCOMMISSIONED, DoseOptions, Engine, ShardInputs, Tally
 from cloud.engines.ct import ct_grid, ct_slices, ct_volume
 from cloud.engines.mcsquare.bdl import BeamModel, read_bdl
 from cloud.engines.mcsquare.ionplan import IonPlan, read_ion_plan
 from cloud.errors import EngineError, EngineUnavailable, UnsupportedPlan
+from cloud.grid import Grid
 
 if TYPE_CHECKING:  # pydicom costs ~0.5 s to import; a worker only needs it for type hints
     from pydicom.dataset import Dataset
@@ -155,8 +156,10 @@ def generic_beam_model_path() -> Path:
     return _data_file("generic_pbs_bdl.txt")
 
 
-def write_mhd(path: Path, volume_zyx: np.ndarray, spacing: tuple[float, float, float]) -> None:
-    """Write a [z, y, x] volume as MHD + RAW in MCsquare's frame (rows and columns reversed)."""
+def write_mhd(path: Path, volume_zyx: np.ndarray, spacing_zyx: tuple[float, float, float]) -> None:
+    """Write a [z, y, x] volume with its (dz, dy, dx) spacing as MHD + RAW in MCsquare's frame (rows and
+    columns reversed; the header lists spacing and size x first)."""
+    dz, dy, dx = spacing_zyx
     element = {np.dtype(np.int16): "MET_SHORT", np.dtype(np.float32): "MET_FLOAT"}[volume_zyx.dtype]
     raw = path.with_suffix(".raw")
     nz, ny, nx = volume_zyx.shape
@@ -167,7 +170,7 @@ def write_mhd(path: Path, volume_zyx: np.ndarray, spacing: tuple[float, float, f
         "BinaryDataByteOrderMSB = False",
         "CompressedData = False",
         "Offset = 0 0 0",
-        f"ElementSpacing = {spacing[0]:.6f} {spacing[1]:.6f} {spacing[2]:.6f}",
+        f"ElementSpacing = {dx:.6f} {dy:.6f} {dz:.6f}",
         f"DimSize = {nx} {ny} {nz}",
         f"ElementType = {element}",
         f"ElementDataFile = {raw.name}",
@@ -200,7 +203,7 @@ def read_mhd(path: Path) -> np.ndarray:
 
 def to_mcsquare_frame(point: tuple[float, float, float], grid: Grid) -> tuple[float, float, float]:
     """A DICOM patient-coordinate point (mm) in MCsquare's image frame (mm)."""
-    (x0, y0, z0), (dx, dy, dz) = grid.origin, grid.spacing
+    (z0, y0, x0), (dz, dy, dx) = grid.origin, grid.spacing
     ny = grid.shape[1]
     return (point[0] - (x0 - dx / 2), (y0 - dy / 2) + ny * dy - point[1], point[2] - (z0 - dz / 2))
 
@@ -275,8 +278,8 @@ def scoring_keys(ct: Grid, dose: Grid | None) -> dict[str, str]:
     """
     if dose is None or dosegrid.same_grid(dose, ct):
         return {}
-    (x0, y0, z0), (dx, dy, dz) = ct.origin, ct.spacing
-    (gx0, gy0, gz0), (gdx, gdy, gdz) = dose.origin, dose.spacing
+    (z0, y0, x0), (dz, dy, dx) = ct.origin, ct.spacing
+    (gz0, gy0, gx0), (gdz, gdy, gdx) = dose.origin, dose.spacing
     gnz, gny, gnx = dose.shape
     corner = (gx0 - gdx / 2 - (x0 - dx / 2),
               (y0 - dy / 2) + ct.shape[1] * dy - (gy0 + (gny - 0.5) * gdy),

@@ -42,8 +42,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cloud.engines.base import GENERIC_MODEL, UNCOMMISSIONED, DoseOptions, Engine, Grid, ShardInputs, Tally
+from cloud.engines.base import GENERIC_MODEL, UNCOMMISSIONED, DoseOptions, Engine, ShardInputs, Tally
 from cloud.errors import EngineError, EngineUnavailable, UnsupportedPlan
+from cloud.grid import Grid
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -113,8 +114,8 @@ def prepare_water_phantom(beam: WaterPhantomBeam, work_dir: Path) -> ShardInputs
     if beam.source not in ("co60", "mono", *SHIPPED_SPECTRA):
         raise EngineError(f"unknown source {beam.source!r} (spectra: {', '.join(SHIPPED_SPECTRA)})")
     nz = beam.n_depth
-    grid = Grid(shape=(nz, 1, 1), origin=(0.0, 0.0, 10.0 * beam.dz / 2),
-                spacing=(10.0 * beam.column, 10.0 * beam.column, 10.0 * beam.dz))
+    grid = Grid.regular((nz, 1, 1), origin=(10.0 * beam.dz / 2, 0.0, 0.0),
+                        spacing=(10.0 * beam.dz, 10.0 * beam.column, 10.0 * beam.column))
     inputs = ShardInputs(root=work_dir, engine=NAME, grid=grid, protons_per_fraction=1.0, fractions=1,
                          extra={"kind": KIND_WATER_PHANTOM, "beam": asdict(beam)})
     inputs.save()

@@ -37,9 +37,10 @@ from typing import Any
 import numpy as np
 
 from cloud.engines import dosegrid
-from cloud.engines.base import GENERIC_MODEL, Grid
+from cloud.engines.base import GENERIC_MODEL
 from cloud.engines.ompmc.photonplan import PhotonBeam, PhotonPlan, open_fraction
 from cloud.errors import EngineError, UnsupportedPlan
+from cloud.grid import Grid
 
 MEDIA = ("AIR700ICRU", "LUNG700ICRU", "H2O700ICRU", "ICRPBONE700ICRU")
 MEDIUM_DENSITY_LIMITS = (0.05, 0.8, 1.2)  # air below 0.05, lung below 0.8, water below 1.2, bone above
@@ -134,8 +135,7 @@ def transport_density(volume_hu: np.ndarray, ct: Grid, transport: Grid | None) -
 
 def write_geometry(density: np.ndarray, grid: Grid, path: Path) -> None:
     """The transport geometry: voxel edges (cm), density and medium (by density) on ``grid``."""
-    edges = [(grid.origin[i] - grid.spacing[i] / 2 + grid.spacing[i] * np.arange(grid.shape[2 - i] + 1)) / 10.0
-             for i in range(3)]
+    edges = [e / 10.0 for e in grid.voxel_edges()[::-1]]  # cm, x first (ompMC's order)
     np.savez_compressed(path, x=edges[0], y=edges[1], z=edges[2], density=density.astype(np.float32),
                         medium=density_to_medium(density).astype(np.int8))
 
