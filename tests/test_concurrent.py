@@ -41,15 +41,18 @@ def _hosts(s: Sshd, work: Path, n: int, command: str = WORKER) -> list[dict[str,
 
 
 def _ssh_settings(config_dir: Path, server: Sshd, tmp_path: Path, tps_port: int, *, jobs: int, hosts: int,
-                  command: str = WORKER, primaries: int = 2000, shards: int = 2):
+                  command: str = WORKER, primaries: int = 2000, shards: int = 2,
+                  senders: tuple[tuple[str, str], ...] = (("TPS", "normal"),)):
     return settings_for(
         config_dir,
+        node={"allowed_callers": [aet for aet, _priority in senders]},
         engine={"primaries": primaries, "threads": 1},
         cloud={"backend": "ssh", "shards": shards, "max_concurrent_jobs": jobs, "shard_retries": 0,
                "ssh": {"hosts": _hosts(server, tmp_path / "work", hosts, command),
                        "known_hosts_file": str(server.known_hosts)}},
         outbox={"retry_initial_seconds": 0.5, "retry_max_seconds": 2},
-        destinations=[{"calling_ae_title": "TPS", "ae_title": "TPS", "host": "127.0.0.1", "port": tps_port}])
+        destinations=[{"calling_ae_title": aet, "ae_title": "TPS", "host": "127.0.0.1", "port": tps_port,
+                       "priority": priority} for aet, priority in senders])
 
 
 @pytest.mark.slow
@@ -166,3 +169,42 @@ def test_cancel_stops_the_shards_and_records_cancelled(config_dir, node_factory,
     # a final state: cancelling again is refused with the reason
     assert main(["cancel", job.id, "-c", str(config_dir / "mcnode.toml")]) == 1
     assert "cannot be cancelled" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_planners_plan_sent_after_a_second_check_is_computed_first(config_dir, node_factory, storescp, server,
+                                                                     tmp_path):
+    """With the one worker busy, a plan from the planner's AE title (priority interactive) that arrives
+    after an automatic second check (AE title of the checker, priority batch) gets the worker first."""
+    tps_port, tps_dir = storescp(aet="TPS")
+    gate = tmp_path / "gate"  # the worker's shards wait for it: the first job holds the worker meanwhile
+    gated = f"sh -c 'while [ ! -e {gate} ]; do sleep 0.1; done; exec {WORKER} \"$@\"' sh"
+    settings = _ssh_settings(config_dir, server, tmp_path, tps_port, jobs=3, hosts=1, command=gated,
+                             senders=(("CHECKER", "batch"), ("PLANNER", "interactive")))
+    node = node_factory(settings, compute=True)
+    plans = {}
+    for name in ("busy", "check", "planner"):
+        ident = FakeIdentity(patient_name=f"Priority^{name}", patient_id=f"PAT-{name}")
+        study = build_study(replace(SMALL, identity=ident))
+        write_study(study, tmp_path / name)
+        plans[name] = study.plan.SOPInstanceUID
+
+    def dispatched(name: str):
+        """The job of that plan once its shards are handed to the backend (waiting for the worker)."""
+        jobs = [j for j in node.journal.jobs_in(JobState.RUNNING) if j.plan_uid == plans[name]]
+        return jobs[0] if jobs and jobs[0].shards_total > 0 else None
+
+    ids = {}
+    for name, aet in (("busy", "CHECKER"), ("check", "CHECKER"), ("planner", "PLANNER")):
+        assert storescu(node.port, sorted((tmp_path / name).iterdir()), aet=aet).returncode == 0
+        ids[name] = wait_for(lambda name=name: dispatched(name), timeout=120).id  # type: ignore[misc]
+    time.sleep(0.5)  # the planner's backend has joined the share (right after its progress is recorded)
+    gate.touch()
+    wait_for(lambda: len(node.journal.jobs_in(JobState.SENT)) == 3, timeout=300, interval=0.5)
+    merged = {name: next(t for s, _r, t in node.journal.history(jid) if s == "MERGED") for name, jid in ids.items()}
+    # the freed worker went to the planner's shards, ahead of the check that arrived first (and of the
+    # rest of the first job, which was still computing)
+    assert merged["planner"] < merged["check"], merged
+    assert merged["planner"] < merged["busy"], merged
+    doses = {dcmread(p).PatientID for p in tps_dir.iterdir()}
+    assert doses == {"PAT-busy", "PAT-check", "PAT-planner"}
