@@ -3,22 +3,33 @@
 A shard is (job, index, primaries, seed); every shard simulates the whole plan with its own seed.
 Shards whose sealed result already exists and opens are not run again, so a job interrupted while
 RUNNING re-attaches to the work already done.
+
+`dispatch_merged` adds each shard's tally to a StreamingMerge as the shard ends, on a few merger
+threads, while the other shards still compute: what is left after the last shard is that tally's
+opening and summing and the final division (issue 14; BENCHMARKS.md "Merge as n grows"). Opening
+(decrypt, decompress) runs on up to MERGE_THREADS threads at once (zlib and numpy release the
+GIL); the sums themselves take turns.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from anonymizer.errors import AnonymizerError
 from cloud.backends.base import Backend
+from cloud.engines.base import Tally
 from cloud.errors import CloudError, DispatchError
+from cloud.merge import StreamingMerge
 from cloud.stores.base import store_for
 from cloud.worker import ShardTask, load_result
 
 LOGGER = logging.getLogger(__name__)
 
 BASE_SEED = 1000
+MERGE_THREADS = max(1, min(4, os.cpu_count() or 1))  # tallies opened at once (each holds one tally's memory)
 
 
 def split_primaries(primaries: int, shards: int) -> list[int]:
@@ -86,3 +97,50 @@ def dispatch(tasks: list[ShardTask], key: bytes, backend: Backend,
     if todo:
         backend.run(todo, key, _one_done)
     return [load_result(t, key) for t in tasks]
+
+
+def dispatch_merged(tasks: list[ShardTask], key: bytes, backend: Backend, acc: StreamingMerge,
+                    on_progress: Callable[[int, int], None] | None = None) -> None:
+    """Run every task not yet in `acc` (nor finished from an earlier run) and add each one's tally to
+    `acc` as it arrives; returns when all of `tasks` are in `acc`. Opening and summing a tally happens
+    on merger threads, so the backend's loop keeps starting and polling shards meanwhile; the first
+    error of the merger (a result that does not open, a duplicate seed) is raised here."""
+    todo: list[ShardTask] = []
+    merger = ThreadPoolExecutor(max_workers=MERGE_THREADS, thread_name_prefix="merge")
+    adding: list[Future[None]] = []
+
+    def add(task: ShardTask) -> None:
+        acc.add(Tally.from_bytes(load_result(task, key)), index=task.index)
+
+    try:
+        for t in tasks:
+            if t.index in acc:
+                continue
+            if store_for(t.result_uri).exists(t.result_uri):
+                try:
+                    add(t)  # re-attach: a shard an earlier run finished
+                    continue
+                except (CloudError, AnonymizerError) as exc:
+                    LOGGER.warning("job %s shard %d: stored result unusable (%s); running it again", t.job_id,
+                                   t.index, exc)
+            todo.append(t)
+        done = len(tasks) - len(todo)
+        if done and todo:
+            LOGGER.info("job %s: %d of %d shards already done; running %d", tasks[0].job_id, done, len(tasks),
+                        len(todo))
+        count = [done]
+        if on_progress:
+            on_progress(done, len(tasks))
+
+        def _one_done(task: ShardTask) -> None:
+            adding.append(merger.submit(add, task))
+            count[0] += 1
+            if on_progress:
+                on_progress(count[0], len(tasks))
+
+        if todo:
+            backend.run(todo, key, _one_done)
+        for fut in adding:
+            fut.result()
+    finally:
+        merger.shutdown(wait=True, cancel_futures=True)

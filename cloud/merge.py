@@ -19,6 +19,7 @@ of low-dose voxels cannot dominate (a mean of per-voxel ratios can be).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ from cloud.errors import MergeError
 
 RBE_PROTON = 1.1
 HIGH_DOSE_FRACTION = 0.5
+CHUNK_VOXELS = 1 << 18  # voxels summed at a time by StreamingMerge.add (2 MB of float64 scratch)
 
 
 @dataclass
@@ -54,55 +56,129 @@ class MergedDose:
         return None if self.std_error_per_fraction_gy is None else self.std_error_per_fraction_gy * self.fractions
 
 
+class StreamingMerge:
+    """Shards' tallies summed as they arrive, so a job's merge runs while its other shards compute and
+    its memory stays a few grids whatever the shard count (issue 14: the node used to hold all n tallies
+    and read them twice after the last one arrived).
+
+    With p_i a shard's primaries and P their sum, the batch estimator above needs only running sums:
+    mean = sum(p_i d_i) / P and sum(p_i^2 (d_i - mean)^2) = A - 2 m B + m^2 C with A = sum(p_i^2 x_i^2),
+    B = sum(p_i^2 x_i), C = sum(p_i^2). The sums are taken on x_i = d_i - d_ref, each shard's
+    difference from the first tally that arrived (the "shifted data" form): the x_i are noise-sized, so
+    A - 2 m B + m^2 C does not cancel catastrophically, and the result equals the two-pass merge to
+    float64 rounding (tests/test_merge_stream.py). It holds three float64 grids and the first tally (28 bytes a
+    voxel), whatever the number of shards; `add` is thread-safe.
+    A shard index or seed seen twice, a grid of another shape or a shard without primaries is refused.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seeds: dict[int, int] = {}          # shard index -> seed
+        self.wall_s: dict[int, float] = {}       # shard index -> the worker's wall time
+        self._primaries: list[int] = []
+        self._ref: np.ndarray | None = None      # the first tally (float32, as the engine wrote it)
+        self._s1 = self._a = self._b = np.zeros(0)
+        self._c = 0.0
+
+    def __contains__(self, index: int) -> bool:
+        return index in self.seeds
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def primaries(self) -> int:
+        return sum(self._primaries)
+
+    def add(self, tally: Tally, index: int | None = None) -> None:
+        """Add one shard (`index`: its shard number; default the next)."""
+        d = tally.dose_per_primary
+        with self._lock:
+            index = len(self.seeds) if index is None else index
+            if index in self.seeds:
+                raise MergeError(f"shard {index} merged twice")
+            if tally.seed in self.seeds.values():
+                raise MergeError(f"shards with the same seed are not independent: seed {tally.seed} twice")
+            if tally.primaries <= 0:
+                raise MergeError("a shard reports no primaries")
+            if self._ref is None:
+                self._ref = np.array(d, copy=True)
+                self._s1, self._a, self._b = (np.zeros(d.shape, dtype=np.float64) for _ in range(3))
+            elif d.shape != self._ref.shape:
+                raise MergeError(f"shards on different grids: {sorted({d.shape, self._ref.shape})}")
+            p = float(tally.primaries)
+            ref, s1, a, b = (arr.reshape(-1) for arr in (self._ref, self._s1, self._a, self._b))
+            flat = d.reshape(-1)
+            for lo in range(0, flat.size, CHUNK_VOXELS):  # a slab at a time: its scratch stays in cache
+                hi = lo + CHUNK_VOXELS
+                x = np.subtract(flat[lo:hi], ref[lo:hi], dtype=np.float64)
+                x *= p                  # p x
+                s1[lo:hi] += x
+                a[lo:hi] += x * x       # p^2 x^2
+                x *= p                  # p^2 x
+                b[lo:hi] += x
+            self._c += p * p
+            self.seeds[index] = tally.seed
+            self.wall_s[index] = tally.wall_s
+            self._primaries.append(tally.primaries)
+
+    def result(self, protons_per_fraction: float, fractions: int, rbe: bool = False, *, expected_shards: int,
+               expected_primaries: int | None = None, body: np.ndarray | None = None) -> MergedDose:
+        """The merged dose of the shards added so far (more may be added after: waves)."""
+        with self._lock:
+            n = len(self.seeds)
+            if n != expected_shards:
+                raise MergeError(f"{n} of {expected_shards} shards present; refusing to merge a partial set")
+            if self._ref is None:
+                raise MergeError("no shards to merge")
+            total = self.primaries
+            if expected_primaries is not None and total != expected_primaries:
+                raise MergeError(f"shards hold {total} primaries, expected {expected_primaries}")
+            if body is not None and body.shape != self._ref.shape:
+                raise MergeError(f"body mask {body.shape} is not on the dose grid {self._ref.shape}")
+            if protons_per_fraction <= 0 or fractions <= 0:
+                raise MergeError(f"protons per fraction ({protons_per_fraction}) and fractions ({fractions}) "
+                                 "must be positive")
+            big_p = float(total)
+            mean = np.empty(self._ref.shape, dtype=np.float64)
+            se: np.ndarray | None = None if n < 2 else np.empty_like(mean)
+            ref, s1, a, b = (arr.reshape(-1) for arr in (self._ref, self._s1, self._a, self._b))
+            out_mean, out_se = mean.reshape(-1), None if se is None else se.reshape(-1)
+            for lo in range(0, ref.size, CHUNK_VOXELS):
+                hi = lo + CHUNK_VOXELS
+                m = s1[lo:hi] / big_p                      # mean of the x_i
+                if out_se is not None:
+                    spread = a[lo:hi] - (2.0 * m) * b[lo:hi]
+                    spread += (m * m) * self._c            # sum p_i^2 (x_i - m)^2
+                    np.maximum(spread, 0.0, out=spread)   # rounding below zero
+                    np.sqrt(spread * (n / (n - 1)), out=spread)
+                    np.divide(spread, big_p, out=out_se[lo:hi])
+                np.add(m, ref[lo:hi], out=out_mean[lo:hi])
+        if body is not None:
+            mean[~body] = 0.0
+            if se is not None:
+                se[~body] = 0.0
+        scale = protons_per_fraction * (RBE_PROTON if rbe else 1.0)
+        per_fraction = mean * scale
+        se_fraction = None if se is None else se * scale
+        merged = MergedDose(per_fraction_gy=per_fraction, plan_gy=per_fraction * fractions,
+                            std_error_per_fraction_gy=se_fraction, fractions=fractions, rbe=rbe, primaries=total,
+                            shards=n)
+        merged.summary = summarize(merged, body)
+        return merged
+
+
 def merge(tallies: Sequence[Tally], protons_per_fraction: float, fractions: int, rbe: bool = False, *,
           expected_shards: int, expected_primaries: int | None = None, body: np.ndarray | None = None
           ) -> MergedDose:
     """Merge all shards of one job; MergeError if any is missing, duplicated or from another grid."""
     if len(tallies) != expected_shards:
         raise MergeError(f"{len(tallies)} of {expected_shards} shards present; refusing to merge a partial set")
-    if not tallies:
-        raise MergeError("no shards to merge")
-    seeds = [t.seed for t in tallies]
-    if len(set(seeds)) != len(seeds):
-        raise MergeError(f"shards with the same seed are not independent: seeds {sorted(seeds)}")
-    shapes = {t.dose_per_primary.shape for t in tallies}
-    if len(shapes) != 1:
-        raise MergeError(f"shards on different grids: {sorted(shapes)}")
-    primaries = np.array([t.primaries for t in tallies], dtype=np.float64)
-    if np.any(primaries <= 0):
-        raise MergeError("a shard reports no primaries")
-    total = int(primaries.sum())
-    if expected_primaries is not None and total != expected_primaries:
-        raise MergeError(f"shards hold {total} primaries, expected {expected_primaries}")
-    if body is not None and body.shape != next(iter(shapes)):
-        raise MergeError(f"body mask {body.shape} is not on the dose grid {next(iter(shapes))}")
-    if protons_per_fraction <= 0 or fractions <= 0:
-        raise MergeError(f"protons per fraction ({protons_per_fraction}) and fractions ({fractions}) must be positive")
-
-    weights = primaries / primaries.sum()
-    mean = np.zeros(next(iter(shapes)), dtype=np.float64)
-    for w, t in zip(weights, tallies, strict=True):
-        mean += w * t.dose_per_primary.astype(np.float64)
-    n = len(tallies)
-    se: np.ndarray | None = None
-    if n >= 2:
-        acc = np.zeros_like(mean)
-        for w, t in zip(weights, tallies, strict=True):
-            acc += (w * (t.dose_per_primary.astype(np.float64) - mean)) ** 2
-        se = np.sqrt(acc * n / (n - 1))
-    if body is not None:
-        mean[~body] = 0.0
-        if se is not None:
-            se[~body] = 0.0
-
-    scale = protons_per_fraction * (RBE_PROTON if rbe else 1.0)
-    per_fraction = mean * scale
-    se_fraction = None if se is None else se * scale
-    merged = MergedDose(per_fraction_gy=per_fraction, plan_gy=per_fraction * fractions,
-                        std_error_per_fraction_gy=se_fraction, fractions=fractions, rbe=rbe, primaries=total,
-                        shards=n)
-    merged.summary = summarize(merged, body)
-    return merged
+    acc = StreamingMerge()
+    for tally in tallies:
+        acc.add(tally)
+    return acc.result(protons_per_fraction, fractions, rbe, expected_shards=expected_shards,
+                      expected_primaries=expected_primaries, body=body)
 
 
 def pooled_relative_se(dose: np.ndarray, se: np.ndarray, region: np.ndarray) -> float | None:

@@ -5,7 +5,8 @@
                        scanner's name does not survive de-identification)
     dose_options    -> the dose grid and the body/water options
     prepare         -> the engine's inputs folder (beam models from [engine] beam_models)
-    merge_dose      -> all shards' tallies as one dose (refuses a partial set; RBE for protons only)
+    merge_dose      -> all shards' tallies (or a StreamingMerge of them) as one dose (refuses a partial
+                       set; RBE for protons only)
     rt_dose         -> the RT Dose dataset on the dose grid, saying which model, tables and noise
 
 The pipeline runs them around de-identification, sealing and dispatch to a backend
@@ -33,7 +34,7 @@ from cloud.engines import engine_name_for, get_engine
 from cloud.engines.base import DoseOptions, Engine, ShardInputs, Tally
 from cloud.engines.dosegrid import grid_from_rtdose
 from cloud.errors import DispatchError, EngineError, MergeError, UnsupportedPlan
-from cloud.merge import MergedDose, merge
+from cloud.merge import MergedDose, StreamingMerge, merge
 from dicom_node.errors import NodeError, PlanRejected
 from dicom_node.jobs.ctcal import CtCalibration, choose_ct_calibration
 from dicom_node.jobs.rtdose import write_rt_dose
@@ -90,11 +91,15 @@ def calibration_text(engine: Engine, calibration: CtCalibration, inputs: ShardIn
     return calibration.description if engine.name == "mcsquare" else inputs.ct_calibration
 
 
-def merge_dose(tallies: Sequence[Tally], inputs: ShardInputs, settings: EngineSettings, *, expected_shards: int,
-               expected_primaries: int | None = None, body: np.ndarray | None = None) -> MergedDose:
-    """Every shard's tally as one plan dose (RBE 1.1 when [engine] rbe, for protons only); MergeError on a
-    partial set."""
+def merge_dose(tallies: Sequence[Tally] | StreamingMerge, inputs: ShardInputs, settings: EngineSettings, *,
+               expected_shards: int, expected_primaries: int | None = None, body: np.ndarray | None = None
+               ) -> MergedDose:
+    """Every shard's tally (or their running sums, summed as they arrived) as one plan dose (RBE 1.1 when
+    [engine] rbe, for protons only); MergeError on a partial set."""
     rbe = settings.rbe and inputs.engine == "mcsquare"
+    if isinstance(tallies, StreamingMerge):
+        return tallies.result(inputs.protons_per_fraction, inputs.fractions, rbe, expected_shards=expected_shards,
+                              expected_primaries=expected_primaries, body=body)
     return merge(tallies, inputs.protons_per_fraction, inputs.fractions, rbe, expected_shards=expected_shards,
                  expected_primaries=expected_primaries, body=body)
 

@@ -5,8 +5,9 @@ that is interrupted (crash, SIGKILL, restart) is simply done again from the last
 
 - READY   → de-identify (identity to the vault), prepare engine inputs, seal the bundle → SEALED
 - SEALED  → RUNNING is recorded *before* any shard starts
-- RUNNING → dispatch the shards that have no verified result yet (re-attach), merge, write the
-            RT Dose from the anonymized data, re-identify it through the vault → MERGED
+- RUNNING → dispatch the shards that have no verified result yet (re-attach), merge (each tally is
+            summed as its shard ends, while the others compute), write the RT Dose from the
+            anonymized data, re-identify it through the vault → MERGED
 - MERGED  → the outbox sends it; SENT only after the TPS answered success
 
 Errors are sorted at this boundary: a plan the engine can never compute is REJECTED with the
@@ -45,10 +46,11 @@ from cloud.backends import get_backend
 from cloud.backends.base import Backend
 from cloud.backends.share import PRIORITIES, FairShare
 from cloud.bundle import make_bundle
-from cloud.dispatch import dispatch, plan_tasks, primaries_for_target
+from cloud.dispatch import dispatch_merged, plan_tasks, primaries_for_target
 from cloud.engines import dosegrid
-from cloud.engines.base import BODY_MASK, INPUTS_JSON, ShardInputs, Tally
+from cloud.engines.base import BODY_MASK, INPUTS_JSON, ShardInputs
 from cloud.errors import Cancelled, CloudError, UnsupportedPlan
+from cloud.merge import StreamingMerge
 from cloud.sizing import CostModel, finish_job, plan_job
 from dicom_node.errors import JournalError, NodeError, PlanRejected
 from dicom_node.intake.jobrecord import JobData, JobState, PublicData
@@ -437,24 +439,23 @@ class Pipeline:
         backend = self._backend_for(job)
         bundle_uri, results_uri = (folder / "bundle.sealed").as_uri(), (folder / "results").as_uri()
         compute_s = merge_s = 0.0
+        acc = StreamingMerge()  # every shard's tally is summed as it arrives, wave after wave
         while True:
             tasks = [t for w in waves for t in plan_tasks(job.id, int(w["shards"]), int(w["primaries"]), bundle_uri,
                                                           results_uri, first_index=int(w["first_shard"]))]
             start = time.perf_counter()
             failures_before = backend.shard_failures
             try:
-                results = dispatch(tasks, key, backend,
-                                   on_progress=lambda d, t: self.journal.set_progress(job.id, d, t))
+                dispatch_merged(tasks, key, backend, acc,
+                                on_progress=lambda d, t: self.journal.set_progress(job.id, d, t))
             finally:
                 if backend.shard_failures > failures_before:  # over every attempt of the job (/metrics)
                     recorded = self.journal.job(job.id).data.public.shard_failures or 0
                     total = recorded + backend.shard_failures - failures_before
                     self.journal.update_job_data(job.id, JobData(public=PublicData(shard_failures=total)))
-            compute_s += time.perf_counter() - start
+            compute_s += time.perf_counter() - start  # with the merge of every shard but the last (overlapped)
             start = time.perf_counter()
-            tallies = [Tally.from_bytes(b) for b in results]
-            del results
-            merged = merge_dose(tallies, inputs, eng, expected_shards=len(tasks), body=body)
+            merged = merge_dose(acc, inputs, eng, expected_shards=len(tasks), body=body)
             merge_s += time.perf_counter() - start
             unc = merged.summary["uncertainty_percent"]
             wave = waves[-1]
@@ -498,4 +499,4 @@ class Pipeline:
             rtdose=str(out),
             public=PublicData(summary=summary, shards=len(tasks), primaries=done, sizing=sizing, waves=waves,
                               uncertainty_target_met=target_met, warnings=warnings or None,
-                              shard_wall_s=[round(t.wall_s, 3) for t in tallies])))
+                              shard_wall_s=[round(acc.wall_s[i], 3) for i in sorted(acc.wall_s)])))
