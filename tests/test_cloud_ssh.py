@@ -7,8 +7,10 @@ also when one host's worker fails and its shards are retried on the others.
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -130,20 +132,34 @@ def test_shard_past_its_deadline_is_stopped(job, server, tmp_path):
 def test_pooled_connection_is_reused_by_the_next_run(job, server, tmp_path):
     from cloud.backends.ssh import POOL
 
-    hosts = [host(server, tmp_path / "pooled")]
+    work = tmp_path / "pooled"
+    hosts = [host(server, work)]
 
-    def run(name: str) -> object:
+    def run(name: str, bundle_uri: str = job.bundle_uri) -> tuple[object, list[tuple[str, float]]]:
         backend = get_backend("ssh", hosts=hosts, known_hosts=server.known_hosts, retries=0, deadline_s=120,
                               keep_connections_s=60)
-        dispatch(shard_tasks(job, 1, 500, name), job.key, backend)
-        (idle,) = [e for entries in POOL._idle.values() for e in entries if e[1].get_transport().getpeername()[1]
-                   == server.port]
-        return idle[1]
+        tasks = [replace(t, bundle_uri=bundle_uri) for t in shard_tasks(job, 1, 500, name)]
+        tally = dispatch(tasks, job.key, backend)
+        assert Tally.from_bytes(tally[0]).primaries == 500  # the result came back over the exec channel
+        (idle,) = [w for entries in POOL._idle.values() for _t, w in entries
+                   if w.client.get_transport().getpeername()[1] == server.port]
+        return idle.client, backend.phases
 
     try:
-        first = run("pool-a")
-        assert run("pool-b") is first  # the second job ran over the first job's connection
-        assert not list((tmp_path / "pooled").iterdir())  # each run's folder removed, connection kept
+        first, phases = run("pool-a")
+        assert [p for p, _s in phases].count("stage") == 1
+        second, phases = run("pool-b")
+        assert second is first  # the second run went over the first run's connection
+        # ... and found the same bundle staged in the connection's folder (a job's next wave)
+        assert "stage" not in dict(phases) and "exec" in dict(phases)
+        (folder,) = list(work.iterdir())  # the pooled connection's folder: the staged bundle, no results
+        assert [p.name for p in folder.iterdir()] == ["bundle-0.sealed"]
+        # another job's bundle replaces it in the same place
+        other = tmp_path / "other.sealed"
+        shutil.copy(job.bundle, other)
+        assert run("pool-c", other.as_uri())[0] is first
+        assert [p.name for p in folder.iterdir()] == ["bundle-0.sealed"]
     finally:
         POOL.close_idle()
     assert not POOL._idle
+    assert not list(work.iterdir())  # closing the connection removed its folder

@@ -2,9 +2,16 @@
 
 Everything per host happens on all hosts at once (one thread each): connect, stage the sealed
 bundle by SFTP (once per host; a bundle already in S3 is fetched by the worker itself), launch the
-worker, collect the sealed tally by SFTP, and remove the host's work folder. That is what keeps
-the per-node overhead (beta) flat. Retries, deadlines and progress: base.Backend.run; this module
-starts a shard on a free host slot (each on its own thread: run, then collect) and stops it.
+worker, and take the sealed tally back over the same exec channel (the worker's shell sends the
+result file on its standard output once the worker succeeded), then remove the host's work folder.
+That is what keeps the per-node overhead (beta) flat. Retries, deadlines and progress:
+base.Backend.run; this module starts a shard on a free host slot (each on its own thread) and stops it.
+
+With pooled connections (`keep_connections_s` > 0) a connection keeps its work folder and the
+bundle staged in it while it waits for the next run: the next wave of the same job (same bundle
+file, same size and time) stages nothing, and a shard costs one exec channel and no SFTP request at
+all (BENCHMARKS.md, "Distributed overhead at scale"). The folder is removed when the connection is
+closed (idle for `keep_connections_s`, or the node stops); it holds only sealed bundles.
 
 The data key goes to each worker on its channel's standard input; it is never on a command line
 and never in a file. Host keys are checked against a known-hosts file (paramiko's RejectPolicy);
@@ -40,6 +47,7 @@ LOGGER = logging.getLogger(__name__)
 POLL_S = 0.02  # how often Backend.run looks for ended shards (a look at futures: cheap)
 CHANNEL_WAIT_S = 0.25  # at most this late a shard thread sees a stop (deadline, cancel)
 EOF_WAIT_S = 5.0  # at most this long for a finished worker's last output after its exit status
+RECV_BYTES = 1 << 20  # read a shard's result off its channel this much at a time
 
 
 @dataclass(frozen=True)
@@ -90,15 +98,17 @@ def _sftp_rmtree(sftp: paramiko.SFTPClient, path: str) -> None:
 
 @dataclass(eq=False)
 class _Conn:
-    """A connected host: its client, one SFTP session, its work folder for this run."""
+    """A connected host: its client, one SFTP session, its work folder (this run's, or the pooled
+    connection's own: `pooled`)."""
 
     host: SshHost
     client: paramiko.SSHClient
     folder: str
     sftp: paramiko.SFTPClient | None = None
-    staged: dict[str, str] = field(default_factory=dict)  # local bundle URI -> remote path
+    # local bundle URI -> (remote path, (size, mtime_ns) of the local file when it was staged)
+    staged: dict[str, tuple[str, tuple[int, int]]] = field(default_factory=dict)
+    pooled: bool = False
     alive: bool = True
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def exec(self, command: str, timeout: float = 60.0) -> tuple[int, str]:
         _stdin, stdout, stderr = self.client.exec_command(command, timeout=timeout)
@@ -106,32 +116,53 @@ class _Conn:
         return code, stderr.read().decode(errors="replace").strip()
 
 
+@dataclass(eq=False)
+class _Warm:
+    """A pooled connection: its client, SFTP session, work folder and what is staged there."""
+
+    client: paramiko.SSHClient
+    sftp: paramiko.SFTPClient
+    folder: str
+    staged: dict[str, tuple[str, tuple[int, int]]]
+
+    def close(self) -> None:
+        try:
+            transport = self.client.get_transport()
+            if transport is not None and transport.is_active():
+                _sftp_rmtree(self.sftp, self.folder)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            LOGGER.warning("could not remove the pooled work folder %s: %s", self.folder, exc)
+        finally:
+            self.sftp.close()
+            self.client.close()
+
+
 class _Pool:
-    """Open connections (client + SFTP session) kept between runs, so a job on warm hosts skips the
-    TCP connect, key exchange and authentication that dominate a cold run's per-node cost
+    """Open connections (client + SFTP session + work folder) kept between runs, so a job on warm hosts
+    skips the TCP connect, key exchange and authentication that dominate a cold run's per-node cost
     (BENCHMARKS.md, "Scale"). A connection is lent to one run at a time; one idle longer than the
-    backend's `keep_connections_s` is closed."""
+    backend's `keep_connections_s` is closed and its folder removed."""
 
     def __init__(self) -> None:
-        self._idle: dict[tuple[object, ...], list[tuple[float, paramiko.SSHClient, paramiko.SFTPClient]]] = {}
+        self._idle: dict[tuple[object, ...], list[tuple[float, _Warm]]] = {}
         self._lock = threading.Lock()
 
-    def take(self, key: tuple[object, ...], keep_s: float) -> tuple[paramiko.SSHClient, paramiko.SFTPClient] | None:
+    def take(self, key: tuple[object, ...], keep_s: float) -> _Warm | None:
         self.close_idle(keep_s)
         with self._lock:
             entries = self._idle.get(key, [])
             while entries:
-                _since, client, sftp = entries.pop()
-                transport = client.get_transport()
+                _since, warm = entries.pop()
+                transport = warm.client.get_transport()
                 if transport is not None and transport.is_active():
-                    return client, sftp
-                sftp.close()
-                client.close()
+                    return warm
+                warm.sftp.close()
+                warm.client.close()
         return None
 
-    def give(self, key: tuple[object, ...], client: paramiko.SSHClient, sftp: paramiko.SFTPClient) -> None:
+    def give(self, key: tuple[object, ...], warm: _Warm) -> None:
         with self._lock:
-            self._idle.setdefault(key, []).append((time.monotonic(), client, sftp))
+            self._idle.setdefault(key, []).append((time.monotonic(), warm))
 
     def close_idle(self, keep_s: float = 0.0) -> None:
         """Close the connections idle for keep_s or longer (all of them with 0)."""
@@ -145,9 +176,8 @@ class _Pool:
                     self._idle[key] = keep
                 else:
                     del self._idle[key]
-        for _since, client, sftp in closing:
-            sftp.close()
-            client.close()
+        for _since, warm in closing:
+            warm.close()
 
 
 POOL = _Pool()
@@ -198,12 +228,8 @@ class SshBackend(Backend):
     def _connect(self, host: SshHost, job_id: str) -> _Conn:
         if self.keep_connections_s > 0:
             warm = POOL.take(self._pool_key(host), self.keep_connections_s)
-            if warm is not None:
-                try:
-                    return self._new_folder(host, *warm)
-                except (paramiko.SSHException, OSError, EOFError):
-                    warm[1].close()
-                    warm[0].close()  # a stale connection: connect afresh below
+            if warm is not None:  # its folder is still there: no request at all
+                return _Conn(host, warm.client, warm.folder, warm.sftp, warm.staged, pooled=True)
         client = paramiko.SSHClient()
         if self.known_hosts is not None:
             if self.known_hosts.exists():
@@ -232,18 +258,34 @@ class SshBackend(Backend):
             raise
 
     def _new_folder(self, host: SshHost, client: paramiko.SSHClient, sftp: paramiko.SFTPClient) -> _Conn:
-        """This run's own folder on the host (removed when the run ends)."""
+        """The connection's own folder on the host: removed when the run ends, or, pooled, when the
+        connection is closed."""
         folder = f"{host.work_dir.rstrip('/')}/{secrets.token_hex(4)}"
         sftp.mkdir(folder, mode=0o700)
-        return _Conn(host, client, folder, sftp)
+        return _Conn(host, client, folder, sftp, pooled=self.keep_connections_s > 0)
 
-    def _stage(self, conn: _Conn, bundles: list[str]) -> None:
+    def _stage(self, conn: _Conn, bundles: list[str]) -> int:
+        """Put the run's bundles in the folder, unless that very file is there already (a pooled
+        connection that ran the job's previous wave). A bundle of another job in the same place is
+        overwritten, so a pooled folder holds one job's bundles at most. Returns how many were put."""
         assert conn.sftp is not None
+        put = 0
         for i, uri in enumerate(bundles):
-            if _is_local(uri):
-                remote = f"{conn.folder}/bundle-{i}.sealed"
-                conn.sftp.put(str(_local_path(uri)), remote, confirm=False)
-                conn.staged[uri] = remote
+            if not _is_local(uri):
+                continue
+            local = _local_path(uri)
+            st = local.stat()
+            stamp = (st.st_size, st.st_mtime_ns)
+            remote = f"{conn.folder}/bundle-{i}.sealed"
+            if conn.staged.get(uri) == (remote, stamp):
+                continue
+            for other, (path, _stamp) in list(conn.staged.items()):
+                if path == remote:
+                    del conn.staged[other]
+            conn.sftp.put(str(local), remote, confirm=False)
+            conn.staged[uri] = (remote, stamp)
+            put += 1
+        return put
 
     def _connect_all(self, job_id: str, bundles: list[str]) -> list[_Conn]:
         def one(host: SshHost) -> _Conn:
@@ -251,11 +293,13 @@ class SshBackend(Backend):
             conn = self._connect(host, job_id)
             t1 = time.perf_counter()
             try:
-                self._stage(conn, bundles)
+                staged = self._stage(conn, bundles)
             except BaseException:
                 self._close_conn(conn)
                 raise
-            self.phases.extend([("connect", t1 - t0), ("stage", time.perf_counter() - t1)])
+            self.phases.append(("connect", t1 - t0))
+            if staged:  # nothing to put when the pooled folder has the bundle already
+                self.phases.append(("stage", time.perf_counter() - t1))
             return conn
 
         conns: list[_Conn] = []
@@ -274,23 +318,25 @@ class SshBackend(Backend):
         return conns
 
     def _close_conn(self, conn: _Conn) -> None:
-        """Remove the run's folder; keep the connection for the next run (pooled) or close it."""
+        """Pooled: keep the connection, its folder and the staged bundle for the next run. Else
+        remove the run's folder and close."""
         t0 = time.perf_counter()
-        keep = False
+        transport = conn.client.get_transport()
+        active = conn.sftp is not None and transport is not None and transport.is_active()
         try:
-            transport = conn.client.get_transport()
-            if conn.sftp is not None and transport is not None and transport.is_active():
-                _sftp_rmtree(conn.sftp, conn.folder)
-                keep = self.keep_connections_s > 0 and conn.alive
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            LOGGER.warning("%s: could not remove %s: %s", conn.host.label, conn.folder, exc)
-        finally:
-            if keep and conn.sftp is not None:
-                POOL.give(self._pool_key(conn.host), conn.client, conn.sftp)
-            else:
+            if conn.pooled and conn.alive and active and conn.sftp is not None:
+                POOL.give(self._pool_key(conn.host), _Warm(conn.client, conn.sftp, conn.folder, conn.staged))
+                return
+            try:
+                if active and conn.sftp is not None:
+                    _sftp_rmtree(conn.sftp, conn.folder)
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                LOGGER.warning("%s: could not remove %s: %s", conn.host.label, conn.folder, exc)
+            finally:
                 if conn.sftp is not None:
                     conn.sftp.close()
                 conn.client.close()
+        finally:
             self.phases.append(("close", time.perf_counter() - t0))
 
     def _close_all(self, conns: list[_Conn]) -> None:
@@ -304,7 +350,7 @@ class SshBackend(Backend):
         return [*shlex.split(host.command), *task.argv()]
 
     def _remote_task(self, conn: _Conn, task: ShardTask) -> ShardTask:
-        bundle = conn.staged.get(task.bundle_uri)
+        bundle = conn.staged[task.bundle_uri][0] if task.bundle_uri in conn.staged else None
         result = task.result_uri
         if _is_local(result):
             result = f"file://{conn.folder}/shard-{task.index}.tally"
@@ -316,10 +362,20 @@ class SshBackend(Backend):
         argv = self.worker_argv(conn.host, remote)
         self.last_argv.append(argv)
         folder = shlex.quote(conn.folder)
-        # `echo $$` then `exec`: the worker keeps the shell's pid, which leads its process group, so
-        # one `kill -- -PID` stops it and the engine it started (the worker removes its scratch on
-        # SIGTERM). Its scratch stays in the system temp folder: MCsquare cuts paths near 100 characters.
-        command = f"cd {folder} && echo $$ && exec {shlex.join(argv)}"
+        # `echo $$` first: the shell's pid leads its process group (sshd starts it in a session of its
+        # own), so one `kill -- -PID` stops the shell, the worker and the engine it started (the worker
+        # removes its scratch on SIGTERM). Its scratch stays in the system temp folder: MCsquare cuts
+        # paths near 100 characters. A result the node keeps comes back on the channel's stdout once the
+        # worker succeeded (the worker's own stdout goes to stderr), so collecting it costs no SFTP
+        # request; a result in S3 stays there and the shell `exec`s the worker.
+        collect = _is_local(task.result_uri)
+        if collect:
+            result = shlex.quote(str(_local_path(remote.result_uri)))
+            command = f"cd {folder} && echo $$ && {shlex.join(argv)} >&2 && cat {result} && rm -f {result}"
+        else:
+            command = f"cd {folder} && echo $$ && exec {shlex.join(argv)}"
+        dst = _local_path(task.result_uri) if collect else None
+        tmp = None if dst is None else dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.part")
         chan = None
         pid = ""
         try:
@@ -331,43 +387,61 @@ class SshBackend(Backend):
             chan.exec_command(command)
             chan.sendall((key.hex() + "\n").encode())
             chan.shutdown_write()
-            out, err = b"", b""
-            while True:
-                while chan.recv_ready():
-                    out += chan.recv(4096)
-                while chan.recv_stderr_ready():
-                    err += chan.recv_stderr(65536)
-                    err = err[-8192:]
-                if not pid and b"\n" in out:
-                    pid = out.split(b"\n", 1)[0].decode().strip()
-                if chan.exit_status_ready():
-                    break
-                if stop.is_set():  # deadline, cancel, or another shard failed: Backend.run decided
-                    self._kill(conn, pid)
-                    return "stopped"
-                if not transport.is_active():
-                    raise paramiko.SSHException("connection lost")
-                chan.status_event.wait(CHANNEL_WAIT_S)  # set at once when the worker exits
+            chan.settimeout(CHANNEL_WAIT_S)  # at most this late a stop (deadline, cancel) is seen
+            head, err, received = b"", b"", 0
+            sink = None
+            eof, exited_at = False, None
+            try:
+                while True:
+                    try:
+                        data = chan.recv(RECV_BYTES)
+                    except TimeoutError:
+                        data = None
+                    if data == b"":
+                        eof = True
+                    elif data:
+                        if not pid:  # the first line is the shell's pid
+                            head, data = head + data, b""
+                            if b"\n" in head:
+                                line, data = head.split(b"\n", 1)
+                                pid = line.decode(errors="replace").strip() or "?"
+                        if data and tmp is not None:  # (an `exec`ed worker's own output is not kept)
+                            if sink is None:
+                                tmp.parent.mkdir(parents=True, exist_ok=True)
+                                sink = open(tmp, "wb")  # noqa: SIM115 - closed in the finally below
+                            sink.write(data)
+                            received += len(data)
+                    while chan.recv_stderr_ready():
+                        err = (err + chan.recv_stderr(65536))[-8192:]
+                    if chan.exit_status_ready():
+                        # sshd may send the exit status before the last of the output: read to the end
+                        # of it (bounded), or the result or the reason a shard failed is cut short
+                        exited_at = exited_at or time.monotonic()
+                        if eof or time.monotonic() - exited_at > EOF_WAIT_S:
+                            break
+                    if stop.is_set():  # deadline, cancel, or another shard failed: Backend.run decided
+                        self._kill(conn, pid)
+                        return "stopped"
+                    if not transport.is_active():
+                        raise paramiko.SSHException("connection lost")
+                    if eof:
+                        chan.status_event.wait(CHANNEL_WAIT_S)  # set at once when the worker exits
+            finally:
+                if sink is not None:
+                    sink.close()
             code = chan.recv_exit_status()
-            # sshd may send the exit status before the last of the worker's output: read to EOF
-            # (bounded), or the reason a shard failed is lost ("no message").
-            drain_until = time.monotonic() + EOF_WAIT_S
-            while True:
-                while chan.recv_stderr_ready():
-                    err = (err + chan.recv_stderr(65536))[-8192:]
-                while chan.recv_ready():
-                    chan.recv(65536)
-                if (chan.eof_received and not chan.recv_stderr_ready()) or time.monotonic() > drain_until:
-                    break
-                time.sleep(0.01)
+            t1 = time.perf_counter()
             if code != 0:
                 lines = err.decode(errors="replace").strip().splitlines()
                 picked = [ln for ln in lines if ln.startswith("worker:")] or lines
                 LOGGER.debug("worker stderr: %s", err.decode(errors="replace"))
                 return f"exited with {code}: {picked[-1][:500] if picked else 'no message'}"
-            t1 = time.perf_counter()
-            if _is_local(task.result_uri):
-                self._collect(conn, _local_path(remote.result_uri), _local_path(task.result_uri))
+            if dst is not None and tmp is not None:
+                if not eof:
+                    return "the result did not arrive whole (no end of output after the exit status)"
+                if not received:
+                    return "exited with 0 but sent no result"
+                os.replace(tmp, dst)
             self.phases.extend([("exec", t1 - t0), ("collect", time.perf_counter() - t1)])
             return None
         except (paramiko.SSHException, OSError, EOFError) as exc:
@@ -378,18 +452,8 @@ class SshBackend(Backend):
         finally:
             if chan is not None:
                 chan.close()
-
-    def _collect(self, conn: _Conn, remote: Path, dst: Path) -> None:
-        assert conn.sftp is not None
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.part")
-        try:
-            with conn.lock:
-                conn.sftp.get(str(remote), str(tmp))
-                conn.sftp.remove(str(remote))
-            os.replace(tmp, dst)
-        finally:
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
 
     def _kill(self, conn: _Conn, pid: str) -> None:
         if not pid.isdigit():
