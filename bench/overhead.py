@@ -3,7 +3,9 @@
 - ssh: one real sshd on 127.0.0.1 and n host entries (own connection, own work folder each). The
   `transport` series runs a shell stand-in for the worker (reads the key line, writes a result file),
   so the time is the backend's own: connect + authenticate, stage the sealed bundle by SFTP, start
-  the worker, wait for its exit, collect the result by SFTP, remove the folder. The `worker` series
+  the worker, wait for its exit, take the result back on the exec channel, remove the folder (or,
+  pooled, keep the connection, its folder and staged bundle). Three series: new connections;
+  pooled with a new job each run (its bundle staged); pooled with the same job (a later wave). The `worker` series
   (n <= 16 here: every real worker costs ~1 s of CPU and this machine has 2 cores) runs the real
   `python -m cloud.worker` + MCsquare on a tiny job.
 - aws: moto_server on 127.0.0.1 (S3, KMS, Batch without containers). The backend uploads the bundle,
@@ -76,10 +78,13 @@ def tasks_for(job: SealedJob, n: int, name: str) -> list[ShardTask]:
 
 
 def series(label: str, ns: list[int], rounds: int, make: Callable[[int], Backend], job: SealedJob,
-           extra: Callable[[], float] = lambda: 0.0, warmup: bool = False) -> tuple[dict[int, float], dict[int, Any]]:
+           extra: Callable[[], float] = lambda: 0.0, warmup: bool = False,
+           new_bundle: bool = False) -> tuple[dict[int, float], dict[int, Any]]:
     """Best-of-rounds T(n) and the profile of that best run. `extra()` is stand-in time to take off;
-    `warmup` runs once untimed first (pooled connections are then open). The profile's `node_cpu_s`
-    is this process's CPU time over the run (all threads): the node's own per-run cost."""
+    `warmup` runs once untimed first (pooled connections are then open); `new_bundle`: every run has
+    a bundle file of its own (a new job, staged afresh), else all runs share the job's (a job's next
+    wave finds it staged on pooled connections). The profile's `node_cpu_s` is this process's CPU
+    time over the run (all threads): the node's own per-run cost."""
     times: dict[int, float] = {}
     profiles: dict[int, Any] = {}
     print(f"{label}:", flush=True)
@@ -88,6 +93,10 @@ def series(label: str, ns: list[int], rounds: int, make: Callable[[int], Backend
         for r in range(-1 if warmup else 0, rounds):
             backend = make(n)
             tasks = tasks_for(job, n, f"{label}-{n}-{r}")
+            if new_bundle:
+                copy = job.bundle.with_name(f"bundle-{n}-{r}.sealed")
+                shutil.copy(job.bundle, copy)
+                tasks = [replace(t, bundle_uri=copy.as_uri()) for t in tasks]
             extra()  # reset
             cpu = time.process_time()
             start = time.perf_counter()
@@ -132,8 +141,10 @@ def ssh_series(job: SealedJob, tmp: Path, ns: list[int], rounds: int, worker: bo
 
         keys = host_keys(server, max(ns, default=1))
         out["transport"] = series("ssh transport, new connections (stand-in worker)", ns, rounds, make(STUB), job)
-        out["warm"] = series("ssh transport, pooled connections (stand-in worker)", ns, rounds,
-                             make(STUB, keep_s=600), job, warmup=True)
+        out["warm"] = series("ssh transport, pooled connections, a new job each run (stand-in worker)", ns,
+                             rounds, make(STUB, keep_s=600), job, warmup=True, new_bundle=True)
+        out["wave"] = series("ssh transport, pooled connections, the job's next wave (stand-in worker)", ns,
+                             rounds, make(STUB, keep_s=600), job, warmup=True)
         POOL.close_idle()
         if worker:
             out["worker"] = series("ssh worker (real worker + MCsquare)", [n for n in ns if n <= WORKER_MAX_N],
@@ -213,6 +224,10 @@ def main() -> int:
                 result["warm_beta_s_per_node"], result["warm_gamma_s"] = fitted(t)
                 result["warm_T_s"] = {str(k): round(v, 3) for k, v in t.items()}
                 result["warm_profile"] = {str(k): v for k, v in prof.items()}
+                t, prof = ssh["wave"]
+                result["wave_beta_s_per_node"], result["wave_gamma_s"] = fitted(t)
+                result["wave_T_s"] = {str(k): round(v, 3) for k, v in t.items()}
+                result["wave_profile"] = {str(k): v for k, v in prof.items()}
             if "worker" in ssh:
                 t, _prof = ssh["worker"]
                 result["worker_beta_s_per_node"], result["worker_gamma_s"] = fitted(t)
