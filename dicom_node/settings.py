@@ -244,6 +244,9 @@ class CloudSettings:
     s3: S3Settings = field(default_factory=S3Settings)
     aws: AwsSettings = field(default_factory=AwsSettings)
     sizing: SizingSettings = field(default_factory=SizingSettings)
+    # backend = "local": shards run at the same time on this server, the cores split between them.
+    # 1: one at a time with every core (one engine process holds the CT: the least memory).
+    local_workers: int = field(default=1, metadata=_meta(_check_positive))
     # Jobs computed at the same time; their shards share the workers fairly. 0 = by backend:
     # 1 for local (the server's cores are the limit), 4 for ssh and aws.
     max_concurrent_jobs: int = field(default=0, metadata=_meta(_check_non_negative))
@@ -255,7 +258,9 @@ class CloudSettings:
     def backend_options(self) -> dict[str, Any]:
         """Keyword arguments for cloud.backends.get_backend(self.backend, ...)."""
         options: dict[str, Any] = {"retries": self.shard_retries, "deadline_s": self.shard_deadline_seconds}
-        if self.backend == "ssh":
+        if self.backend == "local":
+            options["max_workers"] = self.local_workers
+        elif self.backend == "ssh":
             options.update(
                 hosts=[{"host": h.host, "port": h.port, "user": h.user,
                         "key_file": str(h.key_file) if h.key_file else None, "work_dir": h.work_dir,

@@ -6,6 +6,7 @@ its deadline or be cancelled without running the engine; the loop under test is 
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -91,3 +92,24 @@ def test_cancel_stops_every_running_shard(tmp_path):
     thread.join(30)
     assert not thread.is_alive() and len(errors) == 1 and isinstance(errors[0], Cancelled)
     assert _gone(marker)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_local_workers_shards_at_once_and_the_cores_they_share(tmp_path, workers):
+    # each "worker" logs when it starts (with its arguments) and ends, 1 s apart: overlaps show
+    log = tmp_path / "runs.log"
+    body = f'echo "start $(date +%s.%N) $*" >> {log}; sleep 1; echo "end $(date +%s.%N)" >> {log}'
+    backend = LocalBackend(retries=0, python=_script(tmp_path, "w", body), max_workers=workers)
+    tasks = [ShardTask("job-workers", i, 10, 1000 + i, (tmp_path / "b.sealed").as_uri(),
+                       (tmp_path / f"shard-{i}.tally").as_uri()) for i in range(2)]
+    backend.run(tasks, b"k" * 32)
+    events = [line.split() for line in log.read_text().splitlines()]
+    threads = {e[e.index("--threads") + 1] for e in events if e[0] == "start"}
+    cores = os.cpu_count() or 1
+    assert threads == {str(max(1, cores // workers))}
+    # the most shards seen running at the same moment
+    running = most = 0
+    for e in sorted(events, key=lambda e: float(e[1])):
+        running += 1 if e[0] == "start" else -1
+        most = max(most, running)
+    assert most == workers  # the default (1): one at a time, every core

@@ -3,6 +3,11 @@
 Each shard runs as `python -m cloud.worker` with the data key on its standard input — the same
 command the ssh and AWS backends run remotely — so a shard can be killed at its deadline and a
 crash in the engine cannot take the node down. Retries and deadlines: base.Backend.run.
+
+By default one shard runs at a time with every core (`[cloud] local_workers = 1`), as bare MCsquare
+would run: one engine process holds the CT (half the memory of two), and no core idles while a
+shard that got less CPU than its sibling finishes. More workers run shards side by side, the cores
+split between them.
 """
 
 from __future__ import annotations
@@ -25,10 +30,10 @@ LOGGER = logging.getLogger(__name__)
 class LocalBackend(Backend):
     name = "local"
 
-    def __init__(self, retries: int = 2, deadline_s: float = 3600.0, max_workers: int | None = None,
+    def __init__(self, retries: int = 2, deadline_s: float = 3600.0, max_workers: int = 1,
                  python: str | None = None, work_dir: Path | str | None = None) -> None:
         super().__init__(retries, deadline_s)
-        self.max_workers = max_workers or os.cpu_count() or 1
+        self.max_workers = max(1, max_workers)  # shards at once; each gets cores / shards at once threads
         self.python = python or sys.executable
         # Each worker opens the bundle in a folder of its own under work_dir, removed by us after the
         # process ends however it ended (a SIGKILLed worker cannot clean up after itself).
