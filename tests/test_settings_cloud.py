@@ -38,4 +38,6 @@ def test_backend_options_from_settings(tmp_path):
                                         "aws": {"job_queue": "q", "job_definition": "d", "kms_key_id": "k"}}})
     opts = aws.cloud.backend_options()
     assert (opts["bucket"], opts["region"], opts["command"]) == ("b", "eu-west-1", ("mcnode", "worker"))
-    assert settings_from_dict({}).cloud.backend_options() == {"retries": 2, "deadline_s": 3600.0}
+    assert settings_from_dict({}).cloud.backend_options() == {"retries": 2, "deadline_s": 3600.0, "max_workers": 1}
+    local = settings_from_dict({"cloud": {"local_workers": 2}}).cloud.backend_options()
+    assert local["max_workers"] == 2  # shards side by side on this server
