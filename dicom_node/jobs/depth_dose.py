@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
+import os
 import re
 import secrets
 import tempfile
@@ -237,7 +238,8 @@ def run_depth_dose(beam: str, out_dir: Path, *, field_cm: float | None = None, s
             tasks = plan_tasks(job_id, shards, histories, bundle.as_uri(), (work / "results").as_uri())
             LOGGER.info("depth dose %s (job %s): %d histories in %d shards on the %s engine", choice.label, job_id,
                         histories, shards, inputs.engine)
-            tallies = [Tally.from_bytes(b) for b in dispatch(tasks, key, LocalBackend(max_workers=workers))]
+            tallies = [Tally.from_bytes(b) for b in dispatch(tasks, key, LocalBackend(
+                max_workers=workers or os.cpu_count() or 1))]  # side by side, one core each, unless told
             z, axis_tallies = _on_axis(inputs, tallies, setup)
             merged = merge(axis_tallies, inputs.protons_per_fraction, inputs.fractions, expected_shards=shards,
                            expected_primaries=histories)
