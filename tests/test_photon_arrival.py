@@ -21,7 +21,7 @@ def test_photon_plan_rejected_on_arrival_naming_the_beams(node_factory, caplog, 
     assert storescu(node.port, [PHOTON_PLAN]).returncode == 0  # stored (nothing received is lost)
     (job,) = wait_for(lambda: node.journal.jobs_in(JobState.REJECTED), timeout=10)
     assert time.monotonic() - start < 10
-    assert "PHOTON beams on treatment machine 'CLINACIX_V9', which has no beam model" in (job.reason or "")
+    assert "PHOTON beams: treatment machine 'CLINACIX_V9' has no beam model" in (job.reason or "")
     assert node.journal.count_instances() == 1
     # the log line comes right after the journal's transition
     wait_for(lambda: any("REJECTED" in r.getMessage() and "PHOTON" in r.getMessage() for r in caplog.records),

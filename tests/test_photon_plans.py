@@ -78,7 +78,7 @@ def test_step_and_shoot_segments_and_mu(study):
     (dict(wedge="W30"), "wedge (W30) is not modelled"),
     (dict(radiation="ELECTRON"), "radiation type ELECTRON; electron plans"),
     (dict(energy=18.0), "18 MV is not in the photon beam model generic"),
-    (dict(machine="LINAC_9"), "PHOTON beams on treatment machine 'LINAC_9', which has no beam model"),
+    (dict(machine="LINAC_9"), "PHOTON beams: treatment machine 'LINAC_9' has no beam model"),
 ])
 def test_what_is_not_modelled_is_refused_by_name(study, edit, reason):
     with pytest.raises(UnsupportedPlan, match=re.escape(reason)):

@@ -29,7 +29,7 @@ def _site_bdl(folder):
 
 
 BAD_PLANS = {
-    "photon": (None, "PHOTON beams on treatment machine 'unit001', which has no beam model"),
+    "photon": (None, "PHOTON beams: treatment machine 'unit001' has no beam model"),
     "unmapped": (lambda p: with_machine(p, "TR9"), "treatment machine 'TR9' has no beam model"),
     "no_beams": (without_beams, "RT Ion Plan has no beams"),
     "energy": (lambda p: with_energy(p, 250.0), "energy 250 MeV outside the beam model of machine 'GENERIC_PBS'"),

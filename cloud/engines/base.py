@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cloud.errors import EngineError
+from cloud.errors import EngineError, UnsupportedPlan
 from cloud.grid import Grid
 
 if TYPE_CHECKING:  # pydicom costs ~0.5 s to import; a worker only needs it for type hints
@@ -219,6 +220,54 @@ class Engine(ABC):
         ``dose``: the dose grid, dose to water, the body threshold (DoseOptions; None = its defaults).
         """
 
-    @abstractmethod
     def run_shard(self, inputs: ShardInputs, primaries: int, seed: int, threads: int = 0) -> Tally:
-        """Simulate ``primaries`` histories of the whole plan with ``seed`` (threads 0 = all cores)."""
+        """Simulate ``primaries`` histories of the whole plan with ``seed`` (threads 0 = all cores).
+
+        The same for every engine: the arguments checked, ``simulate`` timed, its dose checked to lie
+        on the scoring grid, the tally made.
+        """
+        if primaries <= 0:
+            raise EngineError(f"primaries must be positive, got {primaries}")
+        if seed < 0:
+            raise EngineError(f"seed must be 0 or more, got {seed}")
+        t0 = time.perf_counter()
+        dose, extra = self.simulate(inputs, primaries, seed, threads)
+        if dose.shape != inputs.scoring_grid.shape:
+            raise EngineError(f"{self.name}: a dose of shape {dose.shape} for the scoring grid "
+                              f"{inputs.scoring_grid.shape}")
+        return Tally(dose_per_primary=dose, primaries=primaries, seed=seed, wall_s=time.perf_counter() - t0,
+                     engine=self.name, extra=extra)
+
+    @abstractmethod
+    def simulate(self, inputs: ShardInputs, primaries: int, seed: int,
+                 threads: int) -> tuple[np.ndarray, dict[str, Any]]:
+        """One shard's dose per primary (Gy) on ``inputs.scoring_grid`` ([z, y, x]), and what else its
+        tally records (``Tally.extra``). Called by ``run_shard``, which has checked the arguments."""
+
+
+def one_plan(datasets: list[Dataset], what: str = "RT (Ion) Plan") -> Dataset:
+    """The one plan (RT Plan or RT Ion Plan) among an engine's inputs; UnsupportedPlan otherwise."""
+    plans = [ds for ds in datasets if "IonBeamSequence" in ds or "BeamSequence" in ds]
+    if len(plans) != 1:
+        raise UnsupportedPlan(f"expected one {what} among the inputs, found {len(plans)}")
+    return plans[0]
+
+
+def mapped_model(machines: tuple[str, ...], beam_models: Mapping[str, Path | str] | None, *, beams: str = "",
+                 model_file: str = "beam model file") -> Path | str:
+    """What ``[engine] beam_models`` maps the plan's one treatment machine to: a model file or GENERIC_MODEL.
+
+    UnsupportedPlan when the beams use several machines or the machine is not mapped (``beams`` names
+    the kind of beams in that message, ``model_file`` what a commissioned model is).
+    """
+    if len(machines) > 1:
+        raise UnsupportedPlan(f"beams on more than one treatment machine ({', '.join(machines)})")
+    machine = machines[0]
+    models = dict(beam_models or {})
+    if machine not in models:
+        known = ", ".join(sorted(models)) or "none"
+        raise UnsupportedPlan(f"{beams + ' beams: ' if beams else ''}treatment machine "
+                              f"{machine or '(no TreatmentMachineName)'!r} has no beam model: add it to [engine] "
+                              f"beam_models (a commissioned {model_file}, or \"{GENERIC_MODEL}\" for the "
+                              f"uncommissioned model; machines mapped: {known})")
+    return models[machine]

@@ -34,16 +34,23 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cloud.engines import dosegrid
-from cloud.engines.base import GENERIC_MODEL, UNCOMMISSIONED, DoseOptions, Engine, ShardInputs, Tally
+from cloud.engines.base import (
+    GENERIC_MODEL,
+    UNCOMMISSIONED,
+    DoseOptions,
+    Engine,
+    ShardInputs,
+    mapped_model,
+    one_plan,
+)
 from cloud.engines.ct import ct_grid, ct_slices, ct_volume
 from cloud.engines.mcsquare.bdl import BeamModel, read_bdl
 from cloud.engines.mcsquare.ionplan import IonPlan, read_ion_plan
@@ -340,17 +347,8 @@ def beam_model_for(plan: IonPlan, beam_models: Mapping[str, Path | str] | None) 
     shifter must be one of the model's (the generic model has none: it models any range shifter as
     PMMA of the water-equivalent thickness the plan states, see ``_write_bdl``).
     """
-    machines = plan.machines
-    if len(machines) > 1:
-        raise UnsupportedPlan(f"beams on more than one treatment machine ({', '.join(machines)})")
-    machine = machines[0]
-    models = dict(beam_models or {})
-    if machine not in models:
-        known = ", ".join(sorted(models)) or "none"
-        raise UnsupportedPlan(f"treatment machine {machine or '(no TreatmentMachineName)'!r} has no beam model: "
-                              f"add it to [engine] beam_models (a commissioned BDL file, or \"{GENERIC_MODEL}\" "
-                              f"for the uncommissioned model; machines mapped: {known})")
-    choice = models[machine]
+    choice = mapped_model(plan.machines, beam_models, model_file="BDL file")
+    machine = plan.machines[0]
     commissioned = not (isinstance(choice, str) and choice == GENERIC_MODEL)
     model = read_bdl(Path(choice) if commissioned else generic_beam_model_path())
     lo, hi = model.energies[0], model.energies[-1]
@@ -383,10 +381,7 @@ class MCsquareEngine(Engine):
     def prepare(self, datasets: list[Dataset], work_dir: Path, *,
                 beam_models: Mapping[str, Path | str] | None = None,
                 ct_calibration: tuple[str, Path, Path] | None = None, dose: DoseOptions | None = None) -> ShardInputs:
-        plans = [ds for ds in datasets if "IonBeamSequence" in ds or "BeamSequence" in ds]
-        if len(plans) != 1:
-            raise UnsupportedPlan(f"expected one RT (Ion) Plan among the inputs, found {len(plans)}")
-        plan = read_ion_plan(plans[0])
+        plan = read_ion_plan(one_plan(datasets))
         model, commissioned = beam_model_for(plan, beam_models)
         slices = ct_slices(datasets, plan.frame_of_reference_uid)
         options = dose or DoseOptions()
@@ -435,14 +430,9 @@ class MCsquareEngine(Engine):
             keys["Density_Threshold_for_Segmentation"] = f"{float(threshold):g}"
         return keys
 
-    def run_shard(self, inputs: ShardInputs, primaries: int, seed: int, threads: int = 0,
-                  timeout_s: float | None = None) -> Tally:
-        if primaries <= 0:
-            raise EngineError(f"primaries must be positive, got {primaries}")
-        if seed < 0:
-            raise EngineError(f"seed must be 0 or more, got {seed}")
+    def simulate(self, inputs: ShardInputs, primaries: int, seed: int,
+                 threads: int) -> tuple[np.ndarray, dict[str, Any]]:
         binary, materials = mcsquare_binary()
-        t0 = time.perf_counter()
         # A short scratch folder in the system temp dir, the inputs linked in: MCsquare fails silently
         # on long paths, and the inputs may live anywhere.
         shard_dir = Path(tempfile.mkdtemp(prefix=f"mcsq-{seed}-"))
@@ -454,23 +444,16 @@ class MCsquareEngine(Engine):
                                   extra=self._config_keys(inputs))
             log = shard_dir / "mcsquare.log"
             with log.open("w") as fh:
-                try:
-                    proc = subprocess.run([str(binary), config.name], cwd=shard_dir, stdout=fh,
-                                          stderr=subprocess.STDOUT, timeout=timeout_s,
-                                          env={**os.environ, "MCsquare_Materials_Dir": str(materials)})
-                except subprocess.TimeoutExpired as exc:
-                    raise EngineError(f"MCsquare shard (seed {seed}) exceeded {timeout_s} s") from exc
+                # no timeout here: the backend owns the shard's deadline and stops the worker process
+                proc = subprocess.run([str(binary), config.name], cwd=shard_dir, stdout=fh, stderr=subprocess.STDOUT,
+                                      env={**os.environ, "MCsquare_Materials_Dir": str(materials)})
             dose_file = out_dir / "Dose.mhd"
             if proc.returncode != 0 or not dose_file.is_file():
                 tail = log.read_text(errors="replace")[-2000:]
                 raise EngineError(f"MCsquare failed (exit {proc.returncode}, seed {seed}): {tail.strip()}")
             dose = read_mhd(dose_file)
-            if dose.shape != inputs.scoring_grid.shape:
-                raise EngineError(f"MCsquare dose grid {dose.shape} differs from the scoring grid "
-                                  f"{inputs.scoring_grid.shape}")
             # float32 throughout (eV/g to Gy is a scale): no float64 copy of a CT-sized volume
             dose_gy = np.multiply(dose, np.float32(EV_PER_G_TO_GY), dtype=np.float32)
         finally:
             shutil.rmtree(shard_dir, ignore_errors=True)
-        return Tally(dose_per_primary=dose_gy, primaries=primaries, seed=seed, wall_s=time.perf_counter() - t0,
-                     engine=NAME)
+        return dose_gy, {}

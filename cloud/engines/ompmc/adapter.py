@@ -34,7 +34,6 @@ scale) is then the total weight x Gy per unit weight from the beam model.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,7 +41,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cloud.engines.base import GENERIC_MODEL, UNCOMMISSIONED, DoseOptions, Engine, ShardInputs, Tally
+from cloud.engines.base import (
+    UNCOMMISSIONED,
+    DoseOptions,
+    Engine,
+    ShardInputs,
+    mapped_model,
+    one_plan,
+)
 from cloud.errors import EngineError, EngineUnavailable, UnsupportedPlan
 from cloud.grid import Grid
 
@@ -171,17 +177,7 @@ def photon_models_for(plan: Any, beam_models: Mapping[str, Path | str] | None) -
     """(the machine's photon beam model, the energy's model, commissioned); UnsupportedPlan otherwise."""
     from cloud.engines.ompmc.photon import read_photon_model
 
-    machines = plan.machines
-    if len(machines) > 1:
-        raise UnsupportedPlan(f"beams on more than one treatment machine ({', '.join(machines)})")
-    machine = machines[0]
-    models = dict(beam_models or {})
-    if machine not in models:
-        known = ", ".join(sorted(models)) or "none"
-        raise UnsupportedPlan(f"PHOTON beams on treatment machine {machine or '(no TreatmentMachineName)'!r}, "
-                              "which has no beam model: add it to [engine] beam_models (a commissioned photon model "
-                              f"file, or \"{GENERIC_MODEL}\" for the uncommissioned one; machines mapped: {known})")
-    model = read_photon_model(models[machine])
+    model = read_photon_model(mapped_model(plan.machines, beam_models, beams="PHOTON", model_file="photon model file"))
     energies = {b.energy_mv for b in plan.beams}
     if len(energies) > 1:
         raise UnsupportedPlan(f"beams of several energies ({', '.join(f'{e:g} MV' for e in sorted(energies))}) "
@@ -228,10 +224,7 @@ class OmpmcEngine(Engine):
         )
         from cloud.engines.ompmc.photonplan import read_photon_plan
 
-        plans = [ds for ds in datasets if "BeamSequence" in ds or "IonBeamSequence" in ds]
-        if len(plans) != 1:
-            raise UnsupportedPlan(f"expected one RT Plan among the inputs, found {len(plans)}")
-        plan = read_photon_plan(plans[0])
+        plan = read_photon_plan(one_plan(datasets, "RT Plan"))
         model, energy, commissioned = photon_models_for(plan, beam_models)
         options = dose or DoseOptions()
         slices = ct_slices(datasets, plan.frame_of_reference_uid)
@@ -264,29 +257,23 @@ class OmpmcEngine(Engine):
         inputs.save()
         return inputs
 
-    def run_shard(self, inputs: ShardInputs, primaries: int, seed: int, threads: int = 0) -> Tally:
-        if primaries <= 0:
-            raise EngineError(f"primaries must be positive, got {primaries}")
-        if seed < 0:
-            raise EngineError(f"seed must be 0 or more, got {seed}")
+    def simulate(self, inputs: ShardInputs, primaries: int, seed: int,
+                 threads: int) -> tuple[np.ndarray, dict[str, Any]]:
         kind = inputs.extra.get("kind")
         if kind not in (KIND_WATER_PHANTOM, KIND_PHOTON_PLAN):
             raise EngineError(f"{inputs.root}: not an ompmc input (kind {kind!r})")
         if threads > 0:  # read by OpenMP when ompmc is first loaded in this (worker) process
             os.environ["OMP_NUM_THREADS"] = str(threads)
-        t0 = time.perf_counter()
         if kind == KIND_PHOTON_PLAN:
-            return self._run_photon_plan(inputs, primaries, seed, t0)
+            return self._run_photon_plan(inputs, primaries, seed), {}
         beam = WaterPhantomBeam(**inputs.extra["beam"])
         axis, rel = run_water_phantom(beam, primaries, seed)
         if axis.shape != (inputs.grid.shape[0],):
             raise EngineError(f"ompmc returned {axis.shape[0]} depths, expected {inputs.grid.shape[0]}")
-        return Tally(dose_per_primary=axis.reshape(inputs.grid.shape).astype(np.float64), primaries=primaries,
-                     seed=seed, wall_s=time.perf_counter() - t0, engine=NAME,
-                     extra={"ompmc_relative_uncertainty_at_max": rel})
+        return axis.reshape(inputs.grid.shape).astype(np.float64), {"ompmc_relative_uncertainty_at_max": rel}
 
     @staticmethod
-    def _run_photon_plan(inputs: ShardInputs, primaries: int, seed: int, t0: float) -> Tally:
+    def _run_photon_plan(inputs: ShardInputs, primaries: int, seed: int) -> np.ndarray:
         """The plan's dose on the scoring grid: the transport grid's dose, cut to the dose grid, 0 where
         the density is below the body threshold (no dose in air, as MCsquare's segmentation)."""
         from cloud.engines.ompmc.photon import GEOMETRY_FILE, geometry_density, run_forward
@@ -307,5 +294,4 @@ class OmpmcEngine(Engine):
         threshold = inputs.extra.get("body_density_g_cm3")
         if threshold is not None:
             dose = np.where(density >= float(threshold), dose, 0.0)
-        return Tally(dose_per_primary=dose.astype(np.float32), primaries=primaries, seed=seed,
-                     wall_s=time.perf_counter() - t0, engine=NAME)
+        return dose.astype(np.float32)
