@@ -211,3 +211,14 @@ def test_photon_plan_through_the_node_returns_a_marked_rt_dose(config_dir, node_
     assert len(estimates) >= 2 and estimates[0] > 10.0 >= estimates[-1], estimates
     assert public.uncertainty_target_met is True and public.dose_grid is not None
     assert public.dose_grid["body"] == "structure 'BODY'"
+
+
+def test_too_few_histories_for_the_weakest_beamlet_fail_naming_the_minimum():
+    from cloud.engines.ompmc.photon import check_histories, min_histories
+    from cloud.errors import EngineError
+
+    weights = np.array([1.0, 1.0, 0.5, 0.0])  # the closed beamlet costs nothing
+    assert min_histories(weights, 2) == 11  # 2 batches x total 2.5 / smallest 0.5 = 10, and a margin
+    check_histories(weights, 11, 2)
+    with pytest.raises(EngineError, match="at least 11 are needed per shard"):
+        check_histories(weights, 10, 2)

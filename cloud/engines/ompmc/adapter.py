@@ -67,6 +67,9 @@ PHOTON_SPECTRA = {6.0: "mohan6"}
 SHIPPED_SPECTRA = ("mohan6", "var_6MV")
 SECOND_SEED = 33  # Philox key word 2; word 1 is the shard's seed
 BATCHES = 5
+# A plan's shards need no batch uncertainty from ompMC (the spread between shards gives it), and
+# fewer batches let fewer histories reach every beamlet (photon.min_histories).
+PLAN_BATCHES = 2
 
 
 @dataclass(frozen=True)
@@ -280,7 +283,7 @@ class OmpmcEngine(Engine):
 
         transport = Grid.from_json(inputs.extra.get("transport_grid") or inputs.grid.to_json())
         dose = run_forward(_ompmc(), inputs.root, str(inputs.extra["spectrum"]), primaries, seed, SECOND_SEED,
-                           BATCHES)
+                           PLAN_BATCHES)
         if dose.shape != transport.shape:
             raise EngineError(f"ompmc dose grid {dose.shape} differs from the transport grid {transport.shape}")
         density = geometry_density(inputs.root / GEOMETRY_FILE)

@@ -217,10 +217,33 @@ def run_forward(ompmc: Any, root: Path, spectrum: str, histories: int, seed: int
     with np.load(root / BEAMLETS_FILE) as b:
         source = ompmc.BeamletSource(b["i_beam"], b["source"], b["corner"], b["side1"], b["side2"])
         weights = b["weights"].copy()
+    check_histories(weights, histories, batches)
     dose, _unc = ompmc.calc_forward(geometry, source, weights, spectrum_for(ompmc, spectrum),
                                     ompmc.Physics(seeds=(int(seed), second_seed)), n_histories=int(histories),
                                     n_batches=batches)
     return np.ascontiguousarray(np.asarray(dose).transpose(2, 1, 0))
+
+
+def min_histories(weights: np.ndarray, batches: int) -> int:
+    """The fewest histories with which ompMC's calc_forward runs every beamlet.
+
+    It shares each batch's histories out by weight and leaves out (with a message on stdout, not an
+    error) every beamlet whose share is below one history a batch: that beamlet's fluence would be
+    missing from the dose. Every beamlet keeps its share once histories / batches >= total / smallest.
+    """
+    positive = weights[weights > 0]
+    if positive.size == 0:
+        raise UnsupportedPlan("no open beamlet in any beam (jaws or leaves closed)")
+    return int(math.ceil(batches * float(positive.sum()) / float(positive.min()) * (1.0 + 1e-9)))
+
+
+def check_histories(weights: np.ndarray, histories: int, batches: int) -> None:
+    """EngineError unless ``histories`` run every beamlet (``min_histories``): never a dose missing fluence."""
+    need = min_histories(weights, batches)
+    if histories < need:
+        raise EngineError(f"{histories} histories leave out the weakest beamlets of this plan (ompMC gives a beamlet "
+                          f"its share of a batch only when that is one history or more): at least {need} are "
+                          "needed per shard; raise [engine] primaries or use fewer shards")
 
 
 def spectrum_for(ompmc: Any, name: str) -> Any:
@@ -263,6 +286,7 @@ def reference_engine_dose(energy: EnergyModel, step_mm: float, histories: int, s
         with np.load(path) as b:
             source = ompmc.BeamletSource(b["i_beam"], b["source"], b["corner"], b["side1"], b["side2"])
             weights = b["weights"] * total
+    check_histories(weights, histories, 10)
     dose, unc = ompmc.calc_forward(geometry, source, weights, spectrum_for(ompmc, energy.spectrum),
                                    ompmc.Physics(seeds=(seed, SECOND_SEED)), n_histories=histories, n_batches=10)
     k = int(np.argmin(np.abs(0.5 * (depth[1:] + depth[:-1]) - ref)))
