@@ -20,9 +20,10 @@ Definition (global gamma, Low et al. 1998), for a reference point r with dose D_
 with D_e the evaluated dose interpolated trilinearly between its voxel centres, x restricted to the
 evaluated grid and to |x - r| <= max_gamma x DTA; values at or above max_gamma are reported as
 max_gamma. The minimum is searched on a lattice centred on r with step DTA / interp_fraction (as
-pymedphys's default of 10), then refined around the best lattice point with a 4x finer step, so the
-result over-estimates the continuous minimum by a few thousandths (checked against brute force in
-tests/test_secondcheck_gamma.py).
+pymedphys's default of 10) and by tangent-plane steps inside every cell not ruled out, then refined
+around the best point found (tangent-plane steps, then a compass search down to 1/16 of the lattice
+step), so the result over-estimates the continuous minimum by a few thousandths (checked against brute
+force in tests/test_secondcheck_gamma.py).
 """
 
 from __future__ import annotations
@@ -48,7 +49,11 @@ def _uniform_axis(coords: np.ndarray) -> tuple[float, float]:
 
 
 @numba.njit(cache=True, inline="always")
-def _trilinear(values: np.ndarray, k: int, j: int, i: int, w: float, v: float, u: float) -> float:
+def _in_cell(values: np.ndarray, k: int, j: int, i: int, w: float, v: float, u: float
+             ) -> tuple[float, float, float, float]:
+    """The trilinear dose inside cell (k, j, i) at fractions (w, v, u) of its steps along z, y, x, and its
+    derivatives along z, y, x per cell step. The one interpolation of this module: where only the value
+    is used, the compiler drops the derivatives."""
     c000 = values[k, j, i]
     c001 = values[k, j, i + 1]
     c010 = values[k, j + 1, i]
@@ -64,23 +69,48 @@ def _trilinear(values: np.ndarray, k: int, j: int, i: int, w: float, v: float, u
     c0 = c00 + (c01 - c00) * v
     c1 = c10 + (c11 - c10) * v
     value: float = c0 + (c1 - c0) * w
-    return value
+    dw = c1 - c0
+    dv = (1.0 - w) * (c01 - c00) + w * (c11 - c10)
+    du = ((1.0 - w) * ((1.0 - v) * (c001 - c000) + v * (c011 - c010))
+          + w * ((1.0 - v) * (c101 - c100) + v * (c111 - c110)))
+    return value, dw, dv, du
+
+
+@numba.njit(cache=True, inline="always")
+def _value_grad(values: np.ndarray, origin: np.ndarray, step: np.ndarray, pz: float, py: float, px: float
+                ) -> tuple[float, float, float, float]:
+    """Trilinear value and its gradient (per mm) at a point; NaN value outside the grid."""
+    nz, ny, nx = values.shape
+    fz = (pz - origin[0]) / step[0]
+    fy = (py - origin[1]) / step[1]
+    fx = (px - origin[2]) / step[2]
+    if fz < 0.0 or fy < 0.0 or fx < 0.0 or fz > nz - 1 or fy > ny - 1 or fx > nx - 1:
+        return np.nan, 0.0, 0.0, 0.0
+    k = min(int(fz), nz - 2)
+    j = min(int(fy), ny - 2)
+    i = min(int(fx), nx - 2)
+    value, dw, dv, du = _in_cell(values, k, j, i, fz - k, fy - j, fx - i)
+    return value, dw / step[0], dv / step[1], du / step[2]
 
 
 @numba.njit(cache=True, inline="always")
 def _value_at(values: np.ndarray, origin: np.ndarray, step: np.ndarray, pz: float, py: float, px: float
               ) -> float:
     """Trilinear value at a point (mm), NaN outside the grid."""
-    nz, ny, nx = values.shape
-    fz = (pz - origin[0]) / step[0]
-    fy = (py - origin[1]) / step[1]
-    fx = (px - origin[2]) / step[2]
-    if fz < 0.0 or fy < 0.0 or fx < 0.0 or fz > nz - 1 or fy > ny - 1 or fx > nx - 1:
-        return np.nan
-    k = min(int(fz), nz - 2)
-    j = min(int(fy), ny - 2)
-    i = min(int(fx), nx - 2)
-    return _trilinear(values, k, j, i, fz - k, fy - j, fx - i)
+    value: float = _value_grad(values, origin, step, pz, py, px)[0]
+    return value
+
+
+@numba.njit(cache=True, inline="always")
+def _tangent_step(value: float, gz: float, gy: float, gx: float, oz: float, oy: float, ox: float, dref: float,
+                  a2: float, b2: float) -> float:
+    """f such that f * gradient is the offset minimising gamma^2 over the dose's tangent plane at offset o.
+
+    With D(y) ~ value + g.(y - o), the minimum of |y|^2/a^2 + (D - D_ref)^2/b^2 lies at
+    y* = -e a^2 g / (b^2 + a^2 |g|^2), e = value - g.o - D_ref.
+    """
+    e = value - (gz * oz + gy * oy + gx * ox) - dref
+    return -e * a2 / (b2 + a2 * (gz * gz + gy * gy + gx * gx))
 
 
 @numba.njit(cache=True)
@@ -123,24 +153,8 @@ def _newton_in_cell(values: np.ndarray, k: int, j: int, i: int, zlo: float, ylo:
     by = 0.0
     bx = 0.0
     for it in range(NEWTON_STEPS + 1):
-        w = (cz - zlo) / step[0]
-        v = (cy - ylo) / step[1]
-        u = (cx - xlo) / step[2]
-        c000 = values[k, j, i]
-        c001 = values[k, j, i + 1]
-        c010 = values[k, j + 1, i]
-        c011 = values[k, j + 1, i + 1]
-        c100 = values[k + 1, j, i]
-        c101 = values[k + 1, j, i + 1]
-        c110 = values[k + 1, j + 1, i]
-        c111 = values[k + 1, j + 1, i + 1]
-        c00 = c000 + (c001 - c000) * u
-        c01 = c010 + (c011 - c010) * u
-        c10 = c100 + (c101 - c100) * u
-        c11 = c110 + (c111 - c110) * u
-        c0 = c00 + (c01 - c00) * v
-        c1 = c10 + (c11 - c10) * v
-        val = c0 + (c1 - c0) * w
+        val, dw, dv, du = _in_cell(values, k, j, i, (cz - zlo) / step[0], (cy - ylo) / step[1],
+                                   (cx - xlo) / step[2])
         oz = cz - pz
         oy = cy - py
         ox = cx - px
@@ -152,13 +166,10 @@ def _newton_in_cell(values: np.ndarray, k: int, j: int, i: int, zlo: float, ylo:
             break
         if it == NEWTON_STEPS:
             break
-        gz = (c1 - c0) / step[0]
-        gy = ((1.0 - w) * (c01 - c00) + w * (c11 - c10)) / step[1]
-        gx = ((1.0 - w) * ((1.0 - v) * (c001 - c000) + v * (c011 - c010))
-              + w * ((1.0 - v) * (c101 - c100) + v * (c111 - c110))) / step[2]
-        g2 = gz * gz + gy * gy + gx * gx
-        e = val - (gz * oz + gy * oy + gx * ox) - dref
-        f = -e * a2 / (b2 + a2 * g2)
+        gz = dw / step[0]
+        gy = dv / step[1]
+        gx = du / step[2]
+        f = _tangent_step(val, gz, gy, gx, oz, oy, ox, dref, a2, b2)
         cz = min(max(pz + f * gz, zlo), zhi)
         cy = min(max(py + f * gy, ylo), yhi)
         cx = min(max(px + f * gx, xlo), xhi)
@@ -236,7 +247,7 @@ def _search_one(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, origin: np.n
                             if s2 >= best:
                                 continue
                             u = (px + ox - xlo) / step[2]
-                            d = (_trilinear(values, k, j, i, w, v, u) - dref) * inv_dd
+                            d = (_in_cell(values, k, j, i, w, v, u)[0] - dref) * inv_dd
                             g2 = s2 + d * d
                             if g2 < best:
                                 best = g2
@@ -247,60 +258,18 @@ def _search_one(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, origin: np.n
 
 
 @numba.njit(cache=True)
-def _value_grad(values: np.ndarray, origin: np.ndarray, step: np.ndarray, pz: float, py: float, px: float
-                ) -> tuple[float, float, float, float]:
-    """Trilinear value and its gradient (per mm) at a point; NaN value outside the grid."""
-    nz, ny, nx = values.shape
-    fz = (pz - origin[0]) / step[0]
-    fy = (py - origin[1]) / step[1]
-    fx = (px - origin[2]) / step[2]
-    if fz < 0.0 or fy < 0.0 or fx < 0.0 or fz > nz - 1 or fy > ny - 1 or fx > nx - 1:
-        return np.nan, 0.0, 0.0, 0.0
-    k = min(int(fz), nz - 2)
-    j = min(int(fy), ny - 2)
-    i = min(int(fx), nx - 2)
-    w = fz - k
-    v = fy - j
-    u = fx - i
-    c000 = values[k, j, i]
-    c001 = values[k, j, i + 1]
-    c010 = values[k, j + 1, i]
-    c011 = values[k, j + 1, i + 1]
-    c100 = values[k + 1, j, i]
-    c101 = values[k + 1, j, i + 1]
-    c110 = values[k + 1, j + 1, i]
-    c111 = values[k + 1, j + 1, i + 1]
-    c00 = c000 + (c001 - c000) * u
-    c01 = c010 + (c011 - c010) * u
-    c10 = c100 + (c101 - c100) * u
-    c11 = c110 + (c111 - c110) * u
-    c0 = c00 + (c01 - c00) * v
-    c1 = c10 + (c11 - c10) * v
-    value = c0 + (c1 - c0) * w
-    dw = c1 - c0
-    dv = (1.0 - w) * (c01 - c00) + w * (c11 - c10)
-    du = ((1.0 - w) * ((1.0 - v) * (c001 - c000) + v * (c011 - c010))
-          + w * ((1.0 - v) * (c101 - c100) + v * (c111 - c110)))
-    return value, dw / step[0], dv / step[1], du / step[2]
-
-
-@numba.njit(cache=True)
 def _newton(values: np.ndarray, origin: np.ndarray, step: np.ndarray, pz: float, py: float, px: float,
             dref: float, a2: float, b2: float, best: float, oz: float, oy: float, ox: float, radius: float
             ) -> tuple[float, float, float, float]:
-    """Improve (best, offset) by minimising gamma^2 over the dose's tangent plane, a few times over.
-
-    With D(x) ~ v + g.(y - y_c) around the current offset y_c, the minimum of |y|^2/a^2 + (D - D_ref)^2/b^2
-    lies at y* = -e a^2 g / (b^2 + a^2 |g|^2), e = v - g.y_c - D_ref; gamma^2 is then evaluated with the
-    real (trilinear) dose at y*, and kept only if smaller: the result is always a true gamma^2 of a point.
+    """Improve (best, offset) by minimising gamma^2 over the dose's tangent plane (``_tangent_step``), a
+    few times over; gamma^2 is then evaluated with the real (trilinear) dose at the new offset, and kept
+    only if smaller: the result is always a true gamma^2 of a point.
     """
     for _ in range(NEWTON_STEPS):
         v, gz, gy, gx = _value_grad(values, origin, step, pz + oz, py + oy, px + ox)
         if math.isnan(v):
             break
-        g2 = gz * gz + gy * gy + gx * gx
-        e = v - (gz * oz + gy * oy + gx * ox) - dref
-        f = -e * a2 / (b2 + a2 * g2)
+        f = _tangent_step(v, gz, gy, gx, oz, oy, ox, dref, a2, b2)
         nz_, ny_, nx_ = f * gz, f * gy, f * gx
         if nz_ * nz_ + ny_ * ny_ + nx_ * nx_ > radius * radius:
             break
