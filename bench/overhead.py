@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -51,7 +50,7 @@ from cloud.backends.ssh import POOL  # noqa: E402
 from cloud.dispatch import plan_tasks  # noqa: E402
 from cloud.worker import ShardTask  # noqa: E402
 from tests.cloud_data import SealedJob, sealed_job  # noqa: E402
-from tests.peers import FAKE_AWS_ENV, Sshd, moto_batch, moto_server, sshd  # noqa: E402
+from tests.peers import Sshd, moto_aws, sshd  # noqa: E402
 
 PRIMARIES_PER_SHARD = 100
 STUB = ("sh -c 'read k; r=; p=; for a; do [ \"$p\" = --result ] && r=${a#file://}; p=$a; done; "
@@ -155,44 +154,33 @@ def ssh_series(job: SealedJob, tmp: Path, ns: list[int], rounds: int, worker: bo
 def aws_series(job: SealedJob, tmp: Path, ns: list[int], rounds: int) -> tuple[dict[int, float], dict[int, Any]]:
     import boto3
 
-    saved = {k: os.environ.get(k) for k in [*FAKE_AWS_ENV, "AWS_ENDPOINT_URL"]}
-    with moto_server(tmp / "moto") as url:
-        os.environ.update(FAKE_AWS_ENV)
-        os.environ["AWS_ENDPOINT_URL"] = url
-        try:
-            kms_key_id = moto_batch(url)
-            batch = boto3.client("batch", endpoint_url=url)
-            s3 = boto3.client("s3", endpoint_url=url)
-            spent = [0.0]
+    with moto_aws(tmp / "moto") as (url, kms_key_id):
+        batch = boto3.client("batch", endpoint_url=url)
+        s3 = boto3.client("s3", endpoint_url=url)
+        spent = [0.0]
 
-            def container_runtime(batch_id: str) -> None:
-                """Each child 'runs' and stores its result object, as the worker in its container would."""
-                start = time.perf_counter()
-                desc = batch.describe_jobs(jobs=[batch_id])["jobs"][0]
-                argv = desc["container"]["command"]
-                result = argv[argv.index("--result") + 1].removeprefix("s3://")
-                bucket, key = result.split("/", 1)
-                first = int(argv[argv.index("--shard") + 1])
-                for i in range(desc.get("arrayProperties", {}).get("size", 0) or 1):
-                    s3.put_object(Bucket=bucket, Key=key.replace("{shard}", str(first + i)), Body=b"stub")
-                spent[0] += time.perf_counter() - start
+        def container_runtime(batch_id: str) -> None:
+            """Each child 'runs' and stores its result object, as the worker in its container would."""
+            start = time.perf_counter()
+            desc = batch.describe_jobs(jobs=[batch_id])["jobs"][0]
+            argv = desc["container"]["command"]
+            result = argv[argv.index("--result") + 1].removeprefix("s3://")
+            bucket, key = result.split("/", 1)
+            first = int(argv[argv.index("--shard") + 1])
+            for i in range(desc.get("arrayProperties", {}).get("size", 0) or 1):
+                s3.put_object(Bucket=bucket, Key=key.replace("{shard}", str(first + i)), Body=b"stub")
+            spent[0] += time.perf_counter() - start
 
-            def taken() -> float:
-                value, spent[0] = spent[0], 0.0
-                return value
+        def taken() -> float:
+            value, spent[0] = spent[0], 0.0
+            return value
 
-            def make(n: int) -> Backend:
-                return get_backend("aws", bucket="mcnode-test", prefix="bench", job_queue="mcnode-q",
-                                   job_definition="mcnode", kms_key_id=kms_key_id, endpoint_url=url,
-                                   region="us-east-1", poll_s=0.05, retries=0, on_submit=container_runtime)
+        def make(n: int) -> Backend:
+            return get_backend("aws", bucket="mcnode-test", prefix="bench", job_queue="mcnode-q",
+                               job_definition="mcnode", kms_key_id=kms_key_id, endpoint_url=url,
+                               region="us-east-1", poll_s=0.05, retries=0, on_submit=container_runtime)
 
-            return series("aws transport (moto: S3, KMS, Batch array job)", ns, rounds, make, job, taken)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        return series("aws transport (moto: S3, KMS, Batch array job)", ns, rounds, make, job, taken)
 
 
 def fitted(times: dict[int, float]) -> tuple[float, float]:

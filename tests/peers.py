@@ -157,6 +157,24 @@ def moto_batch(url: str, bucket: str = "mcnode-test", queue: str = "mcnode-q",
     return key_id
 
 
+@contextmanager
+def moto_aws(folder: Path) -> Iterator[tuple[str, str]]:
+    """moto_server with ``moto_batch``'s bucket, KMS key and Batch queue, its URL as AWS_ENDPOINT_URL and
+    the fake credentials in the environment until the block ends; yields (endpoint URL, KMS key id)."""
+    names = [*FAKE_AWS_ENV, "AWS_ENDPOINT_URL"]
+    saved = {k: os.environ.get(k) for k in names}
+    with moto_server(folder) as url:
+        os.environ.update({**FAKE_AWS_ENV, "AWS_ENDPOINT_URL": url})
+        try:
+            yield url, moto_batch(url)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
 def _loopback_up() -> None:
     """`ip link set lo up` without needing iproute2: SIOCGIFFLAGS, then SIOCSIFFLAGS with IFF_UP."""
     get_flags, set_flags, iff_up = 0x8913, 0x8914, 0x1

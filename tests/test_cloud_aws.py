@@ -24,7 +24,7 @@ from cloud.errors import CloudError, StoreError
 from cloud.kms import store_wrapped_key, unwrap_data_key
 from cloud.stores.base import store_for
 from tests.cloud_data import local_tallies, sealed_job, shard_tasks
-from tests.peers import FAKE_AWS_ENV, moto_batch, moto_server
+from tests.peers import moto_aws
 
 SHARDS, PRIMARIES = 3, 3000
 
@@ -32,21 +32,10 @@ SHARDS, PRIMARIES = 3, 3000
 @pytest.fixture(scope="module")
 def aws(tmp_path_factory: pytest.TempPathFactory):
     """moto_server plus a bucket, a KMS key and a Batch queue; fake credentials only in this scope."""
-    saved = {k: os.environ.get(k) for k in [*FAKE_AWS_ENV, "AWS_ENDPOINT_URL"]}
-    with moto_server(tmp_path_factory.mktemp("moto")) as url:
-        os.environ.update(FAKE_AWS_ENV)
-        os.environ["AWS_ENDPOINT_URL"] = url
-        try:
-            key_id = moto_batch(url)
-            s3 = boto3.client("s3", endpoint_url=url)
-            batch = boto3.client("batch", endpoint_url=url)
-            yield {"url": url, "kms_key_id": key_id, "batch": batch, "s3": s3}
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with moto_aws(tmp_path_factory.mktemp("moto")) as (url, key_id):
+        s3 = boto3.client("s3", endpoint_url=url)
+        batch = boto3.client("batch", endpoint_url=url)
+        yield {"url": url, "kms_key_id": key_id, "batch": batch, "s3": s3}
 
 
 def test_s3_round_trip_of_a_sealed_bundle(aws, tmp_path):
