@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 
 from cloud.backends import get_backend
-from cloud.dispatch import dispatch, plan_tasks
+from cloud.dispatch import dispatch, dispatch_merged, plan_tasks
 from cloud.engines.base import Tally
 from cloud.errors import DispatchError
+from cloud.merge import StreamingMerge, merge
 from tests.cloud_data import SealedJob, all_cmdlines, local_tallies, sealed_job, shard_tasks
+from tests.conftest import wait_for
 from tests.peers import Sshd, free_port, sshd
 
 WORKER = f"{sys.executable} -m cloud.worker"
@@ -163,3 +165,28 @@ def test_pooled_connection_is_reused_by_the_next_run(job, server, tmp_path):
         POOL.close_idle()
     assert not POOL._idle
     assert not list(work.iterdir())  # closing the connection removed its folder
+
+
+def test_tallies_are_merged_while_other_shards_still_run(job, reference, server, tmp_path):
+    """dispatch_merged adds each shard's tally as it arrives: three are summed while the fourth waits
+    (for a gate the test opens only then), and the sums give the local run's merged dose."""
+    gate = tmp_path / "gate"
+    gated = (f"sh -c 'p=; for a; do [ \"$p\" = --shard ] && [ \"$a\" = 1 ] && "
+             f"while [ ! -e {gate} ]; do sleep 0.05; done; p=$a; done; exec {WORKER} \"$@\"' sh")
+    hosts = [host(server, tmp_path / f"g{i}", command=gated) for i in range(2)]
+    backend = get_backend("ssh", hosts=hosts, known_hosts=server.known_hosts, retries=0, deadline_s=120)
+    acc = StreamingMerge()
+    summed_before_the_last: list[int] = []
+
+    def progress(done: int, total: int) -> None:
+        if done == total - 1:  # every shard but the gated one has ended
+            wait_for(lambda: len(acc) == done, timeout=60)
+            summed_before_the_last.append(len(acc))
+            gate.touch()
+
+    dispatch_merged(shard_tasks(job, SHARDS, PRIMARIES, "streamed"), job.key, backend, acc, on_progress=progress)
+    assert summed_before_the_last == [SHARDS - 1] and len(acc) == SHARDS
+    want = merge([Tally.from_bytes(b) for b in reference], 1e9, 1, expected_shards=SHARDS)
+    got = acc.result(1e9, 1, expected_shards=SHARDS)
+    np.testing.assert_allclose(got.per_fraction_gy, want.per_fraction_gy, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(got.std_error_per_fraction_gy, want.std_error_per_fraction_gy, rtol=1e-9, atol=0)
