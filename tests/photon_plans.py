@@ -119,3 +119,51 @@ def water_study() -> Study:
     """A 20 cm water cube in air, 5 mm voxels, centred on the isocenter (no bone slab)."""
     return build_study(PhantomSpec(size_mm=(240.0, 240.0, 200.0), spacing_mm=(5.0, 5.0, 5.0),
                                    water_box_mm=(200.0, 200.0, 200.0), bone_slab_thickness_mm=0.0))
+
+
+def arc_plan(study: Study, angles: Seq[float], direction: str, *, mu: float = 360.0,
+             field_mm: float = 30.0) -> Dataset:
+    """One arc: control points at `angles`, the gantry turning `direction` between them, the same MU per
+    interval, a square `field_mm` aperture (jaws and leaves) that does not move."""
+    half = field_mm / 2.0
+    plan = photon_plan(study, gantry=float(angles[0]), segments=((mu, (-half, half), (-half, half), None),))
+    beam = plan.BeamSequence[0]
+    beam.BeamType = "DYNAMIC"
+    first, last = beam.ControlPointSequence
+    cps = [first]
+    for k, angle in enumerate(angles[1:], start=1):
+        cp = Dataset()
+        cp.ControlPointIndex = k
+        cp.CumulativeMetersetWeight = k / (len(angles) - 1)
+        cp.GantryAngle = float(angle)
+        cp.BeamLimitingDevicePositionSequence = last.BeamLimitingDevicePositionSequence
+        cps.append(cp)
+    for cp in cps[:-1]:
+        cp.GantryRotationDirection = direction
+    cps[-1].GantryRotationDirection = "NONE"
+    beam.ControlPointSequence = Sequence(cps)
+    beam.NumberOfControlPoints = len(cps)
+    return plan
+
+
+def on_study(study: Study, plan: Dataset) -> Dataset:
+    """A plan from elsewhere (e.g. a QA plan with no CT) put on the study: its patient, study, frame of
+    reference and structure set, with a file meta header."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = plan.copy()
+    ref = study.plan
+    for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
+               "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName", "FrameOfReferenceUID",
+               "ReferencedStructureSetSequence"):
+        if kw in ref:
+            setattr(ds, kw, ref.get(kw))
+    ds.SOPClassUID = RTPlanStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = RTPlanStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +19,10 @@ from cloud.engines.ompmc.photon import beam_axes, beam_fluence, read_photon_mode
 from cloud.engines.ompmc.photonplan import PhotonBeam, Segment, open_fraction, read_photon_plan
 from cloud.errors import UnsupportedPlan
 from dicom_node.phantom import write_study
-from tests.photon_plans import MACHINE, photon_plan, water_study
+from tests.photon_plans import MACHINE, arc_plan, on_study, photon_plan, water_study
 from tests.test_photon_arrival import PHOTON_PLAN
+
+MONACO_VMAT = Path(__file__).parent / "data" / "realdata" / "monaco_vmat" / "RP_vmat.dcm"
 
 GENERIC = {MACHINE: "generic"}
 ENGINE = get_engine("ompmc")
@@ -85,7 +88,7 @@ def test_what_is_not_modelled_is_refused_by_name(study, edit, reason):
         ENGINE.check_plan(photon_plan(study, **edit), beam_models=GENERIC)
 
 
-def test_applicator_arc_and_moving_leaves_are_refused(study):
+def test_applicator_rotating_collimator_and_sliding_window_are_refused(study):
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
 
@@ -97,14 +100,55 @@ def test_applicator_arc_and_moving_leaves_are_refused(study):
     with pytest.raises(UnsupportedPlan, match=re.escape("applicator CONE_15 (STEREOTACTIC)")):
         ENGINE.check_plan(plan, beam_models=GENERIC)
     plan = photon_plan(study)
-    plan.BeamSequence[0].ControlPointSequence[0].GantryRotationDirection = "CW"
-    with pytest.raises(UnsupportedPlan, match="gantry rotates during the beam"):
+    plan.BeamSequence[0].ControlPointSequence[0].BeamLimitingDeviceRotationDirection = "CW"
+    with pytest.raises(UnsupportedPlan, match="collimator rotates during the beam"):
+        ENGINE.check_plan(plan, beam_models=GENERIC)
+    plan = photon_plan(study)
+    plan.BeamSequence[0].ControlPointSequence[1].GantryAngle = 20.0  # turns, but which way?
+    with pytest.raises(UnsupportedPlan, match="from 0 to 20 degrees with no GantryRotationDirection"):
         ENGINE.check_plan(plan, beam_models=GENERIC)
     sliding = photon_plan(study)
     sliding.BeamSequence[0].ControlPointSequence[1].BeamLimitingDevicePositionSequence[2].LeafJawPositions = \
         [-40.0] * 40 + [50.0] * 40
-    with pytest.raises(UnsupportedPlan, match="MLCX moves while the beam is on"):
+    with pytest.raises(UnsupportedPlan, match="MLCX moves while the beam is on at a fixed gantry angle"):
         ENGINE.check_plan(sliding, beam_models=GENERIC)
+
+
+@pytest.mark.parametrize("angles, direction, means", [
+    ((350.0, 0.0, 10.0), "CW", (355.0, 5.0)),   # clockwise through 0
+    ((10.0, 0.0, 350.0), "CC", (5.0, 355.0)),   # counter-clockwise through 0
+    ((90.0, 270.0), "CW", (180.0,)),            # half a turn clockwise passes 180 ...
+    ((90.0, 270.0), "CC", (0.0,)),              # ... counter-clockwise passes 0
+])
+def test_an_arc_is_its_control_point_intervals_at_their_mean_gantry_angle(study, angles, direction, means):
+    plan = read_photon_plan(arc_plan(study, angles, direction, mu=300.0))
+    assert [b.gantry for b in plan.beams] == pytest.approx(means)
+    assert [b.mu for b in plan.beams] == pytest.approx([300.0 / len(means)] * len(means))
+    assert plan.dicom_beams == ("B1",)
+
+
+def test_the_real_monaco_vmat_plan_is_read_as_control_points():
+    ds = dcmread(MONACO_VMAT, force=True)
+    plan = read_photon_plan(ds)
+    meterset = {int(r.ReferencedBeamNumber): float(r.BeamMeterset) for r in ds.FractionGroupSequence[0].
+                ReferencedBeamSequence}
+    assert plan.dicom_beams == ("1-1", "1-2")
+    arc1 = [b for b in plan.beams if b.dicom_beam == "1-1"]
+    arc2 = [b for b in plan.beams if b.dicom_beam == "1-2"]
+    assert len(arc1) == 31 and len(arc2) == 30  # every interval that delivers MU
+    assert sum(b.mu for b in arc1) == pytest.approx(meterset[1])
+    assert sum(b.mu for b in arc2) == pytest.approx(meterset[2])
+    cps = ds.BeamSequence[0].ControlPointSequence  # the first interval: 90 -> 91.7 deg, its share of the MU
+    assert arc1[0].gantry == pytest.approx(90.85)
+    assert arc1[0].mu == pytest.approx(float(cps[1].CumulativeMetersetWeight) * meterset[1])
+    assert arc2[0].gantry == pytest.approx(269.2)  # counter-clockwise from 270
+    assert all(90.0 < b.gantry < 150.0 for b in arc1) and all(210.0 < b.gantry < 270.0 for b in arc2)
+    # the leaves move with the gantry: each interval's aperture is the mean of its two control points
+    a, b = (np.array([float(v) for v in cp.BeamLimitingDevicePositionSequence[-1].LeafJawPositions])
+            for cp in cps[5:7])
+    n = len(a) // 2
+    assert np.allclose(arc1[5].segments[0].mlc, np.column_stack([(a[:n] + b[:n]) / 2, (a[n:] + b[n:]) / 2]))
+    assert ENGINE.check_plan(ds, beam_models={"2619": "generic"})
 
 
 def test_the_real_raystation_photon_plan_is_read():
@@ -130,7 +174,7 @@ def test_generic_model_has_its_reference_dose():
 # --- slow: doses through `compute_folder` (bundle-free offline path: prepare, shards, merge, RT Dose) ---------
 
 
-def _compute(tmp_path, study, plan, primaries):
+def _compute(tmp_path, study, plan, primaries, shards=2):
     from dicom_node.jobs.compute import compute_folder
     from dicom_node.settings import EngineSettings
 
@@ -138,7 +182,8 @@ def _compute(tmp_path, study, plan, primaries):
     study = dataclasses.replace(study, plan=plan)
     write_study(study, folder)
     settings = EngineSettings(beam_models=dict(GENERIC), dose_grid_mm=5.0)  # the CT's 5 mm voxels
-    result = compute_folder(folder, tmp_path / "out", primaries=primaries, shards=2, engine_settings=settings)
+    result = compute_folder(folder, tmp_path / "out", primaries=primaries, shards=shards,
+                            engine_settings=settings)
     rd = dcmread(result.rt_dose_path)
     dose = rd.pixel_array.astype(np.float64) * float(rd.DoseGridScaling)
     return result, rd, dose
@@ -222,3 +267,42 @@ def test_too_few_histories_for_the_weakest_beamlet_fail_naming_the_minimum():
     check_histories(weights, 11, 2)
     with pytest.raises(EngineError, match="at least 11 are needed per shard"):
         check_histories(weights, 10, 2)
+
+
+@pytest.mark.slow
+def test_a_full_arc_gives_a_round_dose_peaked_at_the_isocenter(tmp_path, study):
+    # 360 degrees clockwise in 10-degree control points, a 3 x 3 cm aperture, on the 20 cm water cube
+    plan = arc_plan(study, [float(a) for a in range(0, 361, 10)], "CW", mu=360.0, field_mm=30.0)
+    _result, rd, dose = _compute(tmp_path, study, plan, 24000)
+    xs = float(rd.ImagePositionPatient[0]) + float(rd.PixelSpacing[1]) * np.arange(rd.Columns)
+    ys = float(rd.ImagePositionPatient[1]) + float(rd.PixelSpacing[0]) * np.arange(rd.Rows)
+    zs = float(rd.ImagePositionPatient[2]) + np.array([float(v) for v in rd.GridFrameOffsetVector])
+    plane = dose[np.abs(zs) < 10].mean(axis=0)
+    iy, ix = np.unravel_index(int(np.argmax(plane)), plane.shape)
+    assert abs(xs[ix]) <= 10 and abs(ys[iy]) <= 10  # the beams meet at the isocenter
+    ring = [plane[np.abs(ys - y) < 8][:, np.abs(xs - x) < 8].mean() for x, y in
+            ((50, 0), (-50, 0), (0, 50), (0, -50))]  # 5 cm out: outside the aperture, every angle alike
+    centre = plane[np.abs(ys) < 8][:, np.abs(xs) < 8].mean()
+    assert max(ring) < 0.5 * centre
+    assert min(ring) > 0.8 * max(ring)
+
+
+@pytest.mark.slow
+def test_the_real_monaco_vmat_plan_is_computed(tmp_path, study):
+    """Both arcs enter from behind (90->150 and 270->210 degrees) and cross at the isocenter."""
+    plan = on_study(study, dcmread(MONACO_VMAT, force=True))
+    for beam in plan.BeamSequence:
+        beam.TreatmentMachineName = MACHINE
+    # one shard: the weakest kept beamlet needs about 40 000 histories of a shard (photon.min_histories)
+    _result, rd, dose = _compute(tmp_path, study, plan, 42000, shards=1)
+    xs = float(rd.ImagePositionPatient[0]) + float(rd.PixelSpacing[1]) * np.arange(rd.Columns)
+    ys = float(rd.ImagePositionPatient[1]) + float(rd.PixelSpacing[0]) * np.arange(rd.Rows)
+    zs = float(rd.ImagePositionPatient[2]) + np.array([float(v) for v in rd.GridFrameOffsetVector])
+    plane = dose[np.abs(zs) < 10].mean(axis=0)
+    iy, ix = np.unravel_index(int(np.argmax(plane)), plane.shape)
+    assert abs(xs[ix]) <= 10 and abs(ys[iy]) <= 10
+    posterior = plane[(ys > 30) & (ys < 95)].sum()  # entrance side of both arcs
+    anterior = plane[(ys < -30) & (ys > -95)].sum()  # their exit side
+    assert posterior > 1.2 * anterior
+    left, right = plane[:, xs > 10].sum(), plane[:, xs < -10].sum()  # the arcs mirror each other
+    assert 0.75 < left / right < 1.33

@@ -241,7 +241,7 @@ class OmpmcEngine(Engine):
                        work_dir / GEOMETRY_FILE)
         del volume  # the geometry is on disk now
         extra_out = dosegrid.write_body(datasets, dose_grid or grid, plan.frame_of_reference_uid, work_dir, options)
-        total_weight = write_beamlets(plan, model.beamlet_mm, work_dir / BEAMLETS_FILE)
+        total_weight, left_out = write_beamlets(plan, model.beamlet_mm, work_dir / BEAMLETS_FILE)
         assert energy.engine_dose_ref is not None
         gy_per_unit = total_weight * energy.gy_per_mu_ref / energy.engine_dose_ref
         warnings = [] if commissioned else [_photon_warning(plan.machines[0])]
@@ -253,8 +253,9 @@ class OmpmcEngine(Engine):
                              frame_of_reference_uid=plan.frame_of_reference_uid, machines=plan.machines,
                              warnings=tuple(warnings), commissioned=commissioned, ct_calibration="photon built-in",
                              extra={"kind": KIND_PHOTON_PLAN, "spectrum": energy.spectrum, "beam_model": model.name,
-                                    "beams": len(plan.beams), "total_mu": sum(b.mu for b in plan.beams),
+                                    "beams": len(plan.dicom_beams), "total_mu": sum(b.mu for b in plan.beams),
                                     "transport_grid": transport.to_json(), "dose_offset": list(offset),
+                                    "fluence_left_out_percent": round(100.0 * left_out, 4),
                                     **extra_out},
                              dose_grid=dose_grid)
         inputs.save()

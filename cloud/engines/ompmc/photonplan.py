@@ -7,10 +7,17 @@ the fraction group x the cumulative meterset weight). A segment is the aperture 
 held while the meterset goes from CP i to CP i+1; step-and-shoot pairs (same aperture, more MU) are
 exactly that.
 
+Arcs (VMAT, conformal arcs: the gantry rotating CW or CC while the beam is on) are computed as many
+control points: each control point interval that delivers meterset becomes one static beam at the
+interval's mean gantry angle (along the rotation direction), with the interval's MU and the mean of
+its two apertures (jaws and leaves may move with the gantry). A control point spacing of a few
+degrees, as TPSs export, keeps the error of that discretisation small.
+
 Refused, naming the element (UnsupportedPlan): electron (or other non-photon) beams, wedges,
-compensators, blocks, boli, applicators (electron cones, virtual cones), arcs (gantry rotating
-during the beam), leaves or jaws moving while the beam is on (sliding window / VMAT), a non-standard
-fluence mode (FFF, unless a later beam model says it has one), couch pitch/roll.
+compensators, blocks, boli, applicators (electron cones, virtual cones), collimator or couch
+rotating during the beam, leaves or jaws moving while the beam is on at a fixed gantry angle
+(sliding window), a gantry angle that changes without a rotation direction, a non-standard fluence
+mode (FFF, unless a later beam model says it has one), couch pitch/roll.
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ class PhotonBeam:
     couch: float
     isocenter: tuple[float, float, float]
     segments: tuple[Segment, ...]
+    # The plan's beam this comes from (an arc gives one PhotonBeam per control point interval).
+    dicom_beam: str = ""
 
     @property
     def mu(self) -> float:
@@ -67,6 +76,11 @@ class PhotonPlan:
     @property
     def machines(self) -> tuple[str, ...]:
         return tuple(sorted({b.machine for b in self.beams}))
+
+    @property
+    def dicom_beams(self) -> tuple[str, ...]:
+        """The plan's treatment beams computed (an arc counts once)."""
+        return tuple(dict.fromkeys(b.dicom_beam or b.name for b in self.beams))
 
 
 def _f(value: object, default: float = 0.0) -> float:
@@ -122,12 +136,14 @@ def check_photon_plan(plan: Dataset) -> None:
         if len(cps) < 2:
             raise UnsupportedPlan(f"beam {name}: fewer than two control points")
         for cp in cps:
-            for tag, what in (("GantryRotationDirection", "gantry"), ("BeamLimitingDeviceRotationDirection",
-                                                                       "collimator"),
+            for tag, what in (("BeamLimitingDeviceRotationDirection", "collimator"),
                               ("PatientSupportRotationDirection", "couch")):
                 if str(cp.get(tag, "NONE") or "NONE") not in ("NONE", ""):
-                    raise UnsupportedPlan(f"beam {name}: {what} rotates during the beam (arc); arcs are not "
-                                          "computed yet")
+                    raise UnsupportedPlan(f"beam {name}: {what} rotates during the beam; only the gantry may "
+                                          "rotate (arcs)")
+            direction = str(cp.get("GantryRotationDirection", "NONE") or "NONE")
+            if direction not in ("NONE", "CW", "CC"):
+                raise UnsupportedPlan(f"beam {name}: gantry rotation direction {direction!r}")
             if abs(_f(cp.get("TableTopPitchAngle", 0))) > _TOL or abs(_f(cp.get("TableTopRollAngle", 0))) > _TOL:
                 raise UnsupportedPlan(f"beam {name}: couch pitch/roll is not modelled")
             if cp.get("WedgePositionSequence"):
@@ -175,39 +191,63 @@ def read_photon_plan(plan: Dataset) -> PhotonPlan:
             if lb is None:
                 raise UnsupportedPlan(f"beam {name}: {mlc_type} without LeafPositionBoundaries")
             boundaries = np.array([float(v) for v in lb])
-        state = {"gantry": _f(first.get("GantryAngle")), "collimator": _f(first.get("BeamLimitingDeviceAngle")),
-                 "couch": _f(first.get("PatientSupportAngle")), "energy": _f(first.get("NominalBeamEnergy"))}
+        collimator, couch = _f(first.get("BeamLimitingDeviceAngle")), _f(first.get("PatientSupportAngle"))
+        gantry, direction = _f(first.get("GantryAngle")), str(first.get("GantryRotationDirection", "NONE") or "NONE")
         pos = _positions(first)
-        segments = []
+        intervals: list[tuple[float, Segment]] = []  # (gantry angle, segment)
         for i in range(len(cps) - 1):
             a, b = cps[i], cps[i + 1]
-            for key, tag in (("gantry", "GantryAngle"), ("collimator", "BeamLimitingDeviceAngle"),
-                             ("couch", "PatientSupportAngle")):
-                if key != "energy" and tag in b and abs(_f(b.get(tag)) - state[key]) > _TOL:
-                    raise UnsupportedPlan(f"beam {name}: {key} angle changes during the beam (arc)")
+            for key, tag, now in (("collimator", "BeamLimitingDeviceAngle", collimator),
+                                  ("couch", "PatientSupportAngle", couch)):
+                if tag in b and abs(_f(b.get(tag)) - now) > _TOL:
+                    raise UnsupportedPlan(f"beam {name}: {key} angle changes during the beam")
             if i > 0:
                 pos = {**pos, **_positions(a)}
+                direction = str(a.get("GantryRotationDirection", direction) or "NONE")
             next_pos = {**pos, **_positions(b)}
+            next_gantry = _f(b.get("GantryAngle"), gantry) if "GantryAngle" in b else gantry
+            sweep = _sweep(name, gantry, next_gantry, direction)
             d_mu = (_f(b.get("CumulativeMetersetWeight")) - _f(a.get("CumulativeMetersetWeight"))) / final * beam_mu
-            if d_mu <= 1e-9:
-                continue
-            for dev, values in next_pos.items():
-                if dev in pos and not np.allclose(values, pos[dev], atol=0.01):
-                    raise UnsupportedPlan(f"beam {name}: {dev} moves while the beam is on (dynamic MLC / VMAT); "
-                                          "only static and step-and-shoot fields are computed")
-            segments.append(_segment(name, pos, d_mu, mlc_type, boundaries))
-        if not segments:
+            if d_mu > 1e-9:
+                moving = [dev for dev, values in next_pos.items()
+                          if dev in pos and not np.allclose(values, pos[dev], atol=0.01)]
+                if moving and sweep == 0.0:
+                    raise UnsupportedPlan(f"beam {name}: {moving[0]} moves while the beam is on at a fixed gantry "
+                                          "angle (sliding window); static, step-and-shoot and arc fields are computed")
+                aperture = {dev: [(u + v) / 2.0 for u, v in zip(values, next_pos.get(dev, values), strict=True)]
+                            for dev, values in pos.items()}
+                intervals.append(((gantry + sweep / 2.0) % 360.0,
+                                  _segment(name, aperture, d_mu, mlc_type, boundaries)))
+            gantry = next_gantry
+        if not intervals:
             continue
-        beams.append(PhotonBeam(name=name, machine=str(beam.get("TreatmentMachineName", "")),
-                                energy_mv=state["energy"], sad_mm=_f(beam.get("SourceAxisDistance"), 1000.0),
-                                gantry=state["gantry"] % 360.0, collimator=state["collimator"] % 360.0,
-                                couch=state["couch"] % 360.0,
-                                isocenter=(float(iso[0]), float(iso[1]), float(iso[2])), segments=tuple(segments)))
+        common = {"machine": str(beam.get("TreatmentMachineName", "")), "energy_mv": _f(first.get("NominalBeamEnergy")),
+                  "sad_mm": _f(beam.get("SourceAxisDistance"), 1000.0), "collimator": collimator % 360.0,
+                  "couch": couch % 360.0, "isocenter": (float(iso[0]), float(iso[1]), float(iso[2])),
+                  "dicom_beam": name}
+        if len({round(g, 6) for g, _seg in intervals}) == 1:  # static or step-and-shoot: one beam
+            beams.append(PhotonBeam(name=name, gantry=intervals[0][0], segments=tuple(seg for _g, seg in intervals),
+                                    **common))  # type: ignore[arg-type]
+        else:  # an arc: one beam per control point interval
+            beams.extend(PhotonBeam(name=f"{name} [{k + 1}]", gantry=g, segments=(seg,), **common)  # type: ignore[arg-type]
+                         for k, (g, seg) in enumerate(intervals))
     if not beams:
         raise UnsupportedPlan("plan has no treatment beam with a meterset")
     return PhotonPlan(sop_instance_uid=str(plan.get("SOPInstanceUID", "")),
                       frame_of_reference_uid=str(plan.get("FrameOfReferenceUID", "")), fractions=fractions,
                       beams=tuple(beams))
+
+
+def _sweep(name: str, start: float, end: float, direction: str) -> float:
+    """Signed degrees the gantry turns from ``start`` to ``end`` (CW: increasing angle, IEC 61217)."""
+    if abs((end - start + 180.0) % 360.0 - 180.0) <= _TOL:
+        return 0.0
+    if direction == "CW":
+        return (end - start) % 360.0
+    if direction == "CC":
+        return -((start - end) % 360.0)
+    raise UnsupportedPlan(f"beam {name}: the gantry angle changes from {start:g} to {end:g} degrees with no "
+                          "GantryRotationDirection (CW or CC)")
 
 
 def _segment(name: str, pos: dict[str, list[float]], mu: float, mlc_type: str | None,
