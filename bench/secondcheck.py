@@ -30,8 +30,6 @@ Last line: {"check_s": {...}, "pass_rates": {...}, "pymedphys": {...}, ...}
 
 from __future__ import annotations
 
-import copy
-import io
 import json
 import logging
 import sys
@@ -40,42 +38,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-from pydicom import dcmread
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import machine, today  # noqa: E402
-from cloud.engines.ct import ct_grid  # noqa: E402
-from cloud.merge import MergedDose  # noqa: E402
-from dicom_node.jobs.rtdose import write_rt_dose  # noqa: E402
-from dicom_node.qa.compare import ct_from_datasets, dose_from_rtdose, resample  # noqa: E402
+from dicom_node.qa.compare import dose_from_rtdose  # noqa: E402
 from dicom_node.qa.gamma import gamma_at_points  # noqa: E402
 from dicom_node.qa.report import write_report  # noqa: E402
 from dicom_node.qa.secondcheck import run_comparison  # noqa: E402
 from dicom_node.settings import SecondCheckSettings, parse_criterion  # noqa: E402
-from tests.realdata import reference_folder  # noqa: E402
+from tests.realdata import noisy_mc_dose, scaled_dose, second_check_case, shifted_dose  # noqa: E402
 
 POLICY = SecondCheckSettings()
-
-
-def _roundtrip(ds):
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    buf.seek(0)
-    return dcmread(buf)
-
-
-def mc_dose(cts, ct, clean, plan, noise: float, seed: int = 7):
-    rng = np.random.default_rng(seed)
-    dmax = float(clean.max())
-    d = clean + noise * np.sqrt(np.clip(clean, 0, None) * dmax) * rng.standard_normal(clean.shape)
-    air = ct.values < -500
-    n_air = int(air.sum())
-    d[air] = np.abs(rng.standard_normal(n_air)) * 0.5 * dmax * (rng.random(n_air) < 0.01)
-    d = np.clip(d, 0.0, None)
-    merged = MergedDose(per_fraction_gy=d, plan_gy=d, std_error_per_fraction_gy=None, fractions=1, rbe=False,
-                        primaries=0, shards=0)
-    return _roundtrip(write_rt_dose(merged, ct_grid(cts), cts[0], plan, dose_to_water=True))
 
 
 def pymedphys_rates(cmp, tps_ds, criteria, max_gamma):
@@ -99,13 +73,8 @@ def pymedphys_rates(cmp, tps_ds, criteria, max_gamma):
 def main() -> None:
     logging.disable(logging.INFO)  # pymedphys's chatter on the root logger
     work = tempfile.TemporaryDirectory()
-    folder = reference_folder("reference", Path(work.name))
-    rs = dcmread(next(folder.glob("RS*.dcm")))
-    rp = dcmread(next(folder.glob("RP*.dcm")))
-    rd = dcmread(next(folder.glob("RD*.dcm")))
-    cts = [dcmread(p) for p in folder.glob("CT*.dcm")]
-    ct = ct_from_datasets(cts)
-    clean = np.nan_to_num(resample(dose_from_rtdose(rd), ct.grid.axes), nan=0.0)
+    case = second_check_case(Path(work.name))
+    rs, rp, rd, ct = case.rs, case.rp, case.rd, case.ct
     criteria = list(dict.fromkeys(parse_criterion(c) for c in (*POLICY.criteria, *POLICY.report_criteria)))
     # warm-up: numba compiles the gamma search (ours) and pymedphys's interpolator once per process
     axes = (np.arange(5.0), np.arange(5.0), np.arange(5.0))
@@ -114,17 +83,13 @@ def main() -> None:
 
     pymedphys.gamma(axes, np.ones((5, 5, 5)), axes, np.ones((5, 5, 5)), 3, 3)
 
-    shifted = copy.deepcopy(rd)
-    x, y, z = (float(v) for v in shifted.ImagePositionPatient)
-    shifted.ImagePositionPatient = [x + 3.0, y, z]
-    scaled = copy.deepcopy(rd)
-    scaled.DoseGridScaling = f"{float(scaled.DoseGridScaling) * 1.04:.10g}"
+    shifted, scaled = shifted_dose(rd, 3.0), scaled_dose(rd, 1.04)
     cases = [("noise 1 %", 0.01, rd, True), ("noise 2 %", 0.02, rd, True), ("noise 6 %", 0.06, rd, False),
              ("scaled 4 %, noise 1 %", 0.01, scaled, False), ("shifted 3 mm, noise 1 %", 0.01, shifted, False)]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, noise, tps_ds, with_pymedphys in cases:
-            mc = mc_dose(cts, ct, clean, rp, noise)
+            mc, _dose = noisy_mc_dose(case, noise, seed=7, air_spike=0.5)
             cpu0 = time.process_time()
             start = time.perf_counter()
             cmp, result = run_comparison(mc, tps_ds, POLICY, rs, 1, ct=ct, plan=rp,

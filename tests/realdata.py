@@ -1,10 +1,14 @@
 """Real RayStation 12 exports (tests/data/realdata/raystation12_tr3, see its README) and the phantom CT
 they lack, rebuilt from the structure set: the External contour filled, the CT UIDs the structure set
-references, the plan's frame of reference."""
+references, the plan's frame of reference; and the second check's case made of them (the test and the
+benchmark of the second check share it)."""
 
 from __future__ import annotations
 
+import copy
+import io
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +16,11 @@ from matplotlib.path import Path as Polygon
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+from cloud.engines.ct import ct_grid
+from cloud.merge import MergedDose
+from dicom_node.jobs.rtdose import write_rt_dose
+from dicom_node.qa.compare import Volume, ct_from_datasets, dose_from_rtdose, resample
 
 RAYSTATION = Path(__file__).parent / "data" / "realdata" / "raystation12_tr3"
 PHANTOM_SCANNER = ("dicom-mc-node", "RayStation phantom rebuilt from its External ROI")
@@ -124,3 +133,64 @@ def reference_folder(name: str, out: Path) -> Path:
     rs = dcmread(next(folder.glob("RS*.dcm")))
     phantom_ct(rs, plan, folder)
     return folder
+
+
+# --- the second check's real case: RayStation's dose as the TPS's, the same dose with MC noise as the node's ---
+
+
+@dataclass(frozen=True)
+class SecondCheckCase:
+    """The reference export read back: structure set, plan, RayStation's RT Dose, the rebuilt CT (datasets and
+    HU volume), and RayStation's dose on the CT grid (0 outside its own grid)."""
+
+    rs: Dataset
+    rp: Dataset
+    rd: Dataset
+    cts: list[Dataset]
+    ct: Volume
+    clean: np.ndarray
+
+
+def second_check_case(out: Path) -> SecondCheckCase:
+    folder = reference_folder("reference", out)
+    cts = [dcmread(p) for p in folder.glob("CT*.dcm")]
+    rd = dcmread(next(folder.glob("RD*.dcm")))
+    ct = ct_from_datasets(cts)
+    return SecondCheckCase(rs=dcmread(next(folder.glob("RS*.dcm"))), rp=dcmread(next(folder.glob("RP*.dcm"))),
+                           rd=rd, cts=cts, ct=ct,
+                           clean=np.nan_to_num(resample(dose_from_rtdose(rd), ct.grid.axes), nan=0.0))
+
+
+def noisy_mc_dose(case: SecondCheckCase, noise: float, seed: int, air_spike: float) -> tuple[Dataset, np.ndarray]:
+    """RayStation's dose on the CT grid as an MC dose would be: relative standard error ``noise`` at the
+    maximum, growing as 1/sqrt(dose), and spikes in 1 % of the air voxels (|normal| x ``air_spike`` x the
+    maximum), as an MC scoring grid has them. The RT Dose the node would write (read back), and the dose."""
+    rng = np.random.default_rng(seed)
+    clean = case.clean
+    dmax = float(clean.max())
+    dose = clean + noise * np.sqrt(np.clip(clean, 0, None) * dmax) * rng.standard_normal(clean.shape)
+    air = case.ct.values < -500
+    n_air = int(air.sum())
+    dose[air] = np.abs(rng.standard_normal(n_air)) * air_spike * dmax * (rng.random(n_air) < 0.01)
+    dose = np.clip(dose, 0.0, None)
+    merged = MergedDose(per_fraction_gy=dose, plan_gy=dose, std_error_per_fraction_gy=None, fractions=1, rbe=False,
+                        primaries=10**7, shards=4)
+    buf = io.BytesIO()
+    write_rt_dose(merged, ct_grid(case.cts), case.cts[0], case.rp, dose_to_water=True).save_as(
+        buf, enforce_file_format=True)
+    buf.seek(0)
+    return dcmread(buf), dose
+
+
+def shifted_dose(rd: Dataset, x_mm: float) -> Dataset:
+    """The RT Dose moved by ``x_mm`` along x (to the patient's left for x > 0)."""
+    out = copy.deepcopy(rd)
+    x, y, z = (float(v) for v in out.ImagePositionPatient)
+    out.ImagePositionPatient = [x + x_mm, y, z]
+    return out
+
+
+def scaled_dose(rd: Dataset, factor: float) -> Dataset:
+    out = copy.deepcopy(rd)
+    out.DoseGridScaling = f"{float(out.DoseGridScaling) * factor:.10g}"
+    return out

@@ -23,15 +23,11 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from cloud.engines.ct import ct_grid
-from cloud.merge import MergedDose
 from dicom_node.cli import guard_log_handlers
-from dicom_node.jobs.rtdose import write_rt_dose
-from dicom_node.qa.compare import ct_from_datasets, dose_from_rtdose, resample
 from dicom_node.qa.report import write_report
 from dicom_node.qa.secondcheck import decide, referenced_beam_numbers, run_comparison
 from dicom_node.settings import SecondCheckSettings
-from tests.realdata import reference_folder
+from tests.realdata import noisy_mc_dose, scaled_dose, second_check_case, shifted_dose
 
 POLICY = SecondCheckSettings(report_criteria=())  # the verdict criterion only: lean
 SUMMARY = {"uncertainty_percent": 1.0}
@@ -39,24 +35,11 @@ SUMMARY = {"uncertainty_percent": 1.0}
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
-    folder = reference_folder("reference", tmp_path_factory.mktemp("realdata"))
-    rs = dcmread(next(folder.glob("RS*.dcm")))
-    rp = dcmread(next(folder.glob("RP*.dcm")))
-    rd = dcmread(next(folder.glob("RD*.dcm")))
-    cts = [dcmread(p) for p in folder.glob("CT*.dcm")]
-    ct = ct_from_datasets(cts)
-    clean = np.nan_to_num(resample(dose_from_rtdose(rd), ct.grid.axes), nan=0.0)
-    rng = np.random.default_rng(2022)
-    dmax = float(clean.max())
-    noisy = clean + 0.01 * np.sqrt(np.clip(clean, 0, None) * dmax) * rng.standard_normal(clean.shape)
-    air = ct.values < -500
-    noisy[air] = np.abs(rng.standard_normal(int(air.sum()))) * 0.6 * dmax * (rng.random(int(air.sum())) < 0.01)
-    noisy = np.clip(noisy, 0.0, None)
-    merged = MergedDose(per_fraction_gy=noisy, plan_gy=noisy, std_error_per_fraction_gy=None, fractions=1, rbe=False,
-                        primaries=10**7, shards=4)
-    mc = write_rt_dose(merged, ct_grid(cts), cts[0], rp, dose_to_water=True)
-    mc = dcmread(_roundtrip(mc))
-    return {"rs": rs, "rp": rp, "rd": rd, "ct": ct, "mc": mc, "air_max": float(noisy[air].max()), "dmax": dmax}
+    c = second_check_case(tmp_path_factory.mktemp("realdata"))
+    mc, noisy = noisy_mc_dose(c, 0.01, seed=2022, air_spike=0.6)
+    air = c.ct.values < -500
+    return {"rs": c.rs, "rp": c.rp, "rd": c.rd, "ct": c.ct, "mc": mc, "air_max": float(noisy[air].max()),
+            "dmax": float(c.clean.max())}
 
 
 def _roundtrip(ds) -> io.BytesIO:
@@ -93,9 +76,7 @@ def test_real_plan_dose_passes_inside_the_body_normalised_to_the_tps(case):
 
 
 def test_tps_dose_shifted_3_mm_fails_naming_the_displacement(case, tmp_path):
-    shifted = copy.deepcopy(case["rd"])
-    x, y, z = (float(v) for v in shifted.ImagePositionPatient)
-    shifted.ImagePositionPatient = [x + 3.0, y, z]  # 3 mm to the patient's left, across the beam
+    shifted = shifted_dose(case["rd"], 3.0)  # 3 mm to the patient's left, across the beam
     cmp, result = _check(case, shifted)
     assert result["verdict"] == "fail"
     why = "; ".join(result["reasons"])
@@ -115,9 +96,7 @@ def test_tps_dose_shifted_3_mm_fails_naming_the_displacement(case, tmp_path):
 
 
 def test_tps_dose_scaled_4_percent_fails_naming_the_dose_difference(case):
-    scaled = copy.deepcopy(case["rd"])
-    scaled.DoseGridScaling = f"{float(scaled.DoseGridScaling) * 1.04:.10g}"
-    _cmp, result = _check(case, scaled)
+    _cmp, result = _check(case, scaled_dose(case["rd"], 1.04))
     assert result["verdict"] == "fail"
     why = "; ".join(result["reasons"])
     assert "3%/2mm pass rate" in why
