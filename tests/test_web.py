@@ -101,6 +101,13 @@ def test_basic_auth_api_jobs_is_what_mcnode_jobs_json_prints(web, config_dir):
     assert code == 0
     assert json.loads(reply.body) == json.loads(printed)
     assert [r["id"] for r in json.loads(reply.body)] == [job.id]
+    # the job waits at READY: its dose routes say there is no dose yet; an unknown job is not found
+    client = Client(server.url, basic=("alice", PASSWORD))
+    for route in ("rtdose", "dose.png"):
+        missing = client.get(f"/jobs/{job.id}/{route}")
+        assert (missing.status, missing.text) == (404, "this job has no RT Dose yet\n"), route
+        unknown = client.get(f"/jobs/job-none/{route}")
+        assert (unknown.status, unknown.text) == (404, "no such job\n"), route
 
 
 def test_metrics_parse_as_prometheus_text(web):

@@ -245,6 +245,16 @@ class Site:
         except JournalError:
             return None
 
+    def _job_dose(self, request: Request) -> tuple[Job, str] | Response:
+        """The job of the request's path and its RT Dose file, or the 404 that says which is missing."""
+        job = self._journal_job(request.path_params["job"])
+        if job is None:
+            return PlainTextResponse("no such job\n", status_code=404)
+        dose = job.data.rtdose
+        if not dose or not Path(dose).is_file():
+            return PlainTextResponse("this job has no RT Dose yet\n", status_code=404)
+        return job, dose
+
     async def job_page(self, request: Request, user: str) -> Response:
         job = await self._job(request)
         if job is None:
@@ -252,13 +262,10 @@ class Site:
         return self.render(request, "job.html", user=user, job=job, message=request.query_params.get("done", ""))
 
     async def dose_png(self, request: Request, user: str) -> Response:
-        job_id = request.path_params["job"]
-        job = self._journal_job(job_id)
-        if job is None:
-            return PlainTextResponse("no such job\n", status_code=404)
-        dose = job.data.rtdose
-        if not dose or not Path(dose).is_file():
-            return PlainTextResponse("this job has no dose yet\n", status_code=404)
+        found = self._job_dose(request)
+        if isinstance(found, Response):
+            return found
+        job, dose = found
         png = await run_in_threadpool(cached_dose_png, self.ctx.settings.node.data_dir / "jobs" / job.id,
                                       list(job.data.ct), dose, job.data.structure_set, job.data.plan or None)
         return FileResponse(png, media_type="image/png", headers={"Cache-Control": "no-store"})
@@ -276,13 +283,10 @@ class Site:
         return FileResponse(path, media_type=media, headers={"Cache-Control": "no-store"})
 
     async def download_dose(self, request: Request, user: str) -> Response:
-        job_id = request.path_params["job"]
-        job = self._journal_job(job_id)
-        if job is None:
-            return PlainTextResponse("no such job\n", status_code=404)
-        dose = job.data.rtdose
-        if not dose or not Path(dose).is_file():
-            return PlainTextResponse("this job has no RT Dose\n", status_code=404)
+        found = self._job_dose(request)
+        if isinstance(found, Response):
+            return found
+        job, dose = found
         LOGGER.info("web: user %s downloaded the RT Dose of job %s", user, job.id)
         return FileResponse(dose, media_type="application/dicom", filename=f"RD_{job.id}.dcm",
                             headers={"Cache-Control": "no-store"})
