@@ -93,35 +93,46 @@ def phantom_ct(rs: Dataset, plan: Dataset, out_dir: Path, spacing_mm: float = 2.
         for poly in polygons.get(round(z, 3), []):
             inside ^= Polygon(poly).contains_points(centres)
         hu = np.where(inside.reshape(rows, cols), PHANTOM_HU, AIR_HU).astype(np.int16)
-        ds = Dataset()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, uid, "CT"
-        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
-                        "StudyDate", "StudyTime", "StudyID"):
-            if keyword in rs:
-                setattr(ds, keyword, rs.data_element(keyword).value)
-        ds.SeriesInstanceUID = series.SeriesInstanceUID
-        ds.FrameOfReferenceUID = plan.FrameOfReferenceUID
-        ds.Manufacturer, ds.ManufacturerModelName = PHANTOM_SCANNER
-        ds.PatientPosition = "HFS"
-        ds.InstanceNumber = n
-        ds.ImagePositionPatient = [float(lo[0]), float(lo[1]), float(z)]
-        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        ds.PixelSpacing = [spacing_mm, spacing_mm]
-        ds.SliceThickness = thickness
-        ds.Rows, ds.Columns = rows, cols
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "HU"
-        ds.PixelData = hu.tobytes()
-        path = out_dir / f"CT{uid}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
+        paths.append(write_ct_slice(out_dir / f"CT{uid}.dcm", hu, like=rs, uid=uid,
+                                    series=str(series.SeriesInstanceUID),
+                                    frame_of_reference=str(plan.FrameOfReferenceUID), number=n,
+                                    position=(float(lo[0]), float(lo[1]), float(z)), spacing_mm=spacing_mm,
+                                    thickness_mm=thickness, scanner=PHANTOM_SCANNER))
     return paths
+
+
+def write_ct_slice(path: Path, hu: np.ndarray, *, like: Dataset, uid: str, series: str, frame_of_reference: str,
+                   number: int, position: tuple[float, float, float], spacing_mm: float, thickness_mm: float,
+                   scanner: tuple[str, str] | None = None) -> Path:
+    """One axial HFS CT slice (``hu``: int16 [row, column], square pixels, ImagePositionPatient ``position``)
+    in the patient and study of ``like`` (a plan or structure set the test's CT is made for)."""
+    ds = Dataset()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, uid, "CT"
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
+                    "StudyDate", "StudyTime", "StudyID"):
+        if keyword in like:
+            setattr(ds, keyword, like.data_element(keyword).value)
+    ds.SeriesInstanceUID, ds.FrameOfReferenceUID = series, frame_of_reference
+    if scanner is not None:
+        ds.Manufacturer, ds.ManufacturerModelName = scanner
+    ds.PatientPosition = "HFS"
+    ds.InstanceNumber = number
+    ds.ImagePositionPatient = list(position)
+    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.PixelSpacing = [spacing_mm, spacing_mm]
+    ds.SliceThickness = thickness_mm
+    ds.Rows, ds.Columns = hu.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "HU"
+    ds.PixelData = np.ascontiguousarray(hu, dtype="<i2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
 
 
 def reference_folder(name: str, out: Path) -> Path:

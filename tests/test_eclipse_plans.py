@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from dicom_node.intake.jobrecord import JobState
 from tests.conftest import settings_for, storescu, wait_for
+from tests.realdata import write_ct_slice
 
 ECLIPSE = Path(__file__).parent / "data" / "realdata" / "eclipse_ion_plans"
 QA_PLAN = ECLIPSE / "RN.1.2.246.352.71.5.361940808526.37240.20200311150225.dcm"
@@ -49,28 +50,10 @@ def water_box_ct(plan: Dataset, out: Path) -> list[Path]:
     hu[2:-2, :] = 0
     paths = []
     for k, z in enumerate(np.arange(-HALF_X_MM, HALF_X_MM + 1e-6, SPACING_MM), start=1):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = uid = generate_uid()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, uid, "CT"
-        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
-                        "StudyDate", "StudyTime", "StudyID", "FrameOfReferenceUID"):
-            if keyword in plan:
-                setattr(ds, keyword, plan.data_element(keyword).value)
-        ds.SeriesInstanceUID, ds.InstanceNumber, ds.PatientPosition = series, k, "HFS"
-        ds.ImagePositionPatient = [-HALF_X_MM, Y0_MM - 2 * SPACING_MM, float(z)]
-        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        ds.PixelSpacing, ds.SliceThickness = [SPACING_MM, SPACING_MM], SPACING_MM
-        ds.Rows, ds.Columns = hu.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "HU"
-        ds.PixelData = hu.tobytes()
-        path = out / f"CT_{k:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
+        paths.append(write_ct_slice(out / f"CT_{k:04d}.dcm", hu, like=plan, uid=generate_uid(), series=series,
+                                    frame_of_reference=str(plan.FrameOfReferenceUID), number=k,
+                                    position=(-HALF_X_MM, Y0_MM - 2 * SPACING_MM, float(z)), spacing_mm=SPACING_MM,
+                                    thickness_mm=SPACING_MM))
     return paths
 
 
