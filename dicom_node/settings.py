@@ -33,11 +33,6 @@ def _check_ae_title(path: str, value: str) -> None:
         raise ConfigError(f"{path}: must be 1-16 ASCII characters without backslash, got {value!r}")
 
 
-def _check_port(path: str, value: int) -> None:
-    if not 0 <= value <= 65535:
-        raise ConfigError(f"{path}: must be between 0 and 65535, got {value}")
-
-
 def _check_positive(path: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(f"{path}: must be greater than 0, got {value}")
@@ -49,6 +44,19 @@ def _check_non_negative(path: str, value: float) -> None:
 
 
 Check = Callable[[str, Any], None]
+
+
+def _between(lo: float, hi: float, unit: str = "") -> Check:
+    """A check that a number lies in [lo, hi]; the message names the range (and the unit)."""
+    def check(path: str, value: float) -> None:
+        if not lo <= value <= hi:
+            raise ConfigError(f"{path}: must be between {lo:g} and {hi:g}{f' ({unit})' if unit else ''}, got {value}")
+
+    return check
+
+
+_check_port = _between(0, 65535)
+_check_percent = _between(0, 100)
 
 
 def _choice(*allowed: str) -> Check:
@@ -130,11 +138,6 @@ def _check_ct_calibrations(path: str, value: dict[str, tuple[Path, ...]]) -> Non
                 raise ConfigError(f"{path}.{scanner}: calibration file {table} does not exist")
 
 
-def _check_dose_grid_mm(path: str, value: float) -> None:
-    if not 0.5 <= value <= 10:
-        raise ConfigError(f"{path}: must be between 0.5 and 10 (mm), got {value}")
-
-
 def _check_target_uncertainty(path: str, value: float) -> None:
     if value != 0 and not 0.1 <= value <= 50:
         raise ConfigError(f"{path}: must be 0 (off) or between 0.1 and 50 (percent), got {value}")
@@ -161,7 +164,7 @@ class EngineSettings:
     # the RT Dose the TPS sent for the plan (uniform when it has sent none by the time the job starts);
     # "ct" = the CT's own voxels.
     dose_grid: str = field(default="uniform", metadata=_meta(_choice("uniform", "tps", "ct")))
-    dose_grid_mm: float = field(default=2.5, metadata=_meta(_check_dose_grid_mm))
+    dose_grid_mm: float = field(default=2.5, metadata=_meta(_between(0.5, 10, "mm")))
     # Stop adding shards once the pooled relative standard error (body voxels >= 50 % of the max) is at
     # or below this (percent); 0 = off (one wave of `primaries`).
     target_uncertainty_percent: float = field(default=0.0, metadata=_meta(_check_target_uncertainty))
@@ -315,11 +318,6 @@ def _check_criteria(path: str, value: tuple[str, ...]) -> None:
             parse_criterion(text)
         except ConfigError as exc:
             raise ConfigError(f"{path}[{i}]: {exc}") from None
-
-
-def _check_percent(path: str, value: float) -> None:
-    if not 0 <= value <= 100:
-        raise ConfigError(f"{path}: must be between 0 and 100, got {value}")
 
 
 def _check_tolerances(path: str, value: dict[str, float]) -> None:

@@ -39,6 +39,8 @@ def test_example_config_documents_and_loads_every_key(tmp_path):
 
 @pytest.mark.parametrize(("table", "message"), [
     ({"node": {"port": 70000}}, "node.port: must be between 0 and 65535"),
+    ({"engine": {"dose_grid_mm": 20.0}}, "engine.dose_grid_mm: must be between 0.5 and 10 .mm., got 20.0"),
+    ({"secondcheck": {"min_pass_rate_percent": 101}}, "secondcheck.min_pass_rate_percent: must be between 0 and 100"),
     ({"node": {"prot": 1}}, "node.prot: unknown key"),
     ({"nodes": {}}, "nodes: unknown key"),
     ({"node": {"ae_title": "A" * 17}}, "node.ae_title: must be 1-16 ASCII"),
