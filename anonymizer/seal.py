@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
-import os
 import secrets
 import struct
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from typing import BinaryIO
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from anonymizer.durable import write_atomically
 from anonymizer.errors import IntegrityError, SealError
 from anonymizer.keys import derive_key
 
@@ -204,20 +204,10 @@ def open_bytes(sealed: bytes, key: bytes, job_id: str, part: str) -> bytes:
 
 def _via_temp(dst: Path, write: Callable[[BinaryIO], int]) -> int:
     dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.part")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            n = write(out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dst)
-        return n
+        return write_atomically(dst, write)
     except OSError as exc:
         raise SealError(f"cannot write {dst.name}: {exc.strerror}") from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def seal_file(src: Path, dst: Path, key: bytes, job_id: str, part: str) -> int:

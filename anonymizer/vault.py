@@ -26,6 +26,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydicom.dataset import Dataset
 
+from anonymizer.durable import fsync_dir, write_atomically
 from anonymizer.errors import AnonymizationError, VaultError
 from anonymizer.keys import derive_key
 
@@ -98,17 +99,7 @@ class Vault:
         blob = _MAGIC + nonce + self._aead.encrypt(nonce, record.to_json().encode("utf-8"), _aad(job_id))
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(blob)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, path)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
+            write_atomically(path, lambda fh: fh.write(blob))
         except OSError as exc:
             raise VaultError(f"cannot write the vault record of job {job_id}: {exc.strerror}") from exc
         return path
@@ -132,11 +123,7 @@ class Vault:
             finally:
                 os.close(fd)
             path.unlink()
-            dir_fd = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            fsync_dir(self.directory)
         except OSError as exc:
             raise VaultError(f"cannot remove the vault record of job {job_id}: {exc.strerror}") from exc
         return True

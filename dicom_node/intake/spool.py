@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
+from anonymizer.durable import write_atomically
 from dicom_node.errors import SpoolError
 
 LOGGER = logging.getLogger(__name__)
@@ -35,32 +35,10 @@ class Spool:
     def store(self, series_uid: str, sop_instance_uid: str, *parts: bytes) -> Path:
         """Write one DICOM file (the concatenated parts) durably; leave nothing half-written."""
         final = self.path_for(series_uid, sop_instance_uid)
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.{id(parts):x}.tmp")
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                for part in parts:
-                    view = memoryview(part)
-                    while view:
-                        written = os.write(fd, view)
-                        view = view[written:]
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
-            if self.fsync:
-                dir_fd = os.open(final.parent, os.O_RDONLY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
+            write_atomically(final, lambda out: out.writelines(parts), fsync=self.fsync, sync_dir=True)
         except OSError as exc:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
             # the file name is the SOP Instance UID: logs get its hash only
             ref = "uid#" + hashlib.sha256(sop_instance_uid.encode()).hexdigest()[:12]
             raise SpoolError(f"cannot write instance {ref}: {exc.strerror or exc}") from exc
