@@ -31,6 +31,12 @@ Settings that are not the defaults, and why:
   default 2). 1.8 rather than 2 so that the MC's own noise alone leaves the 3%/2mm pass rate a
   margin above 95 %: on this plan and grid against RayStation's dose, 2.55 % (2 M primaries) gave
   94.3 %, 1.82 % (4 M) gave 98.2 %.
+- The dose-weighted centres (the displacement the check reports) carry an artefact of the grid: on
+  4 mm the unshifted dose reads about 1.0 mm along the beam (y), on 2.5 mm 0.4 mm, on the CT's
+  voxels 0.7 mm the other way (measured at 400 000 primaries). Both doses are weighed on the MC's
+  voxels: the TPS dose sampled trilinearly at the 4 mm centres (its centre moves 0.4 mm against its
+  own 2 mm grid), the MC dose zeroed outside the External at voxel centres. It stays within the
+  2 mm limit, and the 3 mm shift here is across the beam.
 - The phantom CT keeps its 2 mm pixels: MCsquare's time does not depend on them (measured: the same
   CPU seconds on 4 mm pixels), and the body's edge stays within 1 mm.
 - The second-check policy is the default one (3%/2mm >= 95 %, 2%/2mm reported, 10 % threshold,
@@ -40,6 +46,7 @@ Settings that are not the defaults, and why:
 from __future__ import annotations
 
 import copy
+import json
 import re
 import resource
 import time
@@ -74,6 +81,15 @@ def _newer_tps_dose(rd, out: Path, **changes: object) -> Path:
         setattr(ds, keyword, value)
     ds.save_as(out, enforce_file_format=True)
     return out
+
+
+def _numbers(result: dict) -> dict:
+    g = result["gamma"]
+    return {"verdict": result["verdict"], "uncertainty_percent": result["mc_uncertainty_percent"],
+            "gamma_3_2": g["3%/2mm"]["pass_rate_percent"], "gamma_2_2": g["2%/2mm"]["pass_rate_percent"],
+            "evaluated": g["3%/2mm"]["evaluated_voxels"],
+            "tps_over_mc_percent": result["dose_difference"]["high_dose_ratio_percent"],
+            "shift_mm": result["shift"], "check_s": result["seconds"]["total"], "check_cpu_s": result["seconds"]["cpu"]}
 
 
 def test_real_plan_with_a_commissioned_model_is_verified_pass_and_a_wrong_tps_dose_fails(
@@ -152,7 +168,10 @@ def test_real_plan_with_a_commissioned_model_is_verified_pass_and_a_wrong_tps_do
     # RayStation's dose 3 mm to the patient's left (across the beam): the displacement is the reason
     x, y, z = (float(v) for v in rd.ImagePositionPatient)
     why, result = compare_again(_newer_tps_dose(rd, tmp_path / "RD_shifted.dcm", ImagePositionPatient=[x + 3.0, y, z]))
-    assert "displaced from the MC dose by" in why and "x +" in why, why
+    numbers = {"shifted_3mm": _numbers(result)}
+    m = re.search(r"the TPS dose is displaced from the MC dose by ([\d.]+) mm \(x ([+-][\d.]+), y [+-][\d.]+, "
+                  r"z [+-][\d.]+ mm; dose-weighted centres inside the body\) > 2 mm", why)
+    assert m and float(m.group(1)) > 2.0 and 2.5 < float(m.group(2)) < 3.5, why
     assert 2.0 < result["shift"]["x_mm"] < 4.0
     assert abs(result["shift"]["x_mm"] - check["shift"]["x_mm"] - 3.0) < 0.5  # relative to the unshifted check
 
@@ -160,10 +179,18 @@ def test_real_plan_with_a_commissioned_model_is_verified_pass_and_a_wrong_tps_do
     scaled = _newer_tps_dose(rd, tmp_path / "RD_scaled.dcm",
                              DoseGridScaling=f"{float(rd.DoseGridScaling) * 1.04:.10g}")
     why, result = compare_again(scaled)
+    numbers["scaled_4pct"] = _numbers(result)
     assert "3%/2mm pass rate" in why, why
     m = re.search(r"the TPS dose is ([\d.]+) % higher than the MC dose in the high-dose region", why)
     assert m and 3.0 <= float(m.group(1)) <= 5.0, why
-    assert result["shift"]["magnitude_mm"] < 2.0 and "displaced" not in why
+    # the centres do not move with the scale: the displacement is no reason to fail (see the docstring
+    # for the ~1 mm the 4 mm grid itself puts between them)
+    assert result["shift"]["magnitude_mm"] < 2.0 and "> 2 mm" not in why, why
     cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
               for f in ("ru_utime", "ru_stime"))
-    print(f"test wall {time.perf_counter() - t0:.1f} s, CPU {cpu:.1f} s (this process and its ended children)")
+    # one JSON line last, as the benches print (BENCHMARKS.md, "Second check (issue 12)")
+    print(json.dumps({"commission_s": round(commissioned_s, 1), "cstore_to_verified_s": round(verified_s, 1),
+                      "waves": [[w["primaries"], w["uncertainty_percent"]] for w in public.waves],
+                      "primaries": public.primaries, "grid_mm": GRID_MM, "pass": _numbers(check), **numbers,
+                      "test_wall_s": round(time.perf_counter() - t0, 1),
+                      "test_cpu_s": round(cpu, 1)}))  # this process and its ended children
