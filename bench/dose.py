@@ -16,8 +16,12 @@ PSS, the node's own peak and the largest single process under it; getrusage figu
 
     .venv/bin/python bench/dose.py [--target 2] [--first-primaries 100000] [--shards 2] [--rounds 2]
 
-Last line: {"ours_s", "bare_s", "overhead_share", "rounds", "peak_tree_rss_mb", "peak_tree_pss_mb",
-"peak_node_rss_mb", "peak_largest_child_rss_mb", "rtdose_mb", "primaries", "waves", ...}.
+CPU seconds (getrusage of each run's process tree) are reported next to the wall times: on a
+shared machine they compare the work done, whatever load each run met.
+
+Last line: {"ours_s", "bare_s", "overhead_share", "ours_cpu_s", "bare_cpu_s", "cpu_overhead_share", "rounds",
+"peak_tree_rss_mb", "peak_tree_pss_mb", "peak_node_rss_mb", "peak_largest_child_rss_mb", "rtdose_mb", "primaries",
+"waves", ...}.
 """
 
 from __future__ import annotations
@@ -86,9 +90,17 @@ def _node_run(work: Path, target: float, first: int, shards: int, max_primaries:
     return {"wall_s": wall, "stages": stages, "job_dir": str(work / "node" / "data" / "jobs" / job.id),
             "primaries": public.primaries, "waves": public.waves, "summary": public.summary,
             "target_met": public.uncertainty_target_met, "dose_grid": public.dose_grid,
-            "rtdose_mb": dose_path.stat().st_size / 1e6,
+            "rtdose_mb": dose_path.stat().st_size / 1e6, "shard_wall_s": public.shard_wall_s,
             "peak_node_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kib,
-            "peak_children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / kib}
+            "peak_children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / kib,
+            # CPU seconds: the node process itself (receive, prepare, seal, merge, write, send) and
+            # everything it waited for (the workers and, through them, MCsquare)
+            "node_cpu_s": _cpu(resource.RUSAGE_SELF), "shards_cpu_s": _cpu(resource.RUSAGE_CHILDREN)}
+
+
+def _cpu(who: int) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
 
 
 def _tree(pid: int) -> list[int]:
@@ -205,7 +217,7 @@ def _bare(inputs_dir: Path, primaries: int) -> dict[str, Any]:
         (scratch / "Outputs").mkdir()
         config = write_config(inputs_dir, scratch / "Outputs", primaries, 99, 0, relative=True,
                               extra=MCsquareEngine._config_keys(inputs))
-        load0 = _load()
+        load0, cpu0 = _load(), _cpu(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         proc = subprocess.Popen([str(binary), config.name], cwd=scratch, stdout=subprocess.DEVNULL,
                                 env={**os.environ, "MCsquare_Materials_Dir": str(materials)})
@@ -214,7 +226,8 @@ def _bare(inputs_dir: Path, primaries: int) -> dict[str, Any]:
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"bare MCsquare failed (exit {proc.returncode})")
-        return {"bare_s": wall, "peak_rss_mb": round(sampler.peak_root / 1e6, 1), "load": [load0, _load()]}
+        return {"bare_s": wall, "bare_cpu_s": _cpu(resource.RUSAGE_CHILDREN) - cpu0,
+                "peak_rss_mb": round(sampler.peak_root / 1e6, 1), "load": [load0, _load()]}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -257,6 +270,8 @@ def main() -> int:
     run = ours[0]
     stages = run["stages"]
     ours_s, bare_s = sum(o["pipeline_s"] for o in ours), sum(b["bare_s"] for b in bare)
+    ours_cpu = sum(o["node_cpu_s"] + o["shards_cpu_s"] for o in ours)
+    bare_cpu = sum(b["bare_cpu_s"] for b in bare)
     cores = os.cpu_count() or 1
     peaks = {k: max(o["memory"][k] for o in ours) for k in ("peak_tree_rss_mb", "peak_tree_pss_mb",
                                                              "peak_node_rss_mb", "peak_largest_child_rss_mb")}
@@ -264,7 +279,14 @@ def main() -> int:
         "ours_s": round(ours_s, 2),
         "bare_s": round(bare_s, 2),
         "overhead_share": round(ours_s / bare_s - 1, 4),
+        # CPU seconds do not depend on how many other processes share the cores: on a loaded machine
+        # they compare the work done, where the wall times also compare the load each run met
+        "ours_cpu_s": round(ours_cpu, 1),
+        "bare_cpu_s": round(bare_cpu, 1),
+        "cpu_overhead_share": round(ours_cpu / bare_cpu - 1, 4),
         "rounds": [{"ours_s": round(o["pipeline_s"], 2), "bare_s": round(b["bare_s"], 2), "primaries": o["primaries"],
+                    "node_cpu_s": round(o["node_cpu_s"], 1), "shards_cpu_s": round(o["shards_cpu_s"], 1),
+                    "bare_cpu_s": round(b["bare_cpu_s"], 1), "shard_wall_s": o["shard_wall_s"],
                     "load_ours": o["load"], "load_bare": b["load"]} for o, b in zip(ours, bare, strict=True)],
         "peak_node_maxrss_mb": round(max(o["peak_node_mb"] for o in ours), 1),
         **peaks,
