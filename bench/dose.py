@@ -10,7 +10,7 @@ primaries that job ran and every core: the engine alone, with no node around it.
 Rounds are interleaved so that both see the same load on a shared machine: ours, bare, then bare,
 ours (ABBA), ...; the overhead is the sum of our pipeline times over the sum of bare times, minus 1.
 
-Memory: this script samples the process tree of each run every 0.2 s (/proc: the node's process
+Memory: this script samples the process tree of each run every 0.5 s (/proc: the node's process
 and every worker and MCsquare process under it) and reports the peak of the tree's summed RSS and
 PSS, the node's own peak and the largest single process under it; getrusage figures as before.
 
@@ -137,7 +137,7 @@ class TreeSampler:
     every process on the machine, 15 ms a call on this shared host, which would load the run we measure.
     """
 
-    def __init__(self, pid: int, period: float = 0.2) -> None:
+    def __init__(self, pid: int, period: float = 0.5) -> None:
         self.pid = pid
         self.period = period
         self.peak_rss = self.peak_pss = self.peak_root = self.peak_child = 0
