@@ -50,6 +50,28 @@ def test_covering_grid_extends_the_dose_lattice_over_the_ct():
     assert cover.shape == (40, 48, 48)
 
 
+def test_photon_inputs_on_a_dose_grid_say_what_they_hold(tmp_path):
+    """prepare alone (no ompMC run): the transport grid covers the CT on the dose grid's lattice, its mean
+    density is the CT's, the body is the contour, and a photon dose is dose to medium whatever was asked."""
+    from cloud.engines import get_engine
+    from cloud.engines.base import DoseOptions
+    from cloud.engines.ompmc.photon import GEOMETRY_FILE, geometry_density
+
+    study = water_study()
+    plan = photon_plan(study, segments=((100.0, (-50, 50), (-50, 50), None),))
+    inputs = get_engine("ompmc").prepare([*study.ct, study.rtstruct, plan], tmp_path,
+                                         beam_models={MACHINE: "generic"},
+                                         dose=DoseOptions(grid_mm=10.0, dose_to_water=True))
+    assert inputs.dose_grid is not None and inputs.dose_grid.shape == (20, 24, 24)
+    assert inputs.dose_to_water is False and any("dose to medium" in w for w in inputs.warnings)
+    assert inputs.extra["body"] == "structure 'BODY'" and inputs.body_mask() is not None
+    assert inputs.extra["fluence_left_out_percent"] == 0.0  # an open field: every beamlet alike
+    density = geometry_density(tmp_path / GEOMETRY_FILE)
+    assert density.shape == (20, 24, 24)  # the CT (24 x 24 x 20 cm) is whole 10 mm voxels of the dose grid
+    assert density[10, 12, 12] == pytest.approx(1.0, abs=0.02)  # water inside the cube ...
+    assert density[10, 12, 0] < 0.01  # ... air outside it
+
+
 # --- slow: photon plans on the dose grid (offline compute path) ------------------------------------------------
 
 
