@@ -232,7 +232,7 @@ def test_photon_plan_through_the_node_returns_a_marked_rt_dose(config_dir, node_
 
     tps_port, tps_dir = storescp(aet="TPS")
     settings = settings_for(
-        config_dir, engine={"primaries": 4000, "beam_models": {SMALL.machine_name: "generic", MACHINE: "generic"},
+        config_dir, engine={"primaries": 1000, "beam_models": {SMALL.machine_name: "generic", MACHINE: "generic"},
                             "dose_grid_mm": 10.0, "target_uncertainty_percent": 10.0, "max_primaries": 80_000},
         cloud={"shards": 2}, secondcheck={"enabled": False},
         outbox={"retry_initial_seconds": 0.5, "retry_max_seconds": 2},
@@ -252,6 +252,8 @@ def test_photon_plan_through_the_node_returns_a_marked_rt_dose(config_dir, node_
     assert job.data.public.beam_model == "generic"
     assert [float(v) for v in rd.PixelSpacing] == [10.0, 10.0]
     public = job.data.public
+    # 1000 primaries are too few for 2 shards of 400 equal 5 mm beamlets (801 a shard): the first wave has 1602
+    assert (public.waves or [{}])[0]["primaries"] == 1602
     estimates = [w["uncertainty_percent"] for w in public.waves or []]
     assert len(estimates) >= 2 and estimates[0] > 10.0 >= estimates[-1], estimates
     assert public.uncertainty_target_met is True and public.dose_grid is not None

@@ -433,8 +433,15 @@ class Pipeline:
         shards = int(sizing["shards"])
         if target > 0:
             shards = max(2, shards)  # the uncertainty comes from the spread between shards
+        # the fewest primaries a wave may have: an engine may need some per shard (ompMC runs a photon
+        # plan's weakest beamlet only with enough histories; its shard fails with fewer)
+        floor = shards * int(inputs.extra.get("min_primaries_per_shard", 1))
+        if eng.primaries < floor:
+            LOGGER.info("job %s: %d primaries per wave at least (the engine needs %d a shard)", job.id, floor,
+                        floor // shards)
         waves: list[dict[str, Any]] = [dict(w) for w in job.data.public.waves or []] or [
-            {"wave": 1, "first_shard": 0, "shards": shards, "primaries": eng.primaries, "uncertainty_percent": None}]
+            {"wave": 1, "first_shard": 0, "shards": shards, "primaries": max(eng.primaries, floor),
+             "uncertainty_percent": None}]
         self.journal.update_job_data(job.id, JobData(public=PublicData(sizing=sizing, waves=waves)))
         backend = self._backend_for(job)
         bundle_uri, results_uri = (folder / "bundle.sealed").as_uri(), (folder / "results").as_uri()
@@ -468,6 +475,8 @@ class Pipeline:
                 break
             more = primaries_for_target(done, float(unc if unc is not None else 100.0), target, eng.max_primaries,
                                         shards)
+            if 0 < more < floor:
+                more = floor if eng.max_primaries - done >= floor else 0
             if more <= 0:
                 break
             waves.append({"wave": len(waves) + 1, "first_shard": len(tasks), "shards": shards, "primaries": more,

@@ -221,6 +221,7 @@ class OmpmcEngine(Engine):
         from cloud.engines.ompmc.photon import (
             BEAMLETS_FILE,
             GEOMETRY_FILE,
+            min_histories,
             transport_density,
             write_beamlets,
             write_geometry,
@@ -242,6 +243,8 @@ class OmpmcEngine(Engine):
         del volume  # the geometry is on disk now
         extra_out = dosegrid.write_body(datasets, dose_grid or grid, plan.frame_of_reference_uid, work_dir, options)
         total_weight, left_out = write_beamlets(plan, model.beamlet_mm, work_dir / BEAMLETS_FILE)
+        with np.load(work_dir / BEAMLETS_FILE) as written:  # a shard with fewer runs without some beamlets
+            min_per_shard = min_histories(written["weights"], PLAN_BATCHES)
         assert energy.engine_dose_ref is not None
         gy_per_unit = total_weight * energy.gy_per_mu_ref / energy.engine_dose_ref
         warnings = [] if commissioned else [_photon_warning(plan.machines[0])]
@@ -256,6 +259,7 @@ class OmpmcEngine(Engine):
                                     "beams": len(plan.dicom_beams), "total_mu": sum(b.mu for b in plan.beams),
                                     "transport_grid": transport.to_json(), "dose_offset": list(offset),
                                     "fluence_left_out_percent": round(100.0 * left_out, 4),
+                                    "min_primaries_per_shard": min_per_shard,
                                     **extra_out},
                              dose_grid=dose_grid)
         inputs.save()
