@@ -45,7 +45,6 @@ Settings that are not the defaults, and why:
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import resource
@@ -62,7 +61,7 @@ from dicom_node.cli import main
 from dicom_node.intake.jobrecord import JobState
 from dicom_node.jobs.rtdose import UNCERTAINTY_ABOVE_TARGET
 from tests.conftest import settings_for, storescu, wait_for
-from tests.realdata import PHANTOM_SCANNER, phantom_calibration, reference_folder
+from tests.realdata import PHANTOM_SCANNER, phantom_calibration, reference_folder, scaled_dose, shifted_dose
 
 pytestmark = pytest.mark.slow
 
@@ -73,12 +72,9 @@ FIRST_WAVE = 1_000_000  # about 3.6 % on this grid; the next wave is sized by 1/
 MAX_PRIMARIES = 10_000_000  # about 4.5 M are needed; beyond this the dose is marked and the check inconclusive
 
 
-def _newer_tps_dose(rd, out: Path, **changes: object) -> Path:
-    """RayStation's RT Dose as a new instance (new SOP Instance UID) with some attributes changed."""
-    ds = copy.deepcopy(rd)
+def _as_new_instance(ds, out: Path) -> Path:
+    """An RT Dose saved as a new instance (new SOP Instance UID): the TPS sending a newer dose for the plan."""
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    for keyword, value in changes.items():
-        setattr(ds, keyword, value)
     ds.save_as(out, enforce_file_format=True)
     return out
 
@@ -166,8 +162,7 @@ def test_real_plan_with_a_commissioned_model_is_verified_pass_and_a_wrong_tps_do
         return again.reason or "", result
 
     # RayStation's dose 3 mm to the patient's left (across the beam): the displacement is the reason
-    x, y, z = (float(v) for v in rd.ImagePositionPatient)
-    why, result = compare_again(_newer_tps_dose(rd, tmp_path / "RD_shifted.dcm", ImagePositionPatient=[x + 3.0, y, z]))
+    why, result = compare_again(_as_new_instance(shifted_dose(rd, 3.0), tmp_path / "RD_shifted.dcm"))
     numbers = {"shifted_3mm": _numbers(result)}
     m = re.search(r"the TPS dose is displaced from the MC dose by ([\d.]+) mm \(x ([+-][\d.]+), y [+-][\d.]+, "
                   r"z [+-][\d.]+ mm; dose-weighted centres inside the body\) > 2 mm", why)
@@ -176,9 +171,7 @@ def test_real_plan_with_a_commissioned_model_is_verified_pass_and_a_wrong_tps_do
     assert abs(result["shift"]["x_mm"] - check["shift"]["x_mm"] - 3.0) < 0.5  # relative to the unshifted check
 
     # RayStation's dose 4 % higher: the gamma pass rate and the dose ratio are the reason, no displacement
-    scaled = _newer_tps_dose(rd, tmp_path / "RD_scaled.dcm",
-                             DoseGridScaling=f"{float(rd.DoseGridScaling) * 1.04:.10g}")
-    why, result = compare_again(scaled)
+    why, result = compare_again(_as_new_instance(scaled_dose(rd, 1.04), tmp_path / "RD_scaled.dcm"))
     numbers["scaled_4pct"] = _numbers(result)
     assert "3%/2mm pass rate" in why, why
     m = re.search(r"the TPS dose is ([\d.]+) % higher than the MC dose in the high-dose region", why)
