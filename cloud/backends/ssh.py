@@ -385,8 +385,14 @@ class SshBackend(Backend):
             t0 = time.perf_counter()
             chan = transport.open_session(timeout=self.connect_timeout_s)
             chan.exec_command(command)
-            chan.sendall((key.hex() + "\n").encode())
-            chan.shutdown_write()
+            try:
+                chan.sendall((key.hex() + "\n").encode())
+                chan.shutdown_write()
+            except OSError:
+                # a worker that ended at once (a bad command, a crash on start) may have closed the
+                # channel before reading its key: its exit status and stderr say why, read below
+                if not (chan.closed or chan.exit_status_ready()):
+                    raise
             chan.settimeout(CHANNEL_WAIT_S)  # at most this late a stop (deadline, cancel) is seen
             head, err, received = b"", b"", 0
             sink = None
