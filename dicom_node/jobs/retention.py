@@ -48,6 +48,14 @@ class Purged:
     bytes: int = 0
     orphans: bool = False  # received instances no job uses, not a job
 
+    def add_files(self, paths: list[str]) -> None:
+        """Received files to remove: those still there, with their size."""
+        for path in paths:
+            file = Path(path)
+            if file.exists():
+                self.files.append(file)
+                self.bytes += file.stat().st_size
+
     def describe(self) -> str:
         if self.orphans:
             return (f"{len(self.files)} received file(s) no job uses, the newest received {self.ended}; "
@@ -91,11 +99,7 @@ def plan_purge(settings: Settings, journal: Journal, now: float | None = None) -
             plan = journal.instance(job.plan_uid)  # TPS's own doses of it (second check) go with it
             files |= {plan.path} if plan is not None else set()
             files |= {d.path for d in journal.referencing(job.plan_uid, "plan") if d.sop_class_uid == RTDoseStorage}
-        for path in sorted(files - kept_files):  # a file a kept job uses (a resent plan's CT) stays
-            file = Path(path)
-            if file.exists():
-                item.files.append(file)
-                item.bytes += file.stat().st_size
+        item.add_files(sorted(files - kept_files))  # a file a kept job uses (a resent plan's CT) stays
         item.instance_uids = [i.sop_instance_uid for i in journal.instances_at(files - kept_files)]
         for folder in (data_dir / "jobs" / job.id, reports / job.id):
             if folder.exists():
@@ -124,11 +128,7 @@ def _orphans(journal: Journal, jobs: list[Job], cutoff: float) -> Purged | None:
         return None
     newest = max(i.received for i in lone)
     item = Purged("-", "no job", datetime.fromtimestamp(newest, UTC).strftime("%Y-%m-%d %H:%M"), orphans=True)
-    for inst in lone:
-        file = Path(inst.path)
-        if file.exists():
-            item.files.append(file)
-            item.bytes += file.stat().st_size
+    item.add_files([i.path for i in lone])
     item.instance_uids = [i.sop_instance_uid for i in lone]
     return item
 
