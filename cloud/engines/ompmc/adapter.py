@@ -248,6 +248,8 @@ class OmpmcEngine(Engine):
         assert energy.engine_dose_ref is not None
         gy_per_unit = total_weight * energy.gy_per_mu_ref / energy.engine_dose_ref
         warnings = [] if commissioned else [_photon_warning(plan.machines[0])]
+        if left_out > 0:  # said where the dose is shown, not only recorded in the job's inputs
+            warnings.append(f"{100.0 * left_out:.3g} % of the plan's fluence (its weakest beamlets) not simulated")
         if options.dose_to_water:
             warnings.append("dose to medium: the photon engine has no dose-to-water conversion "
                             "([engine] dose_to_water applies to protons)")
