@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.path import Path as Polygon
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from cloud.engines.ct import ct_grid
 from cloud.merge import MergedDose
@@ -205,3 +205,42 @@ def scaled_dose(rd: Dataset, factor: float) -> Dataset:
     out = copy.deepcopy(rd)
     out.DoseGridScaling = f"{float(out.DoseGridScaling) * factor:.10g}"
     return out
+
+
+# --- Pinnacle's photon plan and RT Dose (tests/data/realdata/pinnacle_photon): no CT, no structure set ---
+
+PINNACLE = Path(__file__).parent / "data" / "realdata" / "pinnacle_photon"
+PINNACLE_SCANNER = ("dicom-mc-node", "Pinnacle phantom rebuilt from its RT Dose's outline")
+
+
+def outline_ct(rd: Dataset, plan: Dataset, out_dir: Path, extend_mm: float = 50.0) -> list[Path]:
+    """CT slices (one file each, HU 0 inside the body, air outside) for a plan whose export has no CT and no
+    structure set: the body is where the TPS's RT Dose is above 0.
+
+    Pinnacle (as most TPSs) reports no dose outside the patient's external contour and some dose (scatter at
+    least) everywhere inside it, so the dose grid's non-zero voxels are the body's outline on the dose grid's
+    voxels (2.5 mm here). The CT has the RT Dose's pixels and slice positions; beyond the dose grid the outline
+    is continued as it is at the grid's edge (``extend_mm`` on every side: the body goes on past the grid's
+    ends along z and, on a few slices, past its x edge). Only the outline comes from the TPS dose; the dose
+    values are not used.
+    """
+    dose = dose_from_rtdose(rd).values  # [z, y, x], axes increasing
+    x0, y0, z0 = (float(v) for v in rd.ImagePositionPatient)
+    spacing = float(rd.PixelSpacing[0])
+    offsets = [float(v) for v in rd.GridFrameOffsetVector]
+    if not (np.allclose(np.diff(offsets), spacing) and float(rd.PixelSpacing[1]) == spacing):
+        raise ValueError("outline_ct needs a dose grid of cubic voxels")
+    pad = int(round(extend_mm / spacing))
+    body = np.pad(dose > 0, pad, mode="edge")
+    hu = np.where(body, PHANTOM_HU, AIR_HU).astype(np.int16)
+    series = generate_uid()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in range(hu.shape[0]):
+        uid = generate_uid()
+        z = z0 + offsets[0] + (k - pad) * spacing
+        paths.append(write_ct_slice(out_dir / f"CT{uid}.dcm", hu[k], like=plan, uid=uid, series=series,
+                                    frame_of_reference=str(plan.FrameOfReferenceUID), number=k + 1,
+                                    position=(x0 - pad * spacing, y0 - pad * spacing, z), spacing_mm=spacing,
+                                    thickness_mm=spacing, scanner=PINNACLE_SCANNER))
+    return paths

@@ -4,10 +4,11 @@ External contour (tests/realdata.py). storescu sends plan, structure set and CT;
 photon dose (ompMC shards on the local backend, uniform dose grid, body mask) and sends it to storescp;
 later the "TPS" sends its RT Dose for the plan and the job reaches a verdict.
 
-No public photon plan with its TPS's own RT Dose (and CT) was found, so the TPS dose here is the node's
-own MC dose sent back as the TPS's: scaled by 1.2 the check must fail naming the scale, unchanged it
-must pass with 100 %. That pins the photon path through the check (plan/dose matching by UID, the
-dose grid, resampling, gamma, the verdict), not the engine's accuracy against a TPS.
+This export has no TPS RT Dose, so the TPS dose here is the node's own MC dose sent back as the TPS's
+(the check against a real TPS's own photon dose is tests/test_photon_secondcheck_pinnacle.py): scaled by
+1.2 the check must fail naming the scale, unchanged it must pass with 100 %. That pins the photon path
+through the check (plan/dose matching by UID, the dose grid, resampling, gamma, the verdict), not the
+engine's accuracy against a TPS.
 """
 
 from __future__ import annotations
