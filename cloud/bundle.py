@@ -4,8 +4,9 @@ Layout inside the tar::
 
     manifest.json     job id, engine, shard plan, sha256 of every file
     inputs/...        the engine's prepared inputs (CT as MHD, tables, beam model, plan file, ...)
-    dicom/...         the de-identified DICOM files the inputs were made from
 
+No DICOM file goes in: the engine reads only its inputs, so the de-identified DICOM they were made
+from stays on the node (less leaves the building, and each worker handles half the bytes).
 The tar is written to a temporary file next to the destination, sealed with the job's data key
 (part name "bundle"), and removed; nothing in the bundle identifies the patient.
 """

@@ -72,10 +72,14 @@ def run_task(task: ShardTask, key: bytes, work_dir: Path | None = None) -> float
         work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"mcnode-{task.job_id}-{task.index}-", dir=work_dir) as tmp:
         work = Path(tmp)
-        sealed = work / "bundle.sealed"
-        store_for(task.bundle_uri).get_file(task.bundle_uri, sealed)
+        store = store_for(task.bundle_uri)
+        sealed = store.local_path(task.bundle_uri)  # a file here is read in place, not copied first
+        if sealed is None:
+            sealed = work / "bundle.sealed"
+            store.get_file(task.bundle_uri, sealed)
         manifest = open_bundle(sealed, key, task.job_id, work / "bundle")
-        sealed.unlink()
+        if sealed.parent == work:
+            sealed.unlink()
         engine = get_engine(manifest["engine"])
         tally = engine.run_shard(ShardInputs.load(work / "bundle" / "inputs"), task.primaries, task.seed,
                                  task.threads)

@@ -45,7 +45,7 @@ def sealed_job(folder: Path, job_id: str = "job-0001", spec: PhantomSpec = TINY)
     engine = get_engine("mcsquare")
     inputs = engine.prepare(datasets, folder / "inputs", beam_models={spec.machine_name: "generic"})
     key = new_data_key()
-    bundle = make_bundle(folder / "bundle.sealed", key, job_id, {"inputs": inputs.root, "dicom": study_dir},
+    bundle = make_bundle(folder / "bundle.sealed", key, job_id, {"inputs": inputs.root},
                          {"engine": engine.name})
     return SealedJob(job_id, key, bundle, folder)
 

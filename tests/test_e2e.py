@@ -17,6 +17,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from anonymizer.seal import unwrap_key
+from cloud.bundle import open_bundle
 from dicom_node.intake.jobrecord import JobState
 from dicom_node.intake.journal import Journal
 from dicom_node.phantom import write_study
@@ -41,7 +43,7 @@ def _doses(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.startswith("RD"))
 
 
-def test_dose_returns_to_tps_linked_to_its_plan(config_dir, node_factory, storescp, phantom_dir):
+def test_dose_returns_to_tps_linked_to_its_plan(config_dir, node_factory, storescp, phantom_dir, tmp_path):
     tps_port, tps_dir = storescp(aet="TPS")
     node = node_factory(_compute_settings(config_dir, tps_port), compute=True)
     files = sorted(phantom_dir.iterdir())
@@ -80,6 +82,18 @@ def test_dose_returns_to_tps_linked_to_its_plan(config_dir, node_factory, stores
     assert rows[0]["state"] == JobState.SENT and rows[0]["shards_done"] == rows[0]["shards_total"] == 2
     assert [s for s, _r, _t in node.journal.history(job.id)] == \
         ["RECEIVING", "READY", "SEALED", "RUNNING", "MERGED", "SENT"]
+    # what left the building: the engine's inputs only, no DICOM file; the job records the list
+    assert node.pipeline is not None
+    folder = node.pipeline.job_dir(job.id)
+    key = unwrap_key(node.pipeline.site_key, (folder / "data.key").read_bytes(), job.id)
+    opened = open_bundle(folder / "bundle.sealed", key, job.id, tmp_path / "opened")
+    assert opened["files"] and all(name.startswith("inputs/") for name in opened["files"])
+    for path in (tmp_path / "opened").rglob("*"):
+        if path.is_file():
+            assert path.read_bytes()[128:132] != b"DICM", path.name
+    recorded = node.journal.job(job.id).data.public.bundle_files or []
+    assert sorted(name for name, _size in recorded) == sorted(opened["files"])
+    assert len(list((folder / "anonymized").iterdir())) == len(files)  # the DICOM stayed here
 
 
 def test_tps_down_dose_arrives_once_it_is_up(config_dir, node_factory, storescp, phantom_dir):

@@ -34,6 +34,10 @@ class ObjectStore(ABC):
     @abstractmethod
     def delete(self, uri: str) -> None: ...
 
+    def local_path(self, uri: str) -> Path | None:
+        """The object as a file on this machine, to read in place; None when it must be fetched."""
+        return None
+
     def delete_many(self, uris: list[str]) -> list[str]:
         """Delete every object; return the URIs that could not be deleted (with a reason each)."""
         failed = []

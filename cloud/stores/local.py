@@ -37,6 +37,9 @@ class LocalStore(ObjectStore):
         except OSError as exc:
             raise StoreError(f"cannot read {uri}: {exc.strerror or exc}") from exc
 
+    def local_path(self, uri: str) -> Path | None:
+        return _local_path(uri)
+
     def put_bytes(self, data: bytes, uri: str) -> None:
         dst = _local_path(uri)
         try:

@@ -81,6 +81,7 @@ class PublicData:
     waves: list[dict[str, Any]] | None = None     # per wave: first_shard, shards, primaries, uncertainty_percent
     uncertainty_target_met: bool | None = None    # None: no engine.target_uncertainty_percent
     shard_failures: int | None = None             # failed shard attempts, over every attempt of the job
+    bundle_files: list[list[Any]] | None = None   # [name, bytes] of each file sealed into the bundle
     # outbox (MERGED → SENT)
     send_attempts: int | None = None
     last_send_error: str | None = None

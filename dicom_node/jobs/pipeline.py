@@ -361,15 +361,17 @@ class Pipeline:
         # what the merge and the RT Dose writer read back later is authenticated (jobs/integrity.py)
         JobFiles(folder, key, job.id).record(f"inputs/{INPUTS_JSON}", *(f"anonymized/{n}" for n in names),
                                              *([f"inputs/{BODY_MASK}"] if inputs.has_body_mask else []))
-        make_bundle(folder / "bundle.sealed", key, job.id, {"inputs": inputs.root, "dicom": anon_dir},
-                    {"engine": engine.name, "files": names})
+        make_bundle(folder / "bundle.sealed", key, job.id, {"inputs": inputs.root}, {"engine": engine.name})
+        sealed_files = [[f"inputs/{p.relative_to(inputs.root).as_posix()}", p.stat().st_size]
+                        for p in sorted(inputs.root.rglob("*")) if p.is_file()]
         self._timed(job.id, "seal", start)
         public = PublicData(warnings=list(inputs.warnings) if inputs.warnings else None,
                             beam_model=str(inputs.extra.get("beam_model", "")), commissioned=inputs.commissioned,
                             ct_calibration=calibration_text(engine, calibration, inputs),
                             dose_grid={**dosegrid.describe(inputs.scoring_grid), "note": grid_note,
                                        "body": inputs.extra.get("body"),
-                                       "quantity": "dose to water" if inputs.dose_to_water else "dose to medium"})
+                                       "quantity": "dose to water" if inputs.dose_to_water else "dose to medium"},
+                            bundle_files=sealed_files)
         return self.journal.transition(job.id, JobState.SEALED, data=JobData(public=public, anonymized=names))
 
     def _tps_dose(self, job: Job) -> Dataset | None:

@@ -183,7 +183,11 @@ def _iso(ts: float) -> str:
 
 
 def manifest(settings: Settings, job: Job) -> dict[str, Any]:
-    """What left the building for this job: the de-identified files sealed into its bundle."""
+    """What left the building for this job, and what it was made from.
+
+    ``sealed``: the files sealed into the bundle (the engine's inputs; none of them DICOM), as recorded
+    when it was sealed; ``files``: the de-identified DICOM the inputs were made from, which stay on this
+    node (jobs sealed before the bundle left DICOM out have no ``sealed`` list: theirs went too)."""
     folder = settings.node.data_dir / "jobs" / job.id
     anon = folder / "anonymized"
     files = []
@@ -205,7 +209,8 @@ def manifest(settings: Settings, job: Job) -> dict[str, Any]:
     kinds: dict[str, int] = {}
     for f in files:
         kinds[f.get("kind", "?")] = kinds.get(f.get("kind", "?"), 0) + 1
-    return {"files": files, "kinds": kinds,
+    sealed = [{"name": str(n), "bytes": int(b)} for n, b in job.data.public.bundle_files or []]
+    return {"files": files, "kinds": kinds, "sealed": sealed,
             "bundle_bytes": bundle.stat().st_size if bundle.is_file() else None,
             "backend": settings.cloud.backend}
 
