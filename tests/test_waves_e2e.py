@@ -54,8 +54,10 @@ def test_waves_until_the_target_uncertainty_is_met(config_dir, node_factory, sto
     assert len(waves) >= 2 and estimates[0] > 4.0 >= estimates[-1], estimates
     assert all(a > b for a, b in zip(estimates, estimates[1:], strict=False))  # each wave brings it down
     assert public.uncertainty_target_met is True, (waves, public.primaries, public.warnings)
-    # every wave continues the shard numbering (own seeds), and the shards add up to the primaries run
-    assert [w["first_shard"] for w in waves] == [2 * i for i in range(len(waves))]
+    # every wave continues the shard numbering (own seeds), and the shards add up to the primaries run;
+    # after the first wave's two, one shard a wave: the local backend runs one at a time
+    assert [w["shards"] for w in waves] == [2] + [1] * (len(waves) - 1)
+    assert [w["first_shard"] for w in waves] == [0] + [1 + i for i in range(1, len(waves))]
     assert public.primaries == sum(w["primaries"] for w in waves) <= 400_000
     assert public.summary["uncertainty_percent"] == pytest.approx(estimates[-1], abs=1e-3)
     assert public.summary["primaries"] == public.primaries

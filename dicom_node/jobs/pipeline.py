@@ -446,6 +446,12 @@ class Pipeline:
              "uncertainty_percent": None}]
         self.journal.update_job_data(job.id, JobData(public=PublicData(sizing=sizing, waves=waves)))
         backend = self._backend_for(job)
+        # A later wave has no more shards than the backend runs at once: more would only run in turn,
+        # each one more worker and engine start (the local backend's one worker: one shard). The spread
+        # of the first wave's shards and the later ones still gives the SE (cloud.merge: unbiased for
+        # shards of any sizes).
+        later_shards = max(1, min(shards, backend.workers()))
+        floor_later = later_shards * int(inputs.extra.get("min_primaries_per_shard", 1))
         bundle_uri, results_uri = (folder / "bundle.sealed").as_uri(), (folder / "results").as_uri()
         compute_s = merge_s = 0.0
         acc = StreamingMerge()  # every shard's tally is summed as it arrives, wave after wave
@@ -476,13 +482,13 @@ class Pipeline:
             if target <= 0 or (unc is not None and unc <= target):
                 break
             more = primaries_for_target(done, float(unc if unc is not None else 100.0), target, eng.max_primaries,
-                                        shards)
-            if 0 < more < floor:
-                more = floor if eng.max_primaries - done >= floor else 0
+                                        later_shards)
+            if 0 < more < floor_later:
+                more = floor_later if eng.max_primaries - done >= floor_later else 0
             if more <= 0:
                 break
-            waves.append({"wave": len(waves) + 1, "first_shard": len(tasks), "shards": shards, "primaries": more,
-                          "uncertainty_percent": None})
+            waves.append({"wave": len(waves) + 1, "first_shard": len(tasks), "shards": later_shards,
+                          "primaries": more, "uncertainty_percent": None})
             self.journal.update_job_data(job.id, JobData(public=PublicData(waves=waves)))
         self.timings.setdefault(job.id, {}).update(compute=compute_s, merge=merge_s)
         sizing = finish_job(sizing, compute_s, cost)
