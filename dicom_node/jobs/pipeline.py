@@ -23,7 +23,9 @@ whatever its step was doing is dropped.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import gc
 import heapq
 import itertools
 import logging
@@ -101,6 +103,22 @@ CANCEL_POLL_SECONDS = 1.0
 
 def _load(paths: list[str]) -> list[Dataset]:
     return [dcmread(p) for p in paths]
+
+
+def give_back_memory() -> None:
+    """Return freed heap memory to the system (glibc's malloc_trim) after a CT has been read.
+
+    The node reads a CT of hundreds of MB while preparing a job; once the inputs are written the
+    datasets are gone, but glibc keeps their pages in the process, so the node stayed at ~450 MB
+    while the engine's own process held the CT (BENCHMARKS.md, head plan). Elsewhere a no-op.
+    """
+    gc.collect()
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # the C library this process already runs on
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
 
 
 class Pipeline:
@@ -354,6 +372,7 @@ class Pipeline:
         LOGGER.info("job %s: %s", job.id, grid_note)
         inputs = prepare(engine, anonymized, folder / "inputs", self.settings.engine, calibration, options)
         del datasets, anonymized  # the CT is in the inputs now; the node keeps no CT-sized copy
+        give_back_memory()  # ... nor the memory it read the CT into, while an engine holds the CT
         self._timed(job.id, "anonymize_prepare", start)
         start = time.perf_counter()
         key = new_data_key()
