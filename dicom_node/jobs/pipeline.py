@@ -351,6 +351,8 @@ class Pipeline:
 
     def _seal(self, job: Job) -> Job:
         start = time.perf_counter()
+        # the node process's CPU seconds from here to the RT Dose written (bench/dose.py compares them)
+        self.timings.setdefault(job.id, {})["process_cpu_at_seal"] = time.process_time()
         folder = self.job_dir(job.id)
         if folder.exists():
             shutil.rmtree(folder)  # a half-finished earlier attempt
@@ -530,6 +532,7 @@ class Pipeline:
         dose.save_as(out, enforce_file_format=True)
         files.record(out.name)  # the outbox sends it only if it is still these bytes
         self._timed(job.id, "write", start)
+        self.timings[job.id]["process_cpu_at_merged"] = time.process_time()
         summary = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in merged.summary.items()}
         return self.journal.transition(job.id, JobState.MERGED, data=JobData(
             rtdose=str(out),
