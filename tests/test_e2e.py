@@ -6,6 +6,7 @@ re-identify) with few primaries on a small phantom.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -205,10 +206,85 @@ def test_failed_job_reports_reason_and_retry_completes_it(config_dir, node_facto
     job = wait_for(lambda: node.journal.jobs_in(JobState.FAILED), timeout=120)[0]
     assert job.reason.startswith("RUNNING: shard") and "failed 2 time(s)" in job.reason
     monkeypatch.delenv("MCSQUARE_HOME")
+    # a job file changed since sealing: the retry does not keep the job folder, it seals afresh
+    folder = Path(node.settings.node.data_dir) / "jobs" / job.id
+    wrapped = (folder / "data.key").read_bytes()
+    inputs_json = folder / "inputs" / "inputs.json"
+    inputs_json.write_bytes(inputs_json.read_bytes() + b" ")  # still valid JSON, not the bytes sealed
     capsys.readouterr()
     assert main(["retry", job.id, "-c", str(config_dir / "mcnode.toml")]) == 0
-    assert "READY again" in capsys.readouterr().out  # sealed afresh from the originals
-    wait_for(lambda: node.journal.jobs_in(JobState.SENT), timeout=120)
+    assert "READY again" in capsys.readouterr().out
+    done = wait_for(lambda: [j for j in node.journal.jobs_in(JobState.SENT) if j.id == job.id], timeout=120)[0]
     assert len(wait_for(lambda: _doses(tps_dir))) == 1
+    states = [s for s, _r, _t in node.journal.history(job.id)]
+    assert states[-6:] == ["FAILED", "READY", "SEALED", "RUNNING", "MERGED", "SENT"]
+    retry = done.data.public.retry or {}
+    assert "inputs/inputs.json was changed" in retry.get("resealed", ""), retry
+    assert (folder / "data.key").read_bytes() != wrapped  # a new data key: sealed from the originals
+
+
+def _counting_mcsquare(folder: Path) -> tuple[Path, Path]:
+    """An MCSQUARE_HOME whose binary runs the real MCsquare, writes each run's RNG_Seed to a log first,
+    and fails (exit 3) for a seed listed in the fail file. Returns (log, fail file)."""
+    from cloud.engines.mcsquare.adapter import mcsquare_binary
+
+    binary, materials = mcsquare_binary()
+    folder.mkdir()
+    (folder / "Materials").symlink_to(materials, target_is_directory=True)
+    log, fail = folder / "runs.log", folder / "fail-seeds"
+    script = folder / binary.name.split("-")[0]  # the cached copy is named <variant>-<size>-<mtime>
+    script.write_text(f"""#!/bin/sh
+seed=$(sed -n 's/^RNG_Seed \\([0-9]*\\).*/\\1/p' "$1" 2>/dev/null)
+if [ -n "$seed" ]; then
+  echo "$seed" >> '{log}'
+  if grep -qx "$seed" '{fail}' 2>/dev/null; then echo "deliberate failure, seed $seed"; exit 3; fi
+fi
+exec '{binary}' "$@"
+""")
+    script.chmod(0o755)
+    return log, fail
+
+
+def test_retry_after_a_running_failure_runs_only_the_missing_shards(config_dir, node_factory, storescp, phantom_dir,
+                                                                    tmp_path, monkeypatch, capsys, caplog):
+    """A job whose last shard failed (no shard retries) is retried: the finished shards are kept, a kept
+    result that no longer verifies runs again, and the dose is delivered."""
+    from cloud.dispatch import BASE_SEED
+    from dicom_node.cli import main
+
+    caplog.set_level(logging.INFO, logger="dicom_node.jobs.pipeline")
+    log, fail = _counting_mcsquare(tmp_path / "mcsquare")
+    monkeypatch.setenv("MCSQUARE_HOME", str(log.parent))
+    rng_seed = [BASE_SEED + i + 1 for i in range(4)]  # MCsquare's RNG_Seed of shard i (adapter.write_config)
+    fail.write_text(f"{rng_seed[3]}\n")
+    tps_port, tps_dir = storescp(aet="TPS")
+    node = node_factory(_compute_settings(config_dir, tps_port, cloud={"shards": 4, "shard_retries": 0}),
+                        compute=True)
+    assert storescu(node.port, sorted(phantom_dir.iterdir())).returncode == 0
+    job = wait_for(lambda: node.journal.jobs_in(JobState.FAILED), timeout=180)[0]
+    assert job.reason.startswith("RUNNING: shard 3 failed 1 time(s)"), job.reason
+    results = Path(node.settings.node.data_dir) / "jobs" / job.id / "results"
+    kept = {p.name: p.stat() for p in results.glob("shard-*.tally")}
+    assert sorted(kept) == ["shard-0.tally", "shard-1.tally", "shard-2.tally"]  # one shard at a time, in order
+    assert sorted(int(s) for s in log.read_text().split()) == rng_seed
+    # a kept result changed on disk no longer opens with the job's key: it must run again
+    tampered = bytearray((results / "shard-1.tally").read_bytes())
+    tampered[-20] ^= 0x01
+    (results / "shard-1.tally").write_bytes(bytes(tampered))
+    fail.write_text("")  # the host is back
+    log.write_text("")
+    capsys.readouterr()
+    assert main(["retry", job.id, "-c", str(config_dir / "mcnode.toml")]) == 0
+    assert "READY again" in capsys.readouterr().out
+    done = wait_for(lambda: [j for j in node.journal.jobs_in(JobState.SENT) if j.id == job.id], timeout=180)[0]
+    assert len(wait_for(lambda: _doses(tps_dir))) == 1
+    # only the shard that never finished and the tampered one ran again
+    assert sorted(int(s) for s in log.read_text().split()) == [rng_seed[1], rng_seed[3]]
+    for name in ("shard-0.tally", "shard-2.tally"):
+        now = (results / name).stat()
+        assert (now.st_ino, now.st_mtime_ns) == (kept[name].st_ino, kept[name].st_mtime_ns)
+    assert done.data.public.retry == {"reused_seal": True, "kept_shards": 2, "shards": 4}
+    assert f"job {job.id}: retry: 2 of 4 shards kept" in caplog.text
+    assert done.data.public.shards == 4 and done.data.public.primaries == PRIMARIES
     states = [s for s, _r, _t in node.journal.history(job.id)]
     assert states[-6:] == ["FAILED", "READY", "SEALED", "RUNNING", "MERGED", "SENT"]

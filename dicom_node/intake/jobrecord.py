@@ -82,6 +82,9 @@ class PublicData:
     uncertainty_target_met: bool | None = None    # None: no engine.target_uncertainty_percent
     shard_failures: int | None = None             # failed shard attempts, over every attempt of the job
     bundle_files: list[list[Any]] | None = None   # [name, bytes] of each file sealed into the bundle
+    # the last `mcnode retry` of a job failed while RUNNING: {"kept_shards": K, "shards": N} (finished shards
+    # re-attached, the sealed job folder reused) or {"resealed": why, "kept_shards": 0}
+    retry: dict[str, Any] | None = None
     # outbox (MERGED → SENT)
     send_attempts: int | None = None
     last_send_error: str | None = None

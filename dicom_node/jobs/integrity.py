@@ -64,6 +64,10 @@ class JobFiles:
             os.fsync(fh.fileno())
         os.replace(tmp, self.folder / RECORD)
 
+    def names(self) -> list[str]:
+        """The files that have a recorded MAC."""
+        return sorted(self._load())
+
     def read(self, name: str) -> bytes:
         """The file's bytes, only when they are the bytes recorded; TamperedFile otherwise."""
         shown = f"{self.shown_as}/{name}"

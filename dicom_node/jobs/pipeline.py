@@ -4,6 +4,8 @@ Each step reads the job's state from the journal, does its work, and records the
 that is interrupted (crash, SIGKILL, restart) is simply done again from the last recorded state:
 
 - READY   → de-identify (identity to the vault), prepare engine inputs, seal the bundle → SEALED
+            (a job put back by `mcnode retry` after failing while RUNNING keeps its job folder when
+            everything in it still verifies: its finished shards are re-attached, only the missing run)
 - SEALED  → RUNNING is recorded *before* any shard starts
 - RUNNING → dispatch the shards that have no verified result yet (re-attach), merge (each tally is
             summed as its shard ends, while the others compute), write the RT Dose from the
@@ -26,9 +28,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import gc
+import hashlib
 import heapq
 import itertools
+import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -42,12 +47,12 @@ from pydicom.uid import CTImageStorage, RTDoseStorage
 
 from anonymizer.deidentify import deidentify_job
 from anonymizer.errors import AnonymizerError
-from anonymizer.seal import new_data_key, unwrap_key, wrap_key
+from anonymizer.seal import new_data_key, open_stream, unwrap_key, wrap_key
 from anonymizer.vault import Vault, reidentify
 from cloud.backends import get_backend
 from cloud.backends.base import Backend
 from cloud.backends.share import PRIORITIES, FairShare
-from cloud.bundle import make_bundle
+from cloud.bundle import BUNDLE_PART, make_bundle
 from cloud.dispatch import dispatch_merged, plan_tasks, primaries_for_target
 from cloud.engines import dosegrid
 from cloud.engines.base import BODY_MASK, INPUTS_JSON, ShardInputs
@@ -77,6 +82,10 @@ LOGGER = logging.getLogger(__name__)
 RETRY_SCAN_SECONDS = 5.0
 # A job whose failure could not even be written to the journal (disk full) waits this long.
 PARK_SECONDS = 60.0
+# In a job folder: what the bundle was sealed under (a digest of the engine settings, the beam model and
+# CT calibration files, the TPS dose the grid may follow, the originals); a retry keeps the folder only
+# when sealing now would be done under the same.
+SEAL_RECORD = "seal.json"
 
 
 def describe_error(exc: BaseException, data_dir: Path) -> str:
@@ -353,6 +362,11 @@ class Pipeline:
         start = time.perf_counter()
         # the node process's CPU seconds from here to the RT Dose written (bench/dose.py compares them)
         self.timings.setdefault(job.id, {})["process_cpu_at_seal"] = time.process_time()
+        if job.data.failed_in in (JobState.SEALED, JobState.RUNNING):  # put back by `mcnode retry`
+            kept = self._keep_sealed(job)
+            if kept is not None:
+                self._timed(job.id, "seal", start)
+                return kept
         folder = self.job_dir(job.id)
         if folder.exists():
             shutil.rmtree(folder)  # a half-finished earlier attempt
@@ -379,10 +393,13 @@ class Pipeline:
         start = time.perf_counter()
         key = new_data_key()
         (folder / "data.key").write_bytes(wrap_key(self.site_key, key, job.id))
-        # what the merge and the RT Dose writer read back later is authenticated (jobs/integrity.py)
-        JobFiles(folder, key, job.id).record(f"inputs/{INPUTS_JSON}", *(f"anonymized/{n}" for n in names),
-                                             *([f"inputs/{BODY_MASK}"] if inputs.has_body_mask else []))
         make_bundle(folder / "bundle.sealed", key, job.id, {"inputs": inputs.root}, {"engine": engine.name})
+        (folder / SEAL_RECORD).write_text(json.dumps({"fingerprint": self._seal_fingerprint(job)}))
+        # what the merge and the RT Dose writer read back later is authenticated (jobs/integrity.py);
+        # recorded last: a folder whose record is complete was sealed to the end (a retry may keep it)
+        JobFiles(folder, key, job.id).record(f"inputs/{INPUTS_JSON}", *(f"anonymized/{n}" for n in names),
+                                             *([f"inputs/{BODY_MASK}"] if inputs.has_body_mask else []),
+                                             SEAL_RECORD)
         sealed_files = [[f"inputs/{p.relative_to(inputs.root).as_posix()}", p.stat().st_size]
                         for p in sorted(inputs.root.rglob("*")) if p.is_file()]
         self._timed(job.id, "seal", start)
@@ -394,6 +411,66 @@ class Pipeline:
                                        "quantity": "dose to water" if inputs.dose_to_water else "dose to medium"},
                             bundle_files=sealed_files)
         return self.journal.transition(job.id, JobState.SEALED, data=JobData(public=public, anonymized=names))
+
+    def _seal_fingerprint(self, job: Job) -> str:
+        """A digest of everything besides the originals' bytes that sealing this job depends on."""
+        eng = self.settings.engine
+        digest = hashlib.sha256(repr(eng).encode())
+        for path in [*eng.beam_models.values(), *(p for paths in eng.ct_calibrations.values() for p in paths)]:
+            digest.update(b"\0" + str(path).encode() + b"\0")
+            if Path(path).is_file():
+                digest.update(Path(path).read_bytes())
+        tps = self._tps_dose(job)
+        digest.update(b"\0tps\0" + (str(tps.SOPInstanceUID).encode() if tps is not None else b""))
+        originals = [job.data.plan, job.data.structure_set or "", *job.data.ct]
+        digest.update(b"\0originals\0" + "\0".join(originals).encode())
+        return digest.hexdigest()
+
+    def _keep_sealed(self, job: Job) -> Job | None:
+        """SEALED again without sealing, for a job `mcnode retry` put back after it failed while RUNNING.
+
+        Its job folder is kept when everything in it still verifies: the wrapped data key opens with the
+        site key, every job file matches its MAC, the bundle opens with the job's key, the vault holds
+        the job's identity, and it was sealed under the settings sealing would use now. Then RUNNING
+        re-attaches to the shard results that open with the job's key (cloud.dispatch) and runs only
+        the missing shards of the recorded waves. None (sealed again from the originals) otherwise.
+        """
+        why = self._not_reusable(job)
+        if why is not None:
+            LOGGER.warning("job %s: retry: sealing again from the received originals (%s)", job.id, why)
+            self.journal.update_job_data(job.id, JobData(public=PublicData(
+                retry={"resealed": why, "kept_shards": 0})))
+            return None
+        LOGGER.info("job %s: retry: the sealed job folder verifies; the shards of the failed run that "
+                    "verify are kept", job.id)
+        return self.journal.transition(job.id, JobState.SEALED, data=JobData(public=PublicData(
+            retry={"reused_seal": True})))
+
+    def _not_reusable(self, job: Job) -> str | None:
+        """Why the job folder cannot be kept (None: it can)."""
+        folder = self.job_dir(job.id)
+        if not (folder / "bundle.sealed").is_file():
+            return "the job folder has no sealed bundle"
+        try:
+            key = unwrap_key(self.site_key, (folder / "data.key").read_bytes(), job.id)
+            files = JobFiles(folder, key, job.id)
+            recorded = files.names()
+            needed = [f"inputs/{INPUTS_JSON}", SEAL_RECORD, *(f"anonymized/{n}" for n in job.data.anonymized)]
+            missing = [n for n in needed if n not in recorded]
+            if missing or not job.data.anonymized:
+                return f"the job folder lacks {', '.join(missing) or 'its anonymized files'}"
+            for name in recorded:
+                files.read(name)  # TamperedFile when changed
+            seal = json.loads(files.read(SEAL_RECORD))
+            if seal.get("fingerprint") != self._seal_fingerprint(job):
+                return ("the engine settings, a beam model or CT calibration file, or the TPS dose changed "
+                        "since it was sealed")
+            self.vault.load(job.id)
+            with (folder / "bundle.sealed").open("rb") as fin, open(os.devnull, "wb") as sink:
+                open_stream(fin, sink, key, job.id, BUNDLE_PART)  # every chunk authenticated
+        except (CloudError, AnonymizerError, NodeError, OSError, ValueError) as exc:
+            return describe_error(exc, self.settings.node.data_dir)
+        return None
 
     def _tps_dose(self, job: Job) -> Dataset | None:
         """The newest RT Dose the TPS sent for this plan (same patient), header only; None if none yet."""
@@ -476,14 +553,25 @@ class Pipeline:
         bundle_uri, results_uri = (folder / "bundle.sealed").as_uri(), (folder / "results").as_uri()
         compute_s = merge_s = 0.0
         acc = StreamingMerge()  # every shard's tally is summed as it arrives, wave after wave
+        # a retry that kept the job folder: say how many shards of the failed run are kept, once, when the
+        # first dispatch has re-attached them (before the missing ones start)
+        report_kept = [bool(job.data.public.retry) and "kept_shards" not in (job.data.public.retry or {})]
+
+        def progress(done: int, total: int) -> None:
+            if report_kept[0]:
+                report_kept[0] = False
+                LOGGER.info("job %s: retry: %d of %d shards kept", job.id, done, total)
+                self.journal.update_job_data(job.id, JobData(public=PublicData(
+                    retry={"reused_seal": True, "kept_shards": done, "shards": total})))
+            self.journal.set_progress(job.id, done, total)
+
         while True:
             tasks = [t for w in waves for t in plan_tasks(job.id, int(w["shards"]), int(w["primaries"]), bundle_uri,
                                                           results_uri, first_index=int(w["first_shard"]))]
             start = time.perf_counter()
             failures_before = backend.shard_failures
             try:
-                dispatch_merged(tasks, key, backend, acc,
-                                on_progress=lambda d, t: self.journal.set_progress(job.id, d, t))
+                dispatch_merged(tasks, key, backend, acc, on_progress=progress)
             finally:
                 if backend.shard_failures > failures_before:  # over every attempt of the job (/metrics)
                     recorded = self.journal.job(job.id).data.public.shard_failures or 0
