@@ -558,7 +558,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", help="config file whose [engine] ct_calibrations convert the references' CT")
     p.set_defaults(func=_cmd_commission)
 
-    p = sub.add_parser("retry", help="put a FAILED job back (sealed afresh from the originals; a failed "
+    p = sub.add_parser("retry", help="put a FAILED job back (failed while RUNNING: its verified job folder and "
+                                     "finished shards are kept, else sealed afresh from the originals; a failed "
                                      "second check: SENT)")
     p.add_argument("job")
     p.add_argument("-c", "--config", required=True)

@@ -402,9 +402,12 @@ class Journal:
     def retry(self, job_id: str) -> Job:
         """Put a FAILED job back where the running node takes it up again.
 
-        A job that failed on its way to the dose starts again at READY: it is sealed afresh from the
-        received originals, so a corrupt or changed bundle or job file is never reused. A failed
-        second check (failed in SENT) goes back to SENT.
+        A job that failed on its way to the dose starts again at READY. The pipeline seals it afresh
+        from the received originals, unless it failed while RUNNING and its job folder still verifies
+        in full (key, job files' MACs, bundle, settings it was sealed under): then the folder is kept
+        and only the shards without a verified result run (pipeline.Pipeline._keep_sealed); a corrupt
+        or changed bundle or job file is never reused. A failed second check (failed in SENT) goes back
+        to SENT.
         """
         job = self.job(job_id)
         if job.state != JobState.FAILED:
