@@ -57,3 +57,45 @@ def test_changed_rt_dose_is_not_sent_and_retry_reseals(config_dir, node_factory,
     assert main(["retry", job.id, "-c", str(config_dir / "mcnode.toml")]) == 0
     assert "READY again" in capsys.readouterr().out
     assert pipeline.process(job.id).state == JobState.MERGED
+
+
+@pytest.mark.parametrize("change", ["nothing", "bundle", "anonymized", "settings"])
+def test_retry_after_running_keeps_the_job_folder_only_when_it_verifies(config_dir, node_factory, phantom_dir,
+                                                                       change):
+    """A job that failed while RUNNING and is retried goes READY -> SEALED without sealing when its job
+    folder verifies; a changed bundle or job file, or engine settings changed since, seal it afresh."""
+    import dataclasses
+
+    from dicom_node.intake.jobrecord import JobData
+    from dicom_node.jobs.pipeline import Pipeline
+
+    settings, node, pipeline, job = seal_a_job(config_dir, node_factory, phantom_dir)
+    folder = pipeline.job_dir(job.id)
+    wrapped = (folder / "data.key").read_bytes()
+    node.journal.transition(job.id, JobState.RUNNING, expect=JobState.SEALED)
+    node.journal.transition(job.id, JobState.FAILED, reason="RUNNING: shard 1 failed 1 time(s)",
+                            data=JobData(failed_in=JobState.RUNNING))
+    assert node.journal.retry(job.id).state == JobState.READY
+    if change == "bundle":
+        raw = bytearray((folder / "bundle.sealed").read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        (folder / "bundle.sealed").write_bytes(bytes(raw))
+    elif change == "anonymized":
+        name = folder / "anonymized" / node.journal.job(job.id).data.anonymized[-1]
+        name.write_bytes(name.read_bytes() + b"\0")
+    elif change == "settings":
+        engine = dataclasses.replace(settings.engine, dose_grid_mm=settings.engine.dose_grid_mm + 1)
+        pipeline = Pipeline(dataclasses.replace(settings, engine=engine), node.journal)
+    done = pipeline.process(job.id, until=JobState.RUNNING)
+    assert done.state == JobState.RUNNING
+    states = [s for s, _r, _t in node.journal.history(job.id)]
+    assert states[-4:] == ["FAILED", "READY", "SEALED", "RUNNING"]
+    retry = done.data.public.retry or {}
+    if change == "nothing":
+        assert retry == {"reused_seal": True}
+        assert (folder / "data.key").read_bytes() == wrapped  # the same data key: the folder was kept
+        return
+    expected = {"bundle": "part 'bundle'", "anonymized": "was changed after it was written",
+                "settings": "the engine settings"}[change]
+    assert expected in retry.get("resealed", ""), retry
+    assert (folder / "data.key").read_bytes() != wrapped  # sealed afresh: a new data key
