@@ -20,7 +20,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from cloud.engines.ct import ct_grid
 from cloud.merge import MergedDose
 from dicom_node.jobs.rtdose import write_rt_dose
-from dicom_node.qa.compare import Volume, ct_from_datasets, dose_from_rtdose, resample
+from dicom_node.qa.compare import Volume, box_average, ct_from_datasets, dose_from_rtdose
 
 RAYSTATION = Path(__file__).parent / "data" / "realdata" / "raystation12_tr3"
 PHANTOM_SCANNER = ("dicom-mc-node", "RayStation phantom rebuilt from its External ROI")
@@ -152,7 +152,8 @@ def reference_folder(name: str, out: Path) -> Path:
 @dataclass(frozen=True)
 class SecondCheckCase:
     """The reference export read back: structure set, plan, RayStation's RT Dose, the rebuilt CT (datasets and
-    HU volume), and RayStation's dose on the CT grid (0 outside its own grid)."""
+    HU volume), and RayStation's dose on the CT grid as an MC engine scores it: its mean over each CT voxel
+    (2 x 2 x 5 mm; 0 outside RayStation's grid)."""
 
     rs: Dataset
     rp: Dataset
@@ -169,7 +170,7 @@ def second_check_case(out: Path) -> SecondCheckCase:
     ct = ct_from_datasets(cts)
     return SecondCheckCase(rs=dcmread(next(folder.glob("RS*.dcm"))), rp=dcmread(next(folder.glob("RP*.dcm"))),
                            rd=rd, cts=cts, ct=ct,
-                           clean=np.nan_to_num(resample(dose_from_rtdose(rd), ct.grid.axes), nan=0.0))
+                           clean=np.nan_to_num(box_average(dose_from_rtdose(rd), ct.grid), nan=0.0))
 
 
 def noisy_mc_dose(case: SecondCheckCase, noise: float, seed: int, air_spike: float) -> tuple[Dataset, np.ndarray]:

@@ -10,8 +10,15 @@ Conventions (stated again in every report):
   (ImageOrientationPatient 1,0,0,0,1,0) are read.
 - The reference dose of gamma is the Monte Carlo dose, the evaluated (searched) dose the TPS's. The
   common grid is the MC grid (default) or the TPS grid; the other dose is interpolated trilinearly
-  onto it (scipy's RegularGridInterpolator) for the dose difference and the DVHs; gamma searches the
-  TPS dose on its own grid.
+  onto it (the numbers of scipy's RegularGridInterpolator); gamma searches the TPS dose on its own grid.
+- An MC dose is a mean over each voxel, with no dose in air (outside the body, CT voxels under about
+  0.05 g/cm3). On an MC grid coarser than the TPS's (4 mm against RayStation's 2 mm), the TPS dose is
+  averaged the same way for the dose-weighted centres, the dose difference, the DVHs and the report's
+  maps (`box_average`: its trilinear interpolant on 2 points per TPS step across each MC voxel, zero
+  where the MC scores nothing). Taken at the voxel centres instead, the unshifted dose's centre read
+  1.0 mm off along the beam on the real 4 mm check (a skin voxel holds the mean over its tissue part
+  in the MC, nearly the full dose at its centre in the TPS). The region and the normalisation, what
+  gamma is computed on and against, still take the TPS dose at the voxel centres.
 - Evaluated region: voxels of the common grid that lie inside both dose grids, inside the body (the
   External ROI: RTROIInterpretedType EXTERNAL, else a ROI named like BODY/External; else CT voxels
   above -500 HU) and where the TPS or the MC dose reaches the low-dose threshold. MC dose in air and
@@ -31,7 +38,9 @@ Conventions (stated again in every report):
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +55,12 @@ LOGGER = logging.getLogger(__name__)
 
 DVH_POINTS = (98, 95, 50, 2)
 BODY_HU = -500.0  # without an External ROI, the body is the CT above this (water 0, lung about -700..-800)
+# the engines score no dose in CT voxels under 0.05 g/cm3 (DoseOptions.body_density_g_cm3): about -950 HU
+AIR_HU = -950.0
 EXTERNAL_NAMES = ("external", "body", "outline", "skin", "ext")
+BOX_POINTS_MAX = 8  # points per axis that average a finer TPS dose over one MC voxel
+
+Axes = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 class ComparisonError(NodeError):
@@ -207,6 +221,105 @@ def resample(src: Volume, onto: tuple[np.ndarray, np.ndarray, np.ndarray], fill:
     if outside.any():
         values[outside] = fill
     return values
+
+
+def _edges(centres: np.ndarray) -> np.ndarray:
+    """Voxel boundaries along one axis: halfway between centres, half a step beyond the outer ones."""
+    c = np.asarray(centres, dtype=np.float64)
+    if len(c) == 1:
+        return np.array([c[0], c[0]])
+    mid = (c[1:] + c[:-1]) / 2.0
+    return np.concatenate([[2.0 * c[0] - mid[0]], mid, [2.0 * c[-1] - mid[-1]]])
+
+
+def points_per_axis(src: Grid, onto: Grid, most: int = BOX_POINTS_MAX) -> tuple[int, int, int]:
+    """How many points along each axis average the src dose over one voxel of `onto`.
+
+    One (the voxel centre) where `onto`'s voxels are no wider than src's steps; else at least two points
+    per src step across the voxel (the trilinear interpolant is linear between src planes, so the
+    midpoint rule on that many points is close to its integral), at most `most`.
+    """
+    out = []
+    for a_src, a_dst in zip(src.axes, onto.axes, strict=True):
+        if len(a_src) < 2 or len(a_dst) < 2:
+            out.append(1)
+            continue
+        step_src = float(np.min(np.diff(a_src)))
+        width = float(np.max(np.diff(_edges(a_dst))))
+        out.append(1 if width <= step_src * (1.0 + 1e-6) else min(most, math.ceil(2.0 * width / step_src - 1e-6)))
+    return out[0], out[1], out[2]
+
+
+def _cell_means(v: np.ndarray) -> np.ndarray:
+    """[k, a, j, b, i, c] -> [k, j, i]: the mean over a, b, c of the values that are not NaN (NaN if none)."""
+    valid = ~np.isnan(v)
+    if valid.all():
+        return np.asarray(v.mean(axis=5).mean(axis=3).mean(axis=1))
+    count = valid.sum(axis=5).sum(axis=3).sum(axis=1)
+    total = np.where(valid, v, 0.0).sum(axis=5).sum(axis=3).sum(axis=1)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def box_average(src: Volume, onto: Grid, within: Callable[[Axes], np.ndarray] | None = None,
+                points: tuple[int, int, int] | None = None, chunk_points: int = 1_000_000,
+                known: np.ndarray | None = None) -> np.ndarray:
+    """The mean of src's trilinear interpolant over each voxel of `onto` (NaN where its centre is outside src).
+
+    The mean is taken on n_z x n_y x n_x evenly spread points in each voxel (`points_per_axis`), the
+    midpoint rule: a dose that a Monte Carlo engine scores in a voxel is its mean over the voxel, so a
+    finer TPS dose is compared like with like only once it is averaged the same way. With `within` (a mask
+    on any grid of points), each point's dose is weighted by the share of its cell inside it (looked at on
+    2 x 2 x 2 points), as the MC scores no dose outside the body, and the interpolant is weighted by
+    src's points where it is `known` (a mask on src's grid; default: `within` there) only (normalised
+    convolution: a TPS dose is zero at its points outside the body, which would otherwise pull the dose
+    down between the last point inside and the surface). Points outside src's grid are left out of the
+    mean. A few planes of `onto` at a time, so the points never take more than `chunk_points` values.
+    """
+    nz, ny, nx = points or points_per_axis(src.grid, onto)
+    sub_axes = []
+    for a, n in zip(onto.axes, (nz, ny, nx), strict=True):
+        e = _edges(a)
+        frac = (np.arange(n) + 0.5) / n
+        sub_axes.append(a[:, None] if n == 1 else e[:-1, None] + (e[1:] - e[:-1])[:, None] * frac[None, :])
+    sz, sy, sx = (s.ravel() for s in sub_axes)
+    # the body is looked at on twice as fine points (a fraction of each point's cell inside it): where it
+    # cuts a voxel matters as much as the dose there
+    half = []
+    for a, n in zip(onto.axes, (nz, ny, nx), strict=True):
+        e = _edges(a)
+        frac = (np.arange(2 * n) + 0.5) / (2 * n)
+        half.append((e[:-1, None] + (e[1:] - e[:-1])[:, None] * frac[None, :]).ravel())
+    hz, hy, hx = half
+    weights = weighted = None
+    if within is not None:
+        inside_src = (within(src.grid.axes) if known is None else known).astype(np.float64)
+        weights = Volume(src.grid, inside_src)
+        weighted = Volume(src.grid, np.asarray(src.values, dtype=np.float64) * inside_src)
+    ny_all, nx_all = len(onto.y), len(onto.x)
+    out = np.empty(onto.shape, dtype=np.float64)
+    planes = max(1, chunk_points // max(1, nz * len(sy) * len(sx)))
+    for k0 in range(0, len(onto.z), planes):
+        k1 = min(len(onto.z), k0 + planes)
+        axes_k = (sz[k0 * nz:k1 * nz], sy, sx)
+        if weights is None or weighted is None or within is None:
+            v = resample(src, axes_k)
+        else:
+            w = resample(weights, axes_k)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                v = np.where(w > 0, resample(weighted, axes_k) / w, 0.0)  # NaN stays NaN outside src
+            v[np.isnan(w)] = np.nan
+            cells = within((hz[2 * k0 * nz:2 * k1 * nz], hy, hx)).view(np.uint8).reshape(
+                (k1 - k0) * nz, 2, ny_all * ny, 2, nx_all * nx, 2)
+            share = np.zeros(v.shape, dtype=np.uint8)
+            for pz in (0, 1):  # the 2 x 2 x 2 points of each cell, added slice by slice (fast, unlike a
+                for py in (0, 1):  # sum over three strided axes)
+                    for px in (0, 1):
+                        share += cells[:, pz, :, py, :, px]
+            v *= share / 8.0
+        out[k0:k1] = _cell_means(v.reshape(k1 - k0, nz, ny_all, ny, nx_all, nx))
+    centre_inside = ~np.isnan(resample(src, onto.axes))
+    out[~centre_inside] = np.nan
+    return out
 
 
 def gamma_summary(g: np.ndarray, max_gamma: float | None) -> dict[str, Any]:
@@ -371,7 +484,8 @@ def centroid_shift(axes: tuple[np.ndarray, np.ndarray, np.ndarray], mc: np.ndarr
     """Dose-weighted centre of the TPS dose minus that of the MC dose (mm), inside the body.
 
     The same voxels weigh both doses, so a dose scaled by any factor has the same centre: a non-zero
-    value says the dose sits elsewhere, not that it is higher.
+    value says the dose sits elsewhere, not that it is higher. Both must be voxel means on a coarse MC
+    grid (`box_average`), or the grid alone moves the centres apart.
     """
     centres = []
     for dose in (mc, tps):
@@ -386,22 +500,54 @@ def centroid_shift(axes: tuple[np.ndarray, np.ndarray, np.ndarray], mc: np.ndarr
             "magnitude_mm": round(float(np.sqrt(dx * dx + dy * dy + dz * dz)), 3)}
 
 
-def body_mask(axes: tuple[np.ndarray, np.ndarray, np.ndarray], structures: list[Structure],
-              ct: Volume | None) -> tuple[np.ndarray, str]:
-    """Where the patient is on the grid `axes`, and how that was found (for the report)."""
+def body_rule(axes: Axes, structures: list[Structure], ct: Volume | None
+              ) -> tuple[Callable[[Axes], np.ndarray] | None, str]:
+    """How to tell where the patient is at any points (a mask on a grid of them; None: everywhere), chosen
+    on the grid `axes`, and how (for the report): the External ROI, else the CT above BODY_HU."""
     body = find_body(structures)
-    if body is not None:
-        mask = rasterise(body, axes)
-        if mask.any():
-            kind = "type EXTERNAL" if body.roi_type == "EXTERNAL" else "named like an External"
-            return mask, f"ROI {body.name!r} ({kind})"
-    if ct is not None:
-        hu = resample(ct, axes, fill=-1000.0)
-        mask = hu > BODY_HU
-        if mask.any():
-            return mask, f"CT above {BODY_HU:g} HU (no External ROI)"
-    shape = tuple(len(a) for a in axes)
-    return np.ones(shape, dtype=bool), "whole grid (no External ROI, no CT)"
+    if body is not None and rasterise(body, axes).any():
+        kind = "type EXTERNAL" if body.roi_type == "EXTERNAL" else "named like an External"
+        return (lambda a: rasterise(body, a)), f"ROI {body.name!r} ({kind})"
+    if ct is not None and (resample(ct, axes, fill=-1000.0) > BODY_HU).any():
+        return (lambda a: resample(ct, a, fill=-1000.0) > BODY_HU), f"CT above {BODY_HU:g} HU (no External ROI)"
+    return None, "whole grid (no External ROI, no CT)"
+
+
+def nearest(src: Volume, onto: Axes, fill: float | bool) -> np.ndarray:
+    """src's value of the voxel each point of the grid `onto` lies in (`fill` outside src's voxels)."""
+    out = np.asarray(src.values)
+    for axis, (coords, target) in enumerate(zip(src.grid.axes, onto, strict=True)):
+        e = _edges(coords)
+        t = np.asarray(target, dtype=np.float64)
+        index = np.clip(np.searchsorted(e, t, side="right") - 1, 0, len(coords) - 1)
+        out = np.take(out, index, axis=axis)  # one axis at a time: a gather, far cheaper than np.ix_
+        outside = (t < e[0]) | (t > e[-1])
+        if outside.any():
+            out = out.copy() if out.base is not None else out
+            np.moveaxis(out, axis, 0)[outside] = fill
+    return out
+
+
+def scored_rule(rule: Callable[[Axes], np.ndarray] | None, ct: Volume | None
+                ) -> Callable[[Axes], np.ndarray] | None:
+    """Where an MC engine scores dose: inside the body and, with a CT, in its voxels above AIR_HU."""
+    if ct is None:
+        return rule
+    dense = Volume(ct.grid, np.asarray(ct.values) > AIR_HU)
+
+    def scored(a: Axes) -> np.ndarray:
+        inside = nearest(dense, a, fill=False)
+        return inside if rule is None else inside & rule(a)
+
+    return scored
+
+
+def body_mask(axes: Axes, structures: list[Structure], ct: Volume | None) -> tuple[np.ndarray, str]:
+    """Where the patient is on the grid `axes`, and how that was found (for the report)."""
+    rule, source = body_rule(axes, structures, ct)
+    if rule is None:
+        return np.ones(tuple(len(a) for a in axes), dtype=bool), source
+    return rule(axes), source
 
 
 def compare(mc: Volume, tps: Volume, criteria: list[tuple[float, float]], *, low_dose_percent: float = 10.0,
@@ -419,12 +565,14 @@ def compare(mc: Volume, tps: Volume, criteria: list[tuple[float, float]], *, low
         raise ComparisonError(f"dose grids do not overlap: MC {mc.grid.describe()}; TPS {tps.grid.describe()}")
     structures = structures or []
     start = time.perf_counter()
+    box_points = (1, 1, 1)
     if resample_direction == "tps_to_mc":
         axes, common = mc.grid.axes, mc.grid
         ref = mc.values
         tps_on = resample(tps, axes)
         both = ~np.isnan(tps_on)
         ev = np.where(both, tps_on, 0.0)
+        box_points = points_per_axis(tps.grid, mc.grid)
         method = "TPS dose interpolated trilinearly onto the MC grid"
     elif resample_direction == "mc_to_tps":
         axes, common = tps.grid.axes, tps.grid
@@ -437,7 +585,8 @@ def compare(mc: Volume, tps: Volume, criteria: list[tuple[float, float]], *, low
         raise ComparisonError(f"unknown resample direction {resample_direction!r}")
     resample_s = time.perf_counter() - start
     start = time.perf_counter()
-    body, body_source = body_mask(axes, structures, ct)
+    rule, body_source = body_rule(axes, structures, ct)
+    body = np.ones(ref.shape, dtype=bool) if rule is None else rule(axes)
     inside = body & both
     if not inside.any():
         raise ComparisonError(f"no voxel lies inside the body ({body_source}) and both dose grids")
@@ -453,6 +602,19 @@ def compare(mc: Volume, tps: Volume, criteria: list[tuple[float, float]], *, low
     n_region = int(np.count_nonzero(region))
     mc_outside = ref[~body]
     region_s = time.perf_counter() - start
+    # Region and normalisation (what gamma is computed on and against) take the TPS dose at the voxel
+    # centres. The centres, the dose difference, the DVHs and the report's maps compare it with the MC's
+    # voxel means: on an MC grid coarser than the TPS's, the TPS dose averaged over each MC voxel too.
+    box_s = 0.0
+    if box_points != (1, 1, 1):
+        t0 = time.perf_counter()
+        ev = np.where(both, np.nan_to_num(box_average(tps, mc.grid, scored_rule(rule, ct), box_points,
+                                                 known=None if rule is None else rule(tps.grid.axes)), nan=0.0), 0.0)
+        box_s = time.perf_counter() - t0
+        nz, ny, nx = box_points
+        method = (f"TPS dose averaged over each MC voxel ({nx}x{ny}x{nz} points of its trilinear interpolant, "
+                  "zero outside the body and in the CT's air) for the centres, dose difference, DVHs and maps; "
+                  "interpolated trilinearly at the voxel centres for the region and normalisation")
     shift = centroid_shift(axes, ref, ev, inside)
     searched = uniform_grid(tps)
     z, y, x = axes
@@ -502,7 +664,8 @@ def compare(mc: Volume, tps: Volume, criteria: list[tuple[float, float]], *, low
             "body_voxels_outside_other_grid": int(np.count_nonzero(body & ~both)),
             "mc_max_outside_body_gy": round(float(mc_outside.max()), 5) if mc_outside.size else None,
         },
-        "seconds": {"resample": round(resample_s, 3), "region": round(region_s, 3), "dvh": round(dvh_s, 3)},
+        "seconds": {"resample": round(resample_s, 3), "region": round(region_s, 3), "box_average": round(box_s, 3),
+                    "dvh": round(dvh_s, 3)},
         "gamma": gamma_numbers,
         "shift": shift,
         "dose_difference": dose_difference_stats(ref, ev, region, norm),
