@@ -6,6 +6,7 @@ that stops cleanly on SIGTERM or SIGINT.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -75,6 +76,11 @@ class Node:
         self.port = int(self._server.server_address[1])
         LOGGER.info("%s listening on %s:%d%s", node.ae_title, node.host, self.port,
                     " (TLS)" if node.tls.enabled else "")
+        # What exists once the node runs (modules, settings, servers: ~140 000 objects) lives as long
+        # as the process: later full collections skip it. pynetdicom's server runs one every 30 s,
+        # busy or idle (0.1 s of CPU each on this node before; BENCHMARKS.md, head plan).
+        gc.collect()
+        gc.freeze()
         return self.port
 
     def _notify(self, received: Received) -> None:
