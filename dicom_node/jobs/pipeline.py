@@ -384,7 +384,8 @@ class Pipeline:
             name = f"{i:05d}_{kind}.dcm"
             ds.save_as(anon_dir / name, enforce_file_format=True)
             names.append(name)
-        options, grid_note = dose_options(self.settings.engine, self._tps_dose(job))
+        tps_dose = self._tps_dose(job)
+        options, grid_note = dose_options(self.settings.engine, tps_dose)
         LOGGER.info("job %s: %s", job.id, grid_note)
         inputs = prepare(engine, anonymized, folder / "inputs", self.settings.engine, calibration, options)
         del datasets, anonymized  # the CT is in the inputs now; the node keeps no CT-sized copy
@@ -394,7 +395,7 @@ class Pipeline:
         key = new_data_key()
         (folder / "data.key").write_bytes(wrap_key(self.site_key, key, job.id))
         make_bundle(folder / "bundle.sealed", key, job.id, {"inputs": inputs.root}, {"engine": engine.name})
-        (folder / SEAL_RECORD).write_text(json.dumps({"fingerprint": self._seal_fingerprint(job)}))
+        (folder / SEAL_RECORD).write_text(json.dumps({"fingerprint": self._seal_fingerprint(job, tps_dose)}))
         # what the merge and the RT Dose writer read back later is authenticated (jobs/integrity.py);
         # recorded last: a folder whose record is complete was sealed to the end (a retry may keep it)
         JobFiles(folder, key, job.id).record(f"inputs/{INPUTS_JSON}", *(f"anonymized/{n}" for n in names),
@@ -412,15 +413,15 @@ class Pipeline:
                             bundle_files=sealed_files)
         return self.journal.transition(job.id, JobState.SEALED, data=JobData(public=public, anonymized=names))
 
-    def _seal_fingerprint(self, job: Job) -> str:
-        """A digest of everything besides the originals' bytes that sealing this job depends on."""
+    def _seal_fingerprint(self, job: Job, tps: Dataset | None) -> str:
+        """A digest of everything besides the originals' bytes that sealing this job depends on (`tps`: the
+        TPS dose whose grid the dose grid may follow)."""
         eng = self.settings.engine
         digest = hashlib.sha256(repr(eng).encode())
         for path in [*eng.beam_models.values(), *(p for paths in eng.ct_calibrations.values() for p in paths)]:
             digest.update(b"\0" + str(path).encode() + b"\0")
             if Path(path).is_file():
                 digest.update(Path(path).read_bytes())
-        tps = self._tps_dose(job)
         digest.update(b"\0tps\0" + (str(tps.SOPInstanceUID).encode() if tps is not None else b""))
         originals = [job.data.plan, job.data.structure_set or "", *job.data.ct]
         digest.update(b"\0originals\0" + "\0".join(originals).encode())
@@ -462,7 +463,7 @@ class Pipeline:
             for name in recorded:
                 files.read(name)  # TamperedFile when changed
             seal = json.loads(files.read(SEAL_RECORD))
-            if seal.get("fingerprint") != self._seal_fingerprint(job):
+            if seal.get("fingerprint") != self._seal_fingerprint(job, self._tps_dose(job)):
                 return ("the engine settings, a beam model or CT calibration file, or the TPS dose changed "
                         "since it was sealed")
             self.vault.load(job.id)
