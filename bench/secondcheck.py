@@ -5,7 +5,8 @@ set with its External, RayStation's own RT Dose on a 2 mm grid, 113x110x113). It
 the export: the phantom CT is rebuilt from the External contour on the structure set's CT UIDs
 (tests/realdata.py: 2 mm pixels, 5 mm slices, 134x122x61 voxels with air around the body), which is
 the MC scoring grid.
-The "MC" dose is RayStation's dose on that grid with Monte Carlo-like noise: a relative standard error
+The "MC" dose is RayStation's dose on that grid (its mean over each CT voxel, as an MC engine scores it;
+before 2026-11-25 its value at the voxel centres) with Monte Carlo-like noise: a relative standard error
 of NOISE at the maximum growing as 1/sqrt(dose), and noise spikes in the air around the body (1 % of
 the air voxels, up to about 1.5x the maximum), as an MC dose has them. Noise levels 1 %, 2 % (the
 default limit) and 6 % (a far too short MC run); also the TPS dose scaled by 4 % and shifted 3 mm.

@@ -31,12 +31,11 @@ Settings that are not the defaults, and why:
   default 2). 1.8 rather than 2 so that the MC's own noise alone leaves the 3%/2mm pass rate a
   margin above 95 %: on this plan and grid against RayStation's dose, 2.55 % (2 M primaries) gave
   94.3 %, 1.82 % (4 M) gave 98.2 %.
-- The dose-weighted centres (the displacement the check reports) carry an artefact of the grid: on
-  4 mm the unshifted dose reads about 1.0 mm along the beam (y), on 2.5 mm 0.4 mm, on the CT's
-  voxels 0.7 mm the other way (measured at 400 000 primaries). Both doses are weighed on the MC's
-  voxels: the TPS dose sampled trilinearly at the 4 mm centres (its centre moves 0.4 mm against its
-  own 2 mm grid), the MC dose zeroed outside the External at voxel centres. It stays within the
-  2 mm limit, and the 3 mm shift here is across the beam.
+- The dose-weighted centres (the displacement the check reports) are compared on the MC's 4 mm voxels,
+  with RayStation's 2 mm dose averaged over each of them as the MC scores it (`box_average`: no dose
+  outside the External or in the CT's air). Taken at the voxel centres instead, the unshifted dose
+  read 1.0 mm off along the beam (y) in every run (BENCHMARKS.md), half the 2 mm limit; averaged,
+  0.17 mm (2026-11-25). The pass case's displacement is held under 0.5 mm.
 - The phantom CT keeps its 2 mm pixels: MCsquare's time does not depend on them (measured: the same
   CPU seconds on 4 mm pixels), and the body's edge stays within 1 mm.
 - The second-check policy is the default one (3%/2mm >= 95 %, 2%/2mm reported, 10 % threshold,
@@ -137,7 +136,7 @@ def test_real_plan_with_a_commissioned_model_is_verified_pass_and_a_wrong_tps_do
     assert check["gamma"]["3%/2mm"]["pass_rate_percent"] >= 95.0
     assert check["gamma"]["3%/2mm"]["evaluated_voxels"] > 10_000
     assert abs(check["dose_difference"]["high_dose_ratio_percent"]) < 1.5  # the commissioning holds
-    assert check["shift"]["magnitude_mm"] < 2.0
+    assert check["shift"]["magnitude_mm"] < 0.5  # the same dose: no displacement (was 1.0 mm, see above)
     assert check["method"]["body"] == "ROI 'External' (type EXTERNAL)"
     # the MC dose the TPS received: commissioned model, target met, on the 4 mm grid
     sent = [dcmread(p) for p in tps_dir.iterdir() if p.name.startswith("RD")]
@@ -167,7 +166,7 @@ def test_real_plan_with_a_commissioned_model_is_verified_pass_and_a_wrong_tps_do
     m = re.search(r"the TPS dose is displaced from the MC dose by ([\d.]+) mm \(x ([+-][\d.]+), y [+-][\d.]+, "
                   r"z [+-][\d.]+ mm; dose-weighted centres inside the body\) > 2 mm", why)
     assert m and float(m.group(1)) > 2.0 and 2.5 < float(m.group(2)) < 3.5, why
-    assert 2.0 < result["shift"]["x_mm"] < 4.0
+    assert 2.5 < result["shift"]["x_mm"] < 3.5
     assert abs(result["shift"]["x_mm"] - check["shift"]["x_mm"] - 3.0) < 0.5  # relative to the unshifted check
 
     # RayStation's dose 4 % higher: the gamma pass rate and the dose ratio are the reason, no displacement
@@ -176,9 +175,8 @@ def test_real_plan_with_a_commissioned_model_is_verified_pass_and_a_wrong_tps_do
     assert "3%/2mm pass rate" in why, why
     m = re.search(r"the TPS dose is ([\d.]+) % higher than the MC dose in the high-dose region", why)
     assert m and 3.0 <= float(m.group(1)) <= 5.0, why
-    # the centres do not move with the scale: the displacement is no reason to fail (see the docstring
-    # for the ~1 mm the 4 mm grid itself puts between them)
-    assert result["shift"]["magnitude_mm"] < 2.0 and "> 2 mm" not in why, why
+    # the centres do not move with the scale: the displacement is no reason to fail
+    assert result["shift"]["magnitude_mm"] < 0.5 and "> 2 mm" not in why, why
     cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
               for f in ("ru_utime", "ru_stime"))
     # one JSON line last, as the benches print (BENCHMARKS.md, "Second check (issue 12)")
