@@ -11,7 +11,7 @@ must fail with its reason.
 What this can and cannot show. The machine ``ElektaVersa`` is mapped to the *generic* photon model
 (uncommissioned: 1 cGy/MU at 1.5 cm depth, 10 x 10 cm, SSD 100 cm by definition; mohan6 spectrum; point
 source; no head scatter). Only one plan of this machine exists, so nothing is commissioned on one case and
-checked on another: the absolute agreement found here (TPS/MC -0.6 % in the high-dose region) says that
+checked on another: the absolute agreement found here (TPS/MC -2.0 % in the high-dose region) says that
 this machine's calibration happens to be what the generic model assumes and that the node's MU, fraction
 and beam bookkeeping agree with Pinnacle's, not that the generic model is commissioned. Both fields are
 the reference field size, where the missing output factors matter least. What the test pins: the real
@@ -37,8 +37,10 @@ the shards' seeds are fixed, so a run repeats them):
   4 894 voxels; 87.8 % at 3%/2mm); 90 % keeps a margin of 3 points for other seeds (another seed gave
   93.2 %) and still fails the 8 % scale (measured 76.7 %). The noise limit is 3 % so that 2.04 % reads as
   conclusive; the default 2 % would make this "inconclusive".
-- ``max_shift_mm`` stays at its default 2 mm: the unshifted doses' centres lie 0.5 mm apart (measured),
-  the 4 mm shift reads 4.3 mm (x +4.2 mm).
+- ``max_shift_mm`` stays at its default 2 mm: the unshifted doses' centres lie 0.5 mm apart (measured:
+  0.54 mm with Pinnacle's dose averaged over the 10 mm voxels; 0.51 mm at their centres), the 4 mm
+  shift reads 3.5 mm (x +3.5 mm; 4.3 mm, x +4.2, at the voxel centres: averaged, the part of the moved
+  dose that leaves the body counts as zero in the surface voxels, as an MC scores it).
 """
 
 from __future__ import annotations
@@ -130,8 +132,12 @@ def test_pinnacle_photon_plan_is_checked_against_pinnacles_own_dose(tmp_path, co
     gamma = check["gamma"][CRITERION]
     assert gamma["pass_rate_percent"] >= 90.0 and gamma["evaluated_voxels"] > 3_000
     # the dose level: 25 fractions of 2 x 118 MU; a beam left out, a fraction count or a per-fraction /
-    # plan mix-up would be tens of percent; measured -0.64 %, the median's own noise is below 0.1 %
-    assert abs(check["dose_difference"]["high_dose_ratio_percent"]) < 2.0
+    # plan mix-up would be tens of percent; measured -1.97 % with Pinnacle's dose averaged over the 10 mm
+    # voxels as ompMC scores its dose (-0.64 % with Pinnacle's dose at the voxel centres, which hid part of
+    # the generic model's difference: it is lower by 1.0-1.4 % in the shoulders and the build-up peak that
+    # a 10 mm voxel averages down); the median's own noise is below 0.1 %
+    base = check["dose_difference"]["high_dose_ratio_percent"]
+    assert abs(base) < 3.0
     # the normalisation is the TPS maximum inside the body on the MC's voxel centres (measured 48.88 Gy; the
     # RT Dose's own maximum is 49.87 Gy); the MC maximum, on 10 mm voxels (averaging the peak down) with 2 %
     # noise (lifting the highest voxel), lies near the latter: measured 1.007 x
@@ -158,7 +164,10 @@ def test_pinnacle_photon_plan_is_checked_against_pinnacles_own_dose(tmp_path, co
     numbers["scaled_8pct"] = _numbers(result)
     assert f"gamma {CRITERION} pass rate" in why, why
     m = re.search(r"the TPS dose is ([\d.]+) % higher than the MC dose in the high-dose region", why)
-    assert m and 6.0 <= float(m.group(1)) <= 10.0, why
+    assert m and 5.0 <= float(m.group(1)) <= 10.0, why
+    # 8 % on top of the unscaled dose's own level (measured 5.8 % = 1.08 x 0.980)
+    scaled = result["dose_difference"]["high_dose_ratio_percent"]
+    assert (1.0 + scaled / 100.0) / (1.0 + base / 100.0) == pytest.approx(1.08, abs=0.005)
     assert "> 2 mm" not in why, why
 
     # Pinnacle's dose 4 mm to the patient's left: the displacement is the reason
