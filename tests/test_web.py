@@ -129,6 +129,18 @@ def test_metrics_parse_as_prometheus_text(web):
     assert samples[("mcnode_data_dir_bytes", (("part", "total"),))] > spool
 
 
+def test_job_page_says_how_many_shards_a_retry_kept(web):
+    node, server, job = web
+    browser = Client(server.url)
+    assert browser.login("alice", PASSWORD).status == 303
+    assert "retry kept" not in browser.get(f"/jobs/{job.id}", headers={"Accept": "text/html"}).text
+    # as the pipeline records it when a retried job re-attached to the shards its failed run finished
+    node.journal.update_job_data(job.id, JobData(public=PublicData(
+        retry={"reused_seal": True, "kept_shards": 62, "shards": 64})))
+    page = browser.get(f"/jobs/{job.id}", headers={"Accept": "text/html"})
+    assert page.status == 200 and "retry kept 62 of 64 shards" in page.text
+
+
 def test_actions_need_the_csrf_token_and_are_logged_with_the_user_only(web, phantom_dir, caplog):
     node, server, job = web
     for name in ("dicom_node", "anonymizer", "uvicorn"):

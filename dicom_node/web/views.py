@@ -141,6 +141,9 @@ def decorate(row: dict[str, Any], job: Job, ident: Identity, history: list[tuple
         met = row.get("uncertainty_target_met")
         progress.append(f"uncertainty {float(unc):.2f} %" + ("" if met is None else
                                                                " (target met)" if met else " (above target)"))
+    retry = row.get("retry") or {}
+    if isinstance(retry, dict) and isinstance(retry.get("kept_shards"), int) and retry.get("shards"):
+        progress.append(f"retry kept {retry['kept_shards']} of {retry['shards']} shards")  # the rest ran again
     rates = row.get("gamma_pass_rates") or {}
     timings = stage_timings(history)
     return {
