@@ -424,3 +424,23 @@ def test_the_same_dose_on_a_coarser_mc_grid_has_the_same_centre(tps_mm, mc_mm, w
     assert shift["magnitude_mm"] < 0.2, shift
     assert abs(diff["mean_percent"]) < 0.6 and abs(diff["high_dose_ratio_percent"]) < 0.8, diff
     assert cmp.numbers["gamma"]["3%/2mm"]["pass_rate_percent"] >= 99.0
+
+
+def test_the_tps_dose_is_averaged_only_where_either_dose_is_not_zero():
+    """Averaging is skipped where both doses are zero (the mean is 0 there too): the result is the same as
+    averaging over the whole MC grid."""
+    from dicom_node.qa.compare import box_average, dose_support
+
+    tz = ty = tx = np.arange(-59.0, 60.0, 2.0)
+    inner = ((np.abs(tz) < 12)[:, None, None] & (np.abs(ty + 20) < 9)[None, :, None]
+             & (np.abs(tx - 7) < 15)[None, None, :])
+    values = np.where(inner, 30.0 + tx[None, None, :] + 0.5 * ty[None, :, None], 0.0)
+    tps = Volume(Grid(tz, ty, tx), values)
+    mz = my = mx = np.arange(-56.0, 57.0, 4.0)
+    mc = Volume(Grid(mz, my, mx), np.where(np.isnan(box_average(tps, Grid(mz, my, mx))), 0.0,
+                                           box_average(tps, Grid(mz, my, mx))))
+    box = dose_support(mc, tps)
+    assert all(0 < b.stop - b.start < len(mz) // 2 for b in box)  # a small part of the grid
+    cmp = compare(mc, tps, [(3, 2)])
+    assert np.allclose(cmp.tps, mc.values, rtol=0.0, atol=1e-12)
+    assert cmp.numbers["shift"]["magnitude_mm"] == 0.0

@@ -322,6 +322,28 @@ def box_average(src: Volume, onto: Grid, within: Callable[[Axes], np.ndarray] | 
     return out
 
 
+def dose_support(mc: Volume, tps: Volume) -> tuple[slice, slice, slice]:
+    """The index ranges of the MC grid outside which both doses are zero (the MC's voxels, the TPS's
+    interpolant averaged over them): the box where averaging the TPS dose can change anything."""
+    out = []
+    for axis, (a_mc, a_tps) in enumerate(zip(mc.grid.axes, tps.grid.axes, strict=True)):
+        others = tuple(j for j in range(3) if j != axis)
+        e = _edges(a_mc)
+        lo, hi = np.inf, -np.inf
+        on_mc = np.nonzero(np.any(np.asarray(mc.values) > 0, axis=others))[0]
+        if on_mc.size:
+            lo, hi = e[on_mc[0]], e[on_mc[-1] + 1]
+        on_tps = np.nonzero(np.any(np.asarray(tps.values) > 0, axis=others))[0]
+        if on_tps.size:  # the interpolant reaches one TPS step beyond its last point with dose
+            step = float(np.max(np.diff(a_tps))) if len(a_tps) > 1 else 0.0
+            lo = min(lo, float(a_tps[on_tps[0]]) - step)
+            hi = max(hi, float(a_tps[on_tps[-1]]) + step)
+        first = int(np.searchsorted(e, lo, side="right")) - 1  # the voxel that holds lo, and the one that holds hi
+        last = int(np.searchsorted(e, hi, side="left"))
+        out.append(slice(max(0, first), max(max(0, first), min(len(a_mc), last))))
+    return out[0], out[1], out[2]
+
+
 def gamma_summary(g: np.ndarray, max_gamma: float | None) -> dict[str, Any]:
     valid = g[np.isfinite(g)]
     n = int(valid.size)
@@ -608,8 +630,13 @@ def compare(mc: Volume, tps: Volume, criteria: list[tuple[float, float]], *, low
     box_s = 0.0
     if box_points != (1, 1, 1):
         t0 = time.perf_counter()
-        ev = np.where(both, np.nan_to_num(box_average(tps, mc.grid, scored_rule(rule, ct), box_points,
-                                                 known=None if rule is None else rule(tps.grid.axes)), nan=0.0), 0.0)
+        # only where either dose is not zero: elsewhere the mean and the centre value are both 0
+        box = dose_support(mc, tps)
+        zs, ys, xs = (a[b] for a, b in zip(axes, box, strict=True))
+        if zs.size and ys.size and xs.size:
+            part = box_average(tps, Grid(zs, ys, xs), scored_rule(rule, ct), box_points,
+                               known=None if rule is None else rule(tps.grid.axes))
+            ev[box] = np.where(both[box], np.nan_to_num(part, nan=0.0), 0.0)
         box_s = time.perf_counter() - t0
         nz, ny, nx = box_points
         method = (f"TPS dose averaged over each MC voxel ({nx}x{ny}x{nz} points of its trilinear interpolant, "
