@@ -11,8 +11,13 @@ it. The key and the clear bundle never touch disk outside that folder, which is 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import hashlib
+import hmac
+import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -23,7 +28,7 @@ from pathlib import Path
 
 from anonymizer.errors import AnonymizerError
 from anonymizer.seal import open_bytes, seal_bytes
-from cloud.bundle import open_bundle
+from cloud.bundle import MANIFEST, open_bundle
 from cloud.errors import CloudError
 from cloud.stores.base import store_for
 
@@ -58,12 +63,39 @@ def result_part(index: int) -> str:
     return f"shard-{index}"
 
 
-def run_task(task: ShardTask, key: bytes, work_dir: Path | None = None) -> float:
+def _opened_once(sealed: Path, key: bytes, job_id: str, shared: Path) -> Path:
+    """The bundle opened in ``shared`` by the first shard of the job on this machine, reused by the next.
+
+    The local backend's shards all read the node's own sealed bundle: opening it (decrypt, unpack, hash
+    93 MB for a 512x512x177 CT) once per job instead of once per shard saves ~0.45 s a shard. The folder
+    is the backend's (under the node's private work folder, removed when the job's last wave ends); its
+    ``opened`` mark is an HMAC under the job key of the sealed file's identity, so a bundle sealed again
+    (a retry seals afresh, with a new key) or replaced is opened again, never taken for the old one.
+    """
+    shared.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = sealed.stat()
+    mark = hmac.new(key, f"{job_id}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode(),
+                    hashlib.sha256).hexdigest()
+    folder, marker = shared / "bundle", shared / "opened"
+    with (shared / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # side-by-side shards: one opens, the others wait for it
+        if marker.is_file() and hmac.compare_digest(marker.read_text().strip(), mark):
+            return folder
+        marker.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        open_bundle(sealed, key, job_id, folder)
+        marker.write_text(mark)  # last: a worker killed while opening leaves no mark
+    return folder
+
+
+def run_task(task: ShardTask, key: bytes, work_dir: Path | None = None, shared_dir: Path | None = None) -> float:
     """Run one shard end to end; return the engine's wall seconds.
 
     The opened bundle lives in a temporary folder under `work_dir` (the system's temporary folder
     when None), removed when the shard ends; a worker killed outright cannot remove it, so the
     local backend gives each worker a folder of its own and removes that after the process ends.
+    With `shared_dir` (the local backend, the bundle a file on this machine) the bundle is opened
+    there once for all the job's shards (`_opened_once`) and left for the backend to remove.
     """
     from cloud.engines import get_engine  # engines pull in numpy etc.; keep `--help` fast
     from cloud.engines.base import ShardInputs
@@ -74,15 +106,19 @@ def run_task(task: ShardTask, key: bytes, work_dir: Path | None = None) -> float
         work = Path(tmp)
         store = store_for(task.bundle_uri)
         sealed = store.local_path(task.bundle_uri)  # a file here is read in place, not copied first
-        if sealed is None:
-            sealed = work / "bundle.sealed"
-            store.get_file(task.bundle_uri, sealed)
-        manifest = open_bundle(sealed, key, task.job_id, work / "bundle")
-        if sealed.parent == work:
-            sealed.unlink()
+        if sealed is not None and shared_dir is not None:
+            opened = _opened_once(sealed, key, task.job_id, shared_dir)
+            manifest = json.loads((opened / MANIFEST).read_text())
+        else:
+            if sealed is None:
+                sealed = work / "bundle.sealed"
+                store.get_file(task.bundle_uri, sealed)
+            opened = work / "bundle"
+            manifest = open_bundle(sealed, key, task.job_id, opened)
+            if sealed.parent == work:
+                sealed.unlink()
         engine = get_engine(manifest["engine"])
-        tally = engine.run_shard(ShardInputs.load(work / "bundle" / "inputs"), task.primaries, task.seed,
-                                 task.threads)
+        tally = engine.run_shard(ShardInputs.load(opened / "inputs"), task.primaries, task.seed, task.threads)
         store_for(task.result_uri).put_bytes(seal_bytes(tally.to_bytes(), key, task.job_id,
                                                         result_part(task.index)), task.result_uri)
         return float(tally.wall_s)
@@ -121,6 +157,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--key-uri", default=None, help="KMS-wrapped data key (AWS); default: hex on stdin")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="folder for the opened bundle (default: the system's temporary folder)")
+    p.add_argument("--shared-dir", type=Path, default=None,
+                   help="open a bundle that is a local file here once for all the job's shards (local backend)")
     return p
 
 
@@ -139,7 +177,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     task = ShardTask(args.job, shard, args.primaries, args.seed + (shard - args.shard), args.bundle, result,
                      args.threads)
     start = time.perf_counter()
-    wall = run_task(task, _read_key(args), args.work_dir)
+    wall = run_task(task, _read_key(args), args.work_dir, args.shared_dir)
     LOGGER.info("job %s shard %d: %d primaries in %.1f s (engine %.1f s)", task.job_id, shard, task.primaries,
                 time.perf_counter() - start, wall)
     return 0

@@ -48,9 +48,14 @@ def test_sigkilled_worker_leaves_no_opened_bundle(config_dir, node_factory, phan
     thread = threading.Thread(target=run)
     thread.start()
     try:
-        opened = wait_for(lambda: list(pipeline.work_dir.glob("*/*/bundle/inputs")), timeout=60)
+        # opened once for the job's shards, in the backend's folder for the job under data_dir/work
+        opened = wait_for(lambda: list(pipeline.work_dir.glob(f"{job.id}-bundle/bundle/inputs")), timeout=60)
         assert opened, "the worker opened the bundle under data_dir/work"
         (pid,) = _worker_pids(job.id)
+        engines = wait_for(lambda: _children(pid), timeout=60)  # MCsquare, started by the worker
+        # killed once MCsquare has read its inputs and simulates (it would stop by itself before, as the
+        # opened bundle it reads goes away with the failed run)
+        wait_for(lambda: "Simulation started" in _log_of(engines[0]), timeout=60)
         os.kill(pid, signal.SIGKILL)
         thread.join(timeout=60)
     finally:
@@ -58,6 +63,31 @@ def test_sigkilled_worker_leaves_no_opened_bundle(config_dir, node_factory, phan
         thread.join(timeout=30)
     assert outcome and isinstance(outcome[0], DispatchError) and "exited with -9" in str(outcome[0])
     assert list(pipeline.work_dir.iterdir()) == []
+    # the engine does not run on alone for its 50 M primaries once its worker is gone
+    assert wait_for(lambda: not any(_alive(c) for c in engines), timeout=30), engines
+
+
+def _log_of(engine: int) -> str:
+    try:
+        return (Path(f"/proc/{engine}/cwd") / "mcsquare.log").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its new parent to reap it runs no more)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
+    except OSError:
+        return []
 
 
 def test_node_start_removes_what_an_earlier_run_left(config_dir, node_factory, phantom_dir):

@@ -76,6 +76,9 @@ class Backend(ABC):
         """How many shards can run at the same time."""
         return 1
 
+    def release(self, job_id: str) -> None:  # noqa: B027 - a hook: most backends keep nothing between runs
+        """The job's last run (wave) has ended: remove what the backend kept for its later runs."""
+
     # --- what a backend implements --------------------------------------------------------
 
     def _open(self, tasks: list[ShardTask], key: bytes) -> list[ShardTask]:

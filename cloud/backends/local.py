@@ -8,6 +8,10 @@ By default one shard runs at a time with every core (`[cloud] local_workers = 1`
 would run: one engine process holds the CT (half the memory of two), and no core idles while a
 shard that got less CPU than its sibling finishes. More workers run shards side by side, the cores
 split between them.
+
+The shards of one job open the sealed bundle once (the first one to start; `cloud.worker._opened_once`)
+in the node's private work folder, which is removed when the job's last wave ends (`release`) or its
+run fails; a worker's own scratch folder is removed after its process ends however it ended.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from cloud.backends.base import Attempt, Backend
+from cloud.backends.base import Attempt, Backend, ProgressCallback
 from cloud.worker import ShardTask
 
 LOGGER = logging.getLogger(__name__)
@@ -49,6 +53,23 @@ class LocalBackend(Backend):
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
 
+    def _shared(self, job_id: str) -> Path | None:
+        """Where the job's shards open its bundle once (cloud.worker._opened_once); None: each its own."""
+        return None if self.work_dir is None else self.work_dir / f"{job_id}-bundle"
+
+    def release(self, job_id: str) -> None:
+        shared = self._shared(job_id)
+        if shared is not None:
+            shutil.rmtree(shared, ignore_errors=True)
+
+    def run(self, tasks: list[ShardTask], key: bytes, on_done: ProgressCallback | None = None) -> None:
+        try:
+            super().run(tasks, key, on_done)
+        except BaseException:
+            if tasks:  # a failed or stopped run ends its job's compute: no later wave reads the opened bundle
+                self.release(tasks[0].job_id)
+            raise
+
     def workers(self) -> int:
         return self.max_workers
 
@@ -61,6 +82,8 @@ class LocalBackend(Backend):
         for a in attempts[:room]:
             folder = self._folder(a)
             extra = ["--work-dir", str(folder)] if folder is not None else []
+            shared = self._shared(a.task.job_id)
+            extra += ["--shared-dir", str(shared)] if shared is not None else []
             proc = subprocess.Popen([self.python, "-m", "cloud.worker", *a.task.argv(), *extra], stdin=subprocess.PIPE,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             a.handle, a.started = proc, time.monotonic()

@@ -114,6 +114,17 @@ def _load(paths: list[str]) -> list[Dataset]:
     return [dcmread(p) for p in paths]
 
 
+def _writer_needs(names: list[str]) -> list[str]:
+    """Of the de-identified copies (named ``NNNNN_KIND.dcm``), the plan and the first CT image: what
+    the RT Dose writer reads. A name of another form is kept (read) rather than guessed about."""
+    plans = {uids.SHORT_NAMES[c] for c in uids.PLAN_CLASSES}
+    ct = uids.SHORT_NAMES[CTImageStorage]
+    kinds = [n.rsplit(".", 1)[0].partition("_")[2] for n in names]
+    first_ct = next((n for n, k in zip(names, kinds, strict=True) if k == ct), None)
+    return [n for n, k in zip(names, kinds, strict=True)
+            if k in plans or n == first_ct or (k != ct and k not in uids.SHORT_NAMES.values())]
+
+
 def give_back_memory() -> None:
     """Return freed heap memory to the system (glibc's malloc_trim) after a CT has been read.
 
@@ -517,8 +528,10 @@ class Pipeline:
         # read (and authenticate) what the merge and the RT Dose writer need before any shard runs
         files = JobFiles(folder, key, job.id)
         inputs = ShardInputs.load(folder / "inputs", files.read(f"inputs/{INPUTS_JSON}"))
-        # headers only: the RT Dose writer needs the plan and one CT image's patient, study and frame
-        anon = [dcmread(BytesIO(files.read(f"anonymized/{n}")), stop_before_pixels=True) for n in job.data.anonymized]
+        # headers only, of the plan and one CT image: the RT Dose writer needs their patient, study and
+        # frame (reading and authenticating all of a 512x512 CT's copies cost 0.3 s before any shard ran)
+        anon = [dcmread(BytesIO(files.read(f"anonymized/{n}")), stop_before_pixels=True)
+                for n in _writer_needs(job.data.anonymized)]
         body = None
         if inputs.has_body_mask:
             body = inputs.body_mask(files.read(f"inputs/{BODY_MASK}"))
@@ -566,40 +579,43 @@ class Pipeline:
                     retry={"reused_seal": True, "kept_shards": done, "shards": total})))
             self.journal.set_progress(job.id, done, total)
 
-        while True:
-            tasks = [t for w in waves for t in plan_tasks(job.id, int(w["shards"]), int(w["primaries"]), bundle_uri,
-                                                          results_uri, first_index=int(w["first_shard"]))]
-            start = time.perf_counter()
-            failures_before = backend.shard_failures
-            try:
-                dispatch_merged(tasks, key, backend, acc, on_progress=progress)
-            finally:
-                if backend.shard_failures > failures_before:  # over every attempt of the job (/metrics)
-                    recorded = self.journal.job(job.id).data.public.shard_failures or 0
-                    total = recorded + backend.shard_failures - failures_before
-                    self.journal.update_job_data(job.id, JobData(public=PublicData(shard_failures=total)))
-            compute_s += time.perf_counter() - start  # with the merge of every shard but the last (overlapped)
-            start = time.perf_counter()
-            merged = merge_dose(acc, inputs, eng, expected_shards=len(tasks), body=body)
-            merge_s += time.perf_counter() - start
-            unc = merged.summary["uncertainty_percent"]
-            wave = waves[-1]
-            wave["uncertainty_percent"] = None if unc is None else round(float(unc), 3)
-            done = merged.primaries
-            LOGGER.info("job %s: wave %d: %d primaries in %d shards; uncertainty %s (target %s)", job.id,
-                        wave["wave"], done, len(tasks), "n/a" if unc is None else f"{unc:.2f} %",
-                        f"{target:g} %" if target > 0 else "off")
-            if target <= 0 or (unc is not None and unc <= target):
-                break
-            more = primaries_for_target(done, float(unc if unc is not None else 100.0), target, eng.max_primaries,
-                                        later_shards)
-            if 0 < more < floor_later:
-                more = floor_later if eng.max_primaries - done >= floor_later else 0
-            if more <= 0:
-                break
-            waves.append({"wave": len(waves) + 1, "first_shard": len(tasks), "shards": later_shards,
-                          "primaries": more, "uncertainty_percent": None})
-            self.journal.update_job_data(job.id, JobData(public=PublicData(waves=waves)))
+        try:
+            while True:
+                tasks = [t for w in waves for t in plan_tasks(job.id, int(w["shards"]), int(w["primaries"]), bundle_uri,
+                                                              results_uri, first_index=int(w["first_shard"]))]
+                start = time.perf_counter()
+                failures_before = backend.shard_failures
+                try:
+                    dispatch_merged(tasks, key, backend, acc, on_progress=progress)
+                finally:
+                    if backend.shard_failures > failures_before:  # over every attempt of the job (/metrics)
+                        recorded = self.journal.job(job.id).data.public.shard_failures or 0
+                        total = recorded + backend.shard_failures - failures_before
+                        self.journal.update_job_data(job.id, JobData(public=PublicData(shard_failures=total)))
+                compute_s += time.perf_counter() - start  # with the merge of every shard but the last (overlapped)
+                start = time.perf_counter()
+                merged = merge_dose(acc, inputs, eng, expected_shards=len(tasks), body=body)
+                merge_s += time.perf_counter() - start
+                unc = merged.summary["uncertainty_percent"]
+                wave = waves[-1]
+                wave["uncertainty_percent"] = None if unc is None else round(float(unc), 3)
+                done = merged.primaries
+                LOGGER.info("job %s: wave %d: %d primaries in %d shards; uncertainty %s (target %s)", job.id,
+                            wave["wave"], done, len(tasks), "n/a" if unc is None else f"{unc:.2f} %",
+                            f"{target:g} %" if target > 0 else "off")
+                if target <= 0 or (unc is not None and unc <= target):
+                    break
+                more = primaries_for_target(done, float(unc if unc is not None else 100.0), target, eng.max_primaries,
+                                            later_shards)
+                if 0 < more < floor_later:
+                    more = floor_later if eng.max_primaries - done >= floor_later else 0
+                if more <= 0:
+                    break
+                waves.append({"wave": len(waves) + 1, "first_shard": len(tasks), "shards": later_shards,
+                              "primaries": more, "uncertainty_percent": None})
+                self.journal.update_job_data(job.id, JobData(public=PublicData(waves=waves)))
+        finally:
+            backend.release(job.id)  # what it kept between the waves (the local backend's opened bundle)
         self.timings.setdefault(job.id, {}).update(compute=compute_s, merge=merge_s)
         sizing = finish_job(sizing, compute_s, cost)
         target_met = None if target <= 0 else (unc is not None and unc <= target)

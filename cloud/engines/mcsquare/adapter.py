@@ -27,12 +27,15 @@ Coordinate frames (pinned by tests/test_engine_physics.py):
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib.metadata
 import logging
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 from collections.abc import Mapping
 from importlib import resources
@@ -120,6 +123,17 @@ def _cached_copy(src: Path) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _die_with_worker() -> None:
+    """In the engine's process before it starts: the kernel kills it when the worker that started it ends.
+
+    A worker stopped by SIGTERM kills its engine itself (subprocess.run does, unwinding); one killed
+    outright (SIGKILL, the OOM killer, a backend's hard stop) cannot, and its MCsquare would run on
+    alone for as long as its shard needs, on the cores the next shard gets (Linux: PR_SET_PDEATHSIG).
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def _starts(binary: Path, materials: Path) -> bool:
@@ -446,7 +460,8 @@ class MCsquareEngine(Engine):
             with log.open("w") as fh:
                 # no timeout here: the backend owns the shard's deadline and stops the worker process
                 proc = subprocess.run([str(binary), config.name], cwd=shard_dir, stdout=fh, stderr=subprocess.STDOUT,
-                                      env={**os.environ, "MCsquare_Materials_Dir": str(materials)})
+                                      env={**os.environ, "MCsquare_Materials_Dir": str(materials)},
+                                      preexec_fn=_die_with_worker)  # noqa: PLW1509 - prctl only, no locks taken
             dose_file = out_dir / "Dose.mhd"
             if proc.returncode != 0 or not dose_file.is_file():
                 tail = log.read_text(errors="replace")[-2000:]
