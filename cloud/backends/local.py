@@ -75,6 +75,8 @@ class LocalBackend(Backend):
 
     def _open(self, tasks: list[ShardTask], key: bytes) -> list[ShardTask]:
         concurrent = min(self.max_workers, len(tasks)) or 1
+        if concurrent == 1:  # one shard at a time: the engine's own "every core" (0), as bare MCsquare runs
+            return tasks
         threads = max(1, (os.cpu_count() or 1) // concurrent)  # the cores shared by the shards at once
         return [replace(t, threads=t.threads or threads) for t in tasks]
 
