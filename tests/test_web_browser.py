@@ -57,6 +57,7 @@ def _browser(profile: Path):
 
 def test_physicist_logs_in_sees_a_verified_dose_and_retries_a_failed_job(config_dir, node_factory, storescp,
                                                                           tmp_path, caplog):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -174,7 +175,9 @@ def test_physicist_logs_in_sees_a_verified_dose_and_retries_a_failed_job(config_
         driver.save_screenshot(str(tmp_path / "web-job-retried.png"))
         # the job really runs now; the page follows it (it reloads when the state changes)
         wait_for(lambda: node.journal.job(job_b.id).state == JobState.SENT, timeout=300)
-        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "state").text == "SENT")
+        # (the element found may be replaced by the reload before its text is read: look again)
+        WebDriverWait(driver, 30, ignored_exceptions=(StaleElementReferenceException,)).until(
+            lambda d: d.find_element(By.ID, "state").text == "SENT")
         assert not driver.find_elements(By.ID, "message")  # the retry message went with the old state
         assert driver.find_element(By.ID, "dose-picture")
         driver.save_screenshot(str(tmp_path / "web-job-sent.png"))

@@ -81,6 +81,52 @@ def covering_grid(dose: Grid, ct: Grid) -> tuple[Grid, tuple[int, int, int]]:
     return Grid.regular(shape, origin, dose.spacing), (offset[0], offset[1], offset[2])
 
 
+def matter_box(volume: np.ndarray, ct: Grid, dose: Grid, hu_min: float, margin_mm: float = 5.0,
+               worth: float = 0.8) -> tuple[tuple[slice, slice, slice], tuple[slice, slice, slice]] | None:
+    """The part of the CT an engine needs to score ``dose``: (CT slices, dose-grid slices), [z, y, x].
+
+    Every dose voxel that reaches within ``margin_mm`` of a CT voxel above ``hu_min`` is kept, and
+    the CT voxels under those dose voxels (whole voxels, so the kept dose grid lies inside the kept
+    CT). What is cut is air on every side of the patient, couch and mask (a 512x512 head CT is 3/4
+    air). None when nothing is above ``hu_min`` or the cut would keep more than ``worth`` of the CT.
+    """
+    nz, ny, nx = volume.shape
+    along_z, along_y, along_x = np.zeros(nz, bool), np.zeros(ny, bool), np.zeros(nx, bool)
+    for k in range(nz):  # a slice at a time: no CT-sized mask
+        dense = volume[k] > hu_min
+        if dense.any():
+            along_z[k] = True
+            along_y |= dense.any(axis=1)
+            along_x |= dense.any(axis=0)
+    if not along_z.any():
+        return None
+    ct_cut, dose_cut = [], []
+    for ct_axis, d, mask, dose_axis, dd in zip(ct.axes, ct.spacing, (along_z, along_y, along_x), dose.axes,
+                                               dose.spacing, strict=True):
+        idx = np.nonzero(mask)[0]
+        lo, hi = ct_axis[idx[0]] - d / 2 - margin_mm, ct_axis[idx[-1]] + d / 2 + margin_mm
+        keep = np.nonzero((dose_axis + dd / 2 > lo) & (dose_axis - dd / 2 < hi))[0]
+        if keep.size == 0:
+            return None  # the dose grid misses the patient along this axis: nothing to cut to
+        first, last = int(keep[0]), int(keep[-1])
+        edge0 = ct_axis[0] - d / 2
+        c0 = max(0, int(math.floor((dose_axis[first] - dd / 2 - edge0) / d + 1e-6)))
+        c1 = min(len(ct_axis), int(math.ceil((dose_axis[last] + dd / 2 - edge0) / d - 1e-6)))
+        ct_cut.append(slice(c0, c1))
+        dose_cut.append(slice(first, last + 1))
+    kept = math.prod(s.stop - s.start for s in ct_cut)
+    if kept > worth * nz * ny * nx:
+        return None
+    return (ct_cut[0], ct_cut[1], ct_cut[2]), (dose_cut[0], dose_cut[1], dose_cut[2])
+
+
+def sub_grid(grid: Grid, box: Sequence[slice]) -> Grid:
+    """The part of a regular grid that ``box`` ([z, y, x] slices) cuts out of it."""
+    shape = [s.stop - s.start for s in box]
+    origin = [float(a[s.start]) for a, s in zip(grid.axes, box, strict=True)]
+    return Grid.regular(shape, origin, grid.spacing)
+
+
 def _overlap(dst: np.ndarray, src: np.ndarray) -> np.ndarray:
     """[i, j]: the fraction of destination interval i (edges ``dst``) covered by source interval j."""
     width = np.diff(dst)[:, None]
