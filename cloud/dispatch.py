@@ -100,11 +100,12 @@ def dispatch(tasks: list[ShardTask], key: bytes, backend: Backend,
 
 
 def dispatch_merged(tasks: list[ShardTask], key: bytes, backend: Backend, acc: StreamingMerge,
-                    on_progress: Callable[[int, int], None] | None = None) -> None:
+                    on_progress: Callable[[int, int], None] | None = None, *, small: bool = False) -> None:
     """Run every task not yet in `acc` (nor finished from an earlier run) and add each one's tally to
     `acc` as it arrives; returns when all of `tasks` are in `acc`. Opening and summing a tally happens
     on merger threads, so the backend's loop keeps starting and polling shards meanwhile; the first
-    error of the merger (a result that does not open, a duplicate seed) is raised here."""
+    error of the merger (a result that does not open, a duplicate seed) is raised here. `small`: see
+    `Backend.run`."""
     todo: list[ShardTask] = []
     merger = ThreadPoolExecutor(max_workers=MERGE_THREADS, thread_name_prefix="merge")
     adding: list[Future[None]] = []
@@ -139,7 +140,7 @@ def dispatch_merged(tasks: list[ShardTask], key: bytes, backend: Backend, acc: S
                 on_progress(count[0], len(tasks))
 
         if todo:
-            backend.run(todo, key, _one_done)
+            backend.run(todo, key, _one_done, small=small)
         for fut in adding:
             fut.result()
     finally:

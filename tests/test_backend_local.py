@@ -10,6 +10,7 @@ import os
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,35 @@ def test_cancel_stops_every_running_shard(tmp_path):
     thread.join(30)
     assert not thread.is_alive() and len(errors) == 1 and isinstance(errors[0], Cancelled)
     assert _gone(marker)
+
+
+def _most_at_once(events: list[list[str]]) -> int:
+    running = most = 0
+    for e in sorted(events, key=lambda e: float(e[1])):
+        running += 1 if e[0] == "start" else -1
+        most = max(most, running)
+    return most
+
+
+@pytest.mark.parametrize("small", [False, True])
+def test_a_first_wave_of_small_shards_runs_side_by_side(tmp_path, small):
+    log = tmp_path / "runs.log"
+    body = f'echo "start $(date +%s.%N) $*" >> {log}; sleep 1; echo "end $(date +%s.%N)" >> {log}'
+    backend = LocalBackend(retries=0, python=_script(tmp_path, "w", body))  # local_workers = 1
+    tasks = [ShardTask("job-small", i, 10, 1000 + i, (tmp_path / "b.sealed").as_uri(),
+                       (tmp_path / f"shard-{i}.tally").as_uri()) for i in range(2)]
+    backend.run(tasks, b"k" * 32, small=small)
+    events = [line.split() for line in log.read_text().splitlines()]
+    threads = {e[e.index("--threads") + 1] for e in events if e[0] == "start"}
+    cores = os.cpu_count() or 1
+    side_by_side = min(2, cores) if small else 1
+    assert _most_at_once(events) == side_by_side
+    assert threads == {"0" if side_by_side == 1 else str(cores // side_by_side)}
+    # the next run (a later wave) is back to one shard at a time with every core
+    log.write_text("")
+    backend.run([replace(t, index=t.index + 2) for t in tasks], b"k" * 32)
+    events = [line.split() for line in log.read_text().splitlines()]
+    assert _most_at_once(events) == 1 and {e[e.index("--threads") + 1] for e in events if e[0] == "start"} == {"0"}
 
 
 @pytest.mark.parametrize("workers", [1, 2])

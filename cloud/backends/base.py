@@ -103,8 +103,16 @@ class Backend(ABC):
 
     # --- the one loop ---------------------------------------------------------------------
 
-    def run(self, tasks: list[ShardTask], key: bytes, on_done: ProgressCallback | None = None) -> None:
-        """Run every task to completion (results land at each task's result_uri) or raise DispatchError."""
+    def at_once(self, tasks: list[ShardTask], small: bool) -> int:
+        """How many of these shards to run at the same time: `workers()`; a backend may run `small`
+        ones (a first wave that only measures the spread between shards) side by side beyond it."""
+        return self.workers()
+
+    def run(self, tasks: list[ShardTask], key: bytes, on_done: ProgressCallback | None = None, *,
+            small: bool = False) -> None:
+        """Run every task to completion (results land at each task's result_uri) or raise DispatchError.
+
+        `small`: the tasks are a few short shards, there to measure the spread (`at_once`)."""
         if not tasks:
             return
         if self.cancelled.is_set():
@@ -113,10 +121,11 @@ class Backend(ABC):
         job_id, share = tasks[0].job_id, self.share
         if share is not None:
             share.join(job_id, self.priority)
+        limit = self.at_once(tasks, small)
         try:
             pending = [Attempt(t) for t in self._open(tasks, key)]
             while pending or running:
-                room = self.workers() - len(running)
+                room = limit - len(running)
                 if share is not None:
                     room = share.room(job_id, len(running), len(pending), room)
                 if pending and room > 0:

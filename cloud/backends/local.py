@@ -7,7 +7,9 @@ crash in the engine cannot take the node down. Retries and deadlines: base.Backe
 By default one shard runs at a time with every core (`[cloud] local_workers = 1`), as bare MCsquare
 would run: one engine process holds the CT (half the memory of two), and no core idles while a
 shard that got less CPU than its sibling finishes. More workers run shards side by side, the cores
-split between them.
+split between them. A first wave's few short shards, there only to measure the spread between shards
+(`small`), run side by side whatever `local_workers` says, a core each: one after the other, each
+would wait for the other's worker and engine start for a few seconds of compute.
 
 The shards of one job open the sealed bundle once (the first one to start; `cloud.worker._opened_once`)
 in the node's private work folder, which is removed when the job's last wave ends (`release`) or its
@@ -38,6 +40,7 @@ class LocalBackend(Backend):
                  python: str | None = None, work_dir: Path | str | None = None) -> None:
         super().__init__(retries, deadline_s)
         self.max_workers = max(1, max_workers)  # shards at once; each gets cores / shards at once threads
+        self._limit = self.max_workers  # this run's shards at once (at_once)
         self.python = python or sys.executable
         # Each worker opens the bundle in a folder of its own under work_dir, removed by us after the
         # process ends however it ended (a SIGKILLed worker cannot clean up after itself).
@@ -62,9 +65,10 @@ class LocalBackend(Backend):
         if shared is not None:
             shutil.rmtree(shared, ignore_errors=True)
 
-    def run(self, tasks: list[ShardTask], key: bytes, on_done: ProgressCallback | None = None) -> None:
+    def run(self, tasks: list[ShardTask], key: bytes, on_done: ProgressCallback | None = None, *,
+            small: bool = False) -> None:
         try:
-            super().run(tasks, key, on_done)
+            super().run(tasks, key, on_done, small=small)
         except BaseException:
             if tasks:  # a failed or stopped run ends its job's compute: no later wave reads the opened bundle
                 self.release(tasks[0].job_id)
@@ -73,8 +77,14 @@ class LocalBackend(Backend):
     def workers(self) -> int:
         return self.max_workers
 
+    def at_once(self, tasks: list[ShardTask], small: bool) -> int:
+        # A first wave's few short shards side by side, a core each: one at a time, each would wait for
+        # the other's worker and engine start (0.5-1 s each for a head CT), for a few seconds of compute.
+        self._limit = max(self.max_workers, min(len(tasks), os.cpu_count() or 1)) if small else self.max_workers
+        return self._limit
+
     def _open(self, tasks: list[ShardTask], key: bytes) -> list[ShardTask]:
-        concurrent = min(self.max_workers, len(tasks)) or 1
+        concurrent = min(self._limit, len(tasks)) or 1
         if concurrent == 1:  # one shard at a time: the engine's own "every core" (0), as bare MCsquare runs
             return tasks
         threads = max(1, (os.cpu_count() or 1) // concurrent)  # the cores shared by the shards at once

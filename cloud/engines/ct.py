@@ -78,13 +78,42 @@ def ct_grid(slices: list[Dataset]) -> Grid:
     return Grid.regular((len(slices), rows, cols), origin=(float(zs[0]), y0, x0), spacing=(dz, dy, dx))
 
 
+_NATIVE_LITTLE_ENDIAN = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # implicit, explicit VR little endian
+
+
+def stored_values(ds: Dataset) -> np.ndarray:
+    """One CT image's stored pixel values, [rows, columns], as pydicom's ``pixel_array`` gives them.
+
+    Native little-endian 16-bit greyscale (what scanners and TPSs export) is read straight from the
+    PixelData bytes, with BitsStored's mask and sign applied: pydicom's pixel handlers take ~3 ms a
+    512x512 slice to get there (0.5 s of a 177-slice head CT, against 0.09 s). Anything else
+    (compressed, big endian, 8 or 32 bits) goes through ``pixel_array``.
+    """
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    data = ds.get("PixelData")
+    if (syntax not in _NATIVE_LITTLE_ENDIAN or int(ds.get("BitsAllocated", 0)) != 16
+            or int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("NumberOfFrames", 1) or 1) != 1
+            or not isinstance(data, bytes) or len(data) < rows * cols * 2):
+        return np.asarray(ds.pixel_array)
+    bits = int(ds.get("BitsStored", 16) or 16)
+    raw = np.frombuffer(data, dtype="<u2", count=rows * cols).reshape(rows, cols)
+    if bits < 16:
+        raw = raw & np.uint16((1 << bits) - 1)  # bits above BitsStored are not the pixel's
+    if int(ds.get("PixelRepresentation", 0)) == 0:
+        return raw
+    values = raw.astype(np.int32)
+    return np.where(values >= 1 << (bits - 1), values - (1 << bits), values).astype(np.int16)
+
+
 def ct_volume(slices: list[Dataset]) -> tuple[np.ndarray, Grid]:
     """HU volume (int16, [z, y, x]) and its grid; UnsupportedPlan if the geometry is not handled."""
     grid = ct_grid(slices)
     slices = sorted(slices, key=lambda ds: float(ds.ImagePositionPatient[2]))
     volume = np.empty(grid.shape, dtype=np.int16)
     for k, ds in enumerate(slices):
-        hu = ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1) or 1) + float(
+        hu = stored_values(ds).astype(np.float32) * float(ds.get("RescaleSlope", 1) or 1) + float(
             ds.get("RescaleIntercept", 0) or 0)
         volume[k] = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
     return volume, grid

@@ -586,7 +586,9 @@ class Pipeline:
                 start = time.perf_counter()
                 failures_before = backend.shard_failures
                 try:
-                    dispatch_merged(tasks, key, backend, acc, on_progress=progress)
+                    # the first wave, with a target: a few short shards that only measure the spread
+                    dispatch_merged(tasks, key, backend, acc, on_progress=progress,
+                                    small=target > 0 and len(waves) == 1)
                 finally:
                     if backend.shard_failures > failures_before:  # over every attempt of the job (/metrics)
                         recorded = self.journal.job(job.id).data.public.shard_failures or 0
