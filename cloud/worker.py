@@ -5,7 +5,9 @@
 (also `mcnode worker`). The job's data key arrives on standard input as one hex line (ssh, local)
 or, for AWS, KMS-wrapped next to the bundle (``--key-uri``). The worker fetches the sealed bundle,
 opens it in its own temporary folder, runs the engine, seals the tally (part ``shard-I``) and stores
-it. The key and the clear bundle never touch disk outside that folder, which is removed.
+it. The key and the clear bundle never touch disk outside that folder, which is removed; on the local
+backend (``--shared-dir``) the bundle, a file on the node, is opened once per job in the node's own
+private work folder instead, and the backend removes it when the job's last wave ends.
 """
 
 from __future__ import annotations
